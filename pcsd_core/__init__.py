@@ -1,0 +1,1 @@
+"""pcsd_core: the PCSD algorithm and its engine. Imports neither Metaflow nor MLflow."""

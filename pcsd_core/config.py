@@ -1,0 +1,327 @@
+"""The one typed, validated configuration of a PCSD run.
+
+Every knob is declared once, here, with its meaning and range. YAML presets in `configs/` load into
+`PCSDConfig` with `PCSDConfig.from_yaml(path)`; unknown keys raise. Derived values are computed in
+`__post_init__` and nowhere else. The flattened form (`to_flat_dict`) is what MLflow records as params.
+
+    from pcsd_core.config import PCSDConfig
+    cfg = PCSDConfig.from_yaml("configs/cpu_smollm2.yaml", overrides={"train.total_training_steps": 4})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+import yaml
+
+DEFAULT_TEACHER_TEMPLATE = (
+    "{question}\n\nHere is a worked solution to this problem:\n{context}\n\n"
+    "Now answer the question yourself."
+)
+GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelConfig:
+    # Alias (`smollm2-135m`, `deepseek-math-7b-base`), Hugging Face id or local checkpoint folder.
+    name: str = "smollm2-135m"
+    # Parameter dtype for training and rollout: "float32", "bfloat16" or "float16".
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # transformers attention implementation ("sdpa", "eager", "flash_attention_2").
+    attn_implementation: str = "sdpa"
+    # Allow models whose repository ships its own Python code.
+    trust_remote_code: bool = False
+    # Recompute activations in the backward pass to save memory (GPU runs of large models).
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    # Local folder with train/test .jsonl or .parquet files; empty string means the hub dataset below.
+    path: str = ""
+    # Hugging Face dataset id and config used when `path` is empty.
+    hub_name: str = "openai/gsm8k"
+    hub_config: str = "main"
+    # Privileged context: "solution" (the worked solution), "answer_only" (the final number), or
+    # "column:<name>" (a column of the user's dataset).
+    privileged_context: str = "solution"
+    # Column mapping for datasets whose columns are not GSM8K's `question` / `answer`.
+    question_column: str = "question"
+    answer_column: str = "answer"
+    # Optional column holding a row id; when empty the row number is the id.
+    id_column: str = ""
+    # Rows kept per split after loading (0 = all); the CPU preset uses small slices.
+    max_train_rows: int = 0
+    max_test_rows: int = 0
+    # Instruction appended to each question in the student prompt (verl's GSM8K convention).
+    instruction: str = GSM8K_INSTRUCTION
+    # How the teacher prompt adds the privileged context to the question.
+    teacher_template: str = DEFAULT_TEACHER_TEMPLATE
+    # `data_source` written into the parquet (verl uses it to pick a reward function).
+    data_source: str = "openai/gsm8k"
+
+    def __post_init__(self) -> None:
+        ctx = self.privileged_context
+        _require(
+            ctx in ("solution", "answer_only") or (ctx.startswith("column:") and len(ctx) > 7),
+            f"data.privileged_context ({ctx!r}) must be 'solution', 'answer_only' or 'column:<name>'; "
+            "for example 'column:hint' for a dataset with a `hint` column.",
+        )
+        for placeholder in ("{question}", "{context}"):
+            _require(
+                placeholder in self.teacher_template,
+                f"data.teacher_template must contain {placeholder}; got {self.teacher_template!r}.",
+            )
+        _require(self.max_train_rows >= 0, f"data.max_train_rows ({self.max_train_rows}) must be >= 0.")
+        _require(self.max_test_rows >= 0, f"data.max_test_rows ({self.max_test_rows}) must be >= 0.")
+
+
+@dataclass
+class RolloutConfig:
+    # Rollout engine: "hf" (transformers generate, CPU and GPU) or "sglang" (GPU only).
+    engine: Literal["hf", "sglang"] = "hf"
+    # Responses sampled per student prompt (the reference's `actor_rollout_ref.rollout.n`).
+    n: int = 2
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Longest response in tokens; longer samples are truncated and counted in `rollout/truncated_frac`.
+    max_response_tokens: int = 256
+    # Prompts generated together in one engine call (HF engine memory bound).
+    batch_size: int = 16
+    # "colocated": actor and rollout share devices (rollout sleeps during training);
+    # "split": rollout on its own `num_gpus` devices (the reference's ROLLOUT_NUM_GPUS).
+    placement: Literal["colocated", "split"] = "colocated"
+    num_gpus: int = 0
+    # SGLang: fraction of GPU memory for weights + KV cache.
+    gpu_memory_utilization: float = 0.5
+
+    def __post_init__(self) -> None:
+        _require(self.n >= 1, f"rollout.n ({self.n}) must be >= 1.")
+        _require(self.temperature > 0, f"rollout.temperature ({self.temperature}) must be > 0.")
+        _require(0 < self.top_p <= 1, f"rollout.top_p ({self.top_p}) must be in (0, 1].")
+        _require(self.max_response_tokens >= 1, f"rollout.max_response_tokens ({self.max_response_tokens}) must be >= 1.")
+        _require(self.batch_size >= 1, f"rollout.batch_size ({self.batch_size}) must be >= 1.")
+        _require(
+            0 < self.gpu_memory_utilization < 1,
+            f"rollout.gpu_memory_utilization ({self.gpu_memory_utilization}) must be in (0, 1).",
+        )
+        _require(
+            self.placement == "colocated" or self.num_gpus >= 1,
+            f"rollout.placement 'split' needs rollout.num_gpus >= 1 (got {self.num_gpus}); "
+            "set ROLLOUT_NUM_GPUS or use placement 'colocated'.",
+        )
+
+
+@dataclass
+class LossConfig:
+    # "forward_kl" = KL(P_teacher || P_student) (the reference objective), "reverse_kl" = KL(P_student || P_teacher),
+    # "jsd" = generalized Jensen-Shannon with weight `beta` (beta=0 -> forward KL, beta=1 -> reverse KL).
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = 0.5
+    # Softmax temperature applied to both teacher and student logits inside the loss.
+    temperature: float = 1.0
+    # "full": exact over the whole vocabulary; "topk": support of the top-k tokens; "sampled": the
+    # sampled-token log-ratio used as a per-token advantage (on-policy distillation estimator).
+    estimator: Literal["full", "topk", "sampled"] = "full"
+    topk: int = 64
+    # Which model's top-k defines the support, and what happens to the mass outside it.
+    topk_source: Literal["teacher", "student"] = "teacher"
+    topk_tail: Literal["renorm", "tail_bucket"] = "tail_bucket"
+    # Response tokens excluded at the start of every response (0 = none).
+    skip_first_tokens: int = 0
+    # Per-token loss clip (0 = no clip).
+    token_clip: float = 0.0
+    # "token_mean": mean over all response tokens of the batch; "seq_mean": mean of per-sequence means.
+    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    # Tokens per chunk of the memory-bounded exact loss (bounds the [chunk, V] logits held at once).
+    chunk_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.beta <= 1.0, f"loss.beta ({self.beta}) must be in [0, 1].")
+        _require(self.temperature > 0, f"loss.temperature ({self.temperature}) must be > 0.")
+        _require(self.topk >= 1, f"loss.topk ({self.topk}) must be >= 1.")
+        _require(self.skip_first_tokens >= 0, f"loss.skip_first_tokens ({self.skip_first_tokens}) must be >= 0.")
+        _require(self.token_clip >= 0, f"loss.token_clip ({self.token_clip}) must be >= 0 (0 disables it).")
+        _require(self.chunk_tokens >= 1, f"loss.chunk_tokens ({self.chunk_tokens}) must be >= 1.")
+
+
+@dataclass
+class TrainConfig:
+    total_training_steps: int = 4
+    # Student prompts sampled per step; each gets `rollout.n` responses.
+    prompts_per_step: int = 4
+    # Passes over each rollout batch (the reference's PPO epochs).
+    ppo_epochs: int = 1
+    # Responses per optimizer step; (prompts_per_step * rollout.n) must be divisible by it.
+    mini_batch_size: int = 8
+    # Responses per forward/backward (gradient accumulation inside a mini-batch).
+    micro_batch_size: int = 4
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    weight_decay: float = 0.0
+    # Max global gradient norm (0 = no clipping).
+    grad_clip: float = 1.0
+    seed: int = 0
+    # Teacher weights: "live" (current policy, the reference), "frozen" (initial weights), "ema".
+    teacher_mode: Literal["live", "frozen", "ema"] = "live"
+    ema_rate: float = 0.05
+    # Train workers (FSDP2 shards). 1 with `use_ray=False` runs in-process.
+    num_workers: int = 1
+    use_ray: bool = False
+    # "cpu", "cuda" or "auto" (cuda when available).
+    device: str = "auto"
+    # Save a checkpoint every K steps (0 = only at the end).
+    checkpoint_every: int = 0
+    output_dir: str = "outputs/run"
+    # Checkpoint folder to continue from (same step, same data order).
+    resume_from: str = ""
+
+    def __post_init__(self) -> None:
+        _require(self.total_training_steps >= 1, f"train.total_training_steps ({self.total_training_steps}) must be >= 1.")
+        _require(self.prompts_per_step >= 1, f"train.prompts_per_step ({self.prompts_per_step}) must be >= 1.")
+        _require(self.ppo_epochs >= 1, f"train.ppo_epochs ({self.ppo_epochs}) must be >= 1.")
+        _require(self.lr > 0, f"train.lr ({self.lr}) must be > 0.")
+        _require(self.warmup_steps >= 0, f"train.warmup_steps ({self.warmup_steps}) must be >= 0.")
+        _require(self.grad_clip >= 0, f"train.grad_clip ({self.grad_clip}) must be >= 0 (0 disables it).")
+        _require(0 < self.ema_rate <= 1, f"train.ema_rate ({self.ema_rate}) must be in (0, 1].")
+        _require(self.num_workers >= 1, f"train.num_workers ({self.num_workers}) must be >= 1.")
+        _require(
+            self.use_ray or self.num_workers == 1,
+            f"train.num_workers ({self.num_workers}) > 1 needs train.use_ray: true.",
+        )
+        _require(
+            self.micro_batch_size >= 1 and self.mini_batch_size % self.micro_batch_size == 0,
+            f"train.mini_batch_size ({self.mini_batch_size}) must be a multiple of train.micro_batch_size "
+            f"({self.micro_batch_size}); change one of them.",
+        )
+        _require(self.device in ("auto", "cpu", "cuda"), f"train.device ({self.device!r}) must be auto, cpu or cuda.")
+
+
+@dataclass
+class EvalConfig:
+    # Test questions scored (0 = the whole test split).
+    num_examples: int = 16
+    max_new_tokens: int = 256
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _require(self.num_examples >= 0, f"eval.num_examples ({self.num_examples}) must be >= 0.")
+        _require(self.max_new_tokens >= 1, f"eval.max_new_tokens ({self.max_new_tokens}) must be >= 1.")
+        _require(self.batch_size >= 1, f"eval.batch_size ({self.batch_size}) must be >= 1.")
+
+
+@dataclass
+class PCSDConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        responses_per_step = self.train.prompts_per_step * self.rollout.n
+        _require(
+            responses_per_step % self.train.mini_batch_size == 0,
+            f"train.prompts_per_step * rollout.n ({self.train.prompts_per_step} * {self.rollout.n} = "
+            f"{responses_per_step}) must be divisible by train.mini_batch_size ({self.train.mini_batch_size}); "
+            "change one of them.",
+        )
+        per_worker = self.train.mini_batch_size // self.train.num_workers
+        _require(
+            self.train.mini_batch_size % self.train.num_workers == 0 and per_worker % self.train.micro_batch_size == 0,
+            f"train.mini_batch_size ({self.train.mini_batch_size}) must split evenly over train.num_workers "
+            f"({self.train.num_workers}) into whole micro-batches of train.micro_batch_size "
+            f"({self.train.micro_batch_size}); change one of them.",
+        )
+        _require(
+            self.rollout.engine != "sglang" or self.train.device != "cpu",
+            "rollout.engine 'sglang' needs a GPU; use rollout.engine 'hf' with train.device 'cpu'.",
+        )
+
+    @property
+    def responses_per_step(self) -> int:
+        return self.train.prompts_per_step * self.rollout.n
+
+    # ---- loading and saving -------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, overrides: dict[str, Any] | None = None) -> PCSDConfig:
+        """Build from nested sections; `overrides` uses dotted keys ("train.lr": 1e-5)."""
+        raw = {section: dict(values or {}) for section, values in (raw or {}).items()}
+        for dotted, value in (overrides or {}).items():
+            section, _, key = dotted.partition(".")
+            _require(bool(key), f"override key {dotted!r} must look like 'section.field', e.g. 'train.lr'.")
+            raw.setdefault(section, {})[key] = value
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(sections))
+        _require(not unknown, f"unknown config section(s) {unknown}; valid sections: {sorted(sections)}.")
+        hints = get_type_hints(cls)
+        built = {name: _build_section(hints[name], name, raw.get(name, {})) for name in sections}
+        return cls(**built)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> PCSDConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist; presets live in configs/.")
+        raw = yaml.safe_load(path.read_text()) or {}
+        _require(isinstance(raw, dict), f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}.")
+        return cls.from_dict(raw, overrides)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        return {f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _build_section(section_cls: type, section_name: str, values: dict[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(section_cls)}
+    unknown = sorted(set(values) - set(fields))
+    _require(not unknown, f"unknown key(s) {unknown} in config section '{section_name}'; valid keys: {sorted(fields)}.")
+    hints = get_type_hints(section_cls)
+    coerced = {key: _coerce(f"{section_name}.{key}", hints[key], value) for key, value in values.items()}
+    return section_cls(**coerced)
+
+
+def _coerce(name: str, annotation: Any, value: Any) -> Any:
+    """Check a YAML/CLI value against the field's type; ints may widen to floats, strings of numbers parse."""
+    choices = get_args(annotation) if getattr(annotation, "__origin__", None) is Literal else None
+    if choices:
+        _require(value in choices, f"{name} ({value!r}) must be one of {list(choices)}.")
+        return value
+    if annotation is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        _require(isinstance(value, bool), f"{name} ({value!r}) must be true or false.")
+        return value
+    if annotation in (int, float):
+        if isinstance(value, str):
+            try:
+                value = annotation(float(value)) if annotation is int and float(value).is_integer() else annotation(value)
+            except ValueError:
+                raise ValueError(f"{name} ({value!r}) must be a number.") from None
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            f"{name} ({value!r}) must be a number.",
+        )
+        if annotation is int:
+            _require(float(value).is_integer(), f"{name} ({value!r}) must be a whole number.")
+            return int(value)
+        return float(value)
+    if annotation is str:
+        _require(isinstance(value, str), f"{name} ({value!r}) must be a string.")
+    return value
