@@ -1,0 +1,54 @@
+"""The interface every rollout engine implements, and the typed values that cross it.
+
+The trainer only talks to this interface: `generate` samples responses as token ids, `update_weights`
+pushes the actor's current weights into the engine, and `sleep` / `wake` free and restore accelerator
+memory when the engine shares devices with the actor (colocated placement). Engines without such memory
+(the CPU HF engine) implement them as no-ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    # 0.0 means greedy decoding (evaluation); > 0 samples (training rollouts).
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    # Seed for this call's sampling; engines derive per-sample seeds from it so runs are reproducible.
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One sampled response to one prompt."""
+
+    prompt_index: int  # index into the `prompt_ids` list given to `generate`
+    response_ids: list[int]  # sampled tokens, including the EOS token when one was produced
+    finished: bool  # True when the response ended with EOS, False when cut at max_new_tokens
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Generation]:
+        """Sample `n` responses per prompt; the result is prompt-major: [p0 r0, p0 r1, ..., p1 r0, ...]."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load the actor's full (unsharded) weights, by Hugging Face parameter name, into the engine."""
+        ...
+
+    def sleep(self) -> None:
+        """Release accelerator memory (weights and KV cache) while the actor trains."""
+        ...
+
+    def wake(self) -> None:
+        """Restore what `sleep` released, before `update_weights` / `generate`."""
+        ...
+
+    def close(self) -> None: ...
