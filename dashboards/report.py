@@ -1,0 +1,186 @@
+"""Build one self-contained HTML report comparing the branches of a PCSD flow run, from MLflow.
+
+The page holds: a table of branches (best one marked), GSM8K accuracy before vs after per branch against the
+swept hyperparameters, training curves overlaid across branches, and a per-token view of one example coloured
+by the KL of each response token. Plots are inline SVG; the file has no external links, so it can be mailed,
+logged as an MLflow artifact or shown in a Metaflow card as is.
+
+    python -m dashboards.report --latest                      # latest flow run in sqlite:///mlflow.db
+    python -m dashboards.report --flow-run-id 1718 --tracking-uri http://127.0.0.1:5000 --output r.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import html
+import math
+import os
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from dashboards import plots
+from dashboards.runs import Branch, Sweep, load_latest_samples, load_sweep
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TRACKING_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+TABLE_METRICS = (
+    ("eval/before/gsm8k_accuracy_strict", "strict before"),
+    ("eval/after/gsm8k_accuracy_strict", "strict after"),
+    ("eval/delta/gsm8k_accuracy_strict", "strict Δ"),
+    ("eval/before/gsm8k_accuracy_flexible", "flexible before"),
+    ("eval/after/gsm8k_accuracy_flexible", "flexible after"),
+    ("eval/delta/gsm8k_accuracy_flexible", "flexible Δ"),
+    ("train/kl", "final train KL"),
+)
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1300px; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.6em; }
+table { border-collapse: collapse; font-size: .9em; }
+th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+tr.best { background: #e5f5e0; font-weight: bold; }
+.grid { display: flex; flex-wrap: wrap; gap: 1em; }
+figure { margin: 0; } .curve { flex: 0 1 640px; }
+.table-wrap { overflow-x: auto; } svg { max-width: 100%; height: auto; }
+.tokens { font-family: ui-monospace, monospace; white-space: pre-wrap; line-height: 1.9;
+          border: 1px solid #ccc; padding: .8em; }
+.tok { border-radius: 2px; } .meta { color: #555; font-size: .9em; }
+"""
+
+
+def build_report(
+    tracking_uri: str | None = None,
+    experiment: str = "pcsd",
+    flow_run_id: str | None = None,
+    parent_run_id: str | None = None,
+    output_path: str | Path | None = None,
+) -> Path:
+    """Write the HTML report of one flow run and return its path.
+
+    Picks the parent run by `parent_run_id`, else by `flow_run_id` (tag `pcsd.flow_run_id`), else the latest
+    flow run of `experiment`. `tracking_uri` defaults to $MLFLOW_TRACKING_URI, then the repo's mlflow.db.
+    `output_path` defaults to `outputs/reports/<parent run name>.html`.
+    """
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    client = MlflowClient(tracking_uri=uri)
+    sweep = load_sweep(client, experiment, flow_run_id=flow_run_id, parent_run_id=parent_run_id)
+    example_branch, example = pick_example(client, sweep.branches, best_branch(sweep.branches))
+    page = render_page(sweep, example_branch, example)
+    path = Path(output_path) if output_path else Path("outputs/reports") / f"{sweep.parent_name}.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _metric(branch: Branch, name: str) -> float:
+    value = branch.metrics.get(name, float("nan"))
+    return -math.inf if math.isnan(value) else value
+
+
+def best_branch(branches: list[Branch]) -> Branch:
+    """Highest strict accuracy after training; flexible accuracy breaks ties (the headline metrics)."""
+    return max(
+        branches,
+        key=lambda b: (_metric(b, "eval/after/gsm8k_accuracy_strict"), _metric(b, "eval/after/gsm8k_accuracy_flexible")),
+    )
+
+
+def pick_example(client: MlflowClient, branches: list[Branch], preferred: Branch) -> tuple[Branch | None, dict | None]:
+    """The sample with the largest single-token KL from the latest step of `preferred` (else any branch)."""
+    for branch in [preferred] + [b for b in branches if b is not preferred]:
+        samples = [s for s in load_latest_samples(client, branch.run_id) if s.get("tokens")]
+        if samples:
+            return branch, max(samples, key=lambda s: max(s["token_kl"], default=0.0))
+    return None, None
+
+
+def render_page(sweep: Sweep, example_branch: Branch | None, example: dict | None) -> str:
+    """The whole HTML document."""
+    curves = plots.plot_training_curves(sweep.branches)
+    curve_html = "".join(f'<figure class="curve">{svg}</figure>' for _, svg in curves)
+    if not curves:
+        curve_html = "<p>No per-step training metrics were logged in these runs.</p>"
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    sections = [
+        f"<h1>PCSD sweep report: {html.escape(sweep.parent_name)}</h1>",
+        f'<p class="meta">experiment {html.escape(sweep.experiment_name)} · flow run '
+        f"{html.escape(sweep.flow_run_id or '-')} · parent MLflow run {sweep.parent_run_id} · "
+        f"{len(sweep.branches)} branch(es) · built {when}</p>",
+        '<h2 id="branches">Branches</h2>',
+        render_branch_table(sweep),
+        '<h2 id="eval">Evaluation: GSM8K accuracy before vs after</h2>',
+        f'<figure id="eval-accuracy">{plots.plot_eval_accuracy(sweep.branches, sweep.varying_params)}</figure>',
+        '<h2 id="curves">Training curves</h2>',
+        f'<div class="grid">{curve_html}</div>',
+        '<h2 id="tokens">Per-token view: where teacher and student disagree</h2>',
+        render_token_section(example_branch, example),
+    ]
+    body = "\n".join(sections)
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>PCSD report {html.escape(sweep.parent_name)}</title><style>{STYLE}</style></head>"
+        f"<body>\n{body}\n</body></html>\n"
+    )
+
+
+def render_branch_table(sweep: Sweep) -> str:
+    """Branch name, swept params, eval metrics; the best branch's row is highlighted and starred."""
+    best = best_branch(sweep.branches)
+    header = ["branch", *sweep.varying_params, *(label for _, label in TABLE_METRICS), "status", "run id"]
+    rows = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for branch in sweep.branches:
+        is_best = branch is best
+        name = html.escape(branch.name) + (" ★ best" if is_best else "")
+        cells = [name, *(html.escape(branch.params.get(key, "")) for key in sweep.varying_params)]
+        cells += [_format(branch.metrics.get(metric)) for metric, _ in TABLE_METRICS]
+        cells += [html.escape(branch.status), f'<span title="{branch.run_id}">{branch.run_id[:8]}</span>']
+        row_class = ' class="best"' if is_best else ""
+        rows.append(f"<tr{row_class}>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    note = '<p class="meta">★ best = highest strict accuracy after training (flexible breaks ties).</p>'
+    return f'<div class="table-wrap"><table id="branch-table">{"".join(rows)}</table></div>{note}'
+
+
+def _format(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def render_token_section(branch: Branch | None, example: dict | None) -> str:
+    """The coloured response, its colour legend, and the tokens of highest KL."""
+    if example is None:
+        return "<p>No samples/step_*.jsonl artifact was found in these runs, so there is no per-token view.</p>"
+    token_kl = example["token_kl"]
+    top = sorted(range(len(token_kl)), key=lambda i: token_kl[i], reverse=True)[:5]
+    top_list = ", ".join(f"<code>{html.escape(repr(example['tokens'][i]))}</code> ({token_kl[i]:.3f})" for i in top)
+    correct = {True: "correct", False: "wrong"}.get(example.get("correct"), "unscored")
+    return (
+        '<p class="meta">Each response token is coloured by KL(P_teacher || P_student) at that position. '
+        "High KL concentrated on the final number means the privileged context leaked the answer; "
+        "high KL spread over the reasoning steps means it is teaching the reasoning.</p>"
+        f'<p class="meta">branch <b>{html.escape(branch.name)}</b> · step {example.get("step", "?")} · '
+        f"response {correct} · the example with the largest single-token KL in the latest logged step</p>"
+        f"<p><b>Question:</b> {html.escape(str(example.get('question', '')))}</p>"
+        f'<div class="tokens" id="token-view">{plots.render_token_kl(example)}</div>'
+        f'<figure id="kl-legend">{plots.plot_kl_colour_legend(max(token_kl, default=0.0))}</figure>'
+        f"<p>Highest-KL tokens: {top_list}</p>"
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description="Build the HTML comparison report of a PCSD flow run.")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--latest", action="store_true", help="the latest flow run of the experiment")
+    which.add_argument("--flow-run-id", help="the Metaflow run id (MLflow tag pcsd.flow_run_id)")
+    which.add_argument("--parent-run-id", help="the MLflow parent run id")
+    parser.add_argument("--tracking-uri", default=None, help=f"default $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI}")
+    parser.add_argument("--experiment", default="pcsd")
+    parser.add_argument("--output", default=None, help="HTML path (default outputs/reports/<parent run>.html)")
+    args = parser.parse_args(argv)
+    path = build_report(args.tracking_uri, args.experiment, args.flow_run_id, args.parent_run_id, args.output)
+    print(path.resolve())
+    return path
+
+
+if __name__ == "__main__":
+    main()
