@@ -1,0 +1,202 @@
+"""The HTML report over a store filled by the real MLflow client: self-contained, every plot labelled."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from matplotlib.colors import to_rgb
+from mlflow.tracking import MlflowClient
+
+from dashboards.report import build_report
+from dashboards.runs import find_varying_params, load_sweep
+from steps.report import log_report_to_mlflow
+from dashboard_store import BRANCHES, EVAL, FLOW_RUN_ID, SAMPLE_KL, SAMPLE_TOKENS
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BRANCH_NAMES = list(BRANCHES)
+
+
+class ReportParser(HTMLParser):
+    """Collects external links, the text of each <figure> (SVG text included) and the token spans."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+        self.figures: dict[str, list[str]] = {}
+        self.tokens: list[tuple[str, float, str]] = []  # (text, data-kl, background colour)
+        self.rows: list[tuple[str, list[str]]] = []  # (row class, cell texts)
+        self._figure: str | None = None
+        self._token: dict | None = None
+        self._row: tuple[str, list[str]] | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.links += [attrs[name] for name in ("src", "href", "xlink:href") if attrs.get(name)]
+        if tag == "figure":
+            self._figure = attrs.get("id") or f"figure{len(self.figures)}"
+            self.figures[self._figure] = []
+        elif tag == "span" and "tok" in (attrs.get("class") or "").split():
+            background = attrs["style"].split("background:")[1].split(";")[0]
+            self._token = {"text": "", "kl": float(attrs["data-kl"]), "background": background}
+        elif tag == "tr" and self._row is None and self._figure is None:
+            self._row = (attrs.get("class") or "", [])
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = []
+        elif self._token is not None:
+            raise AssertionError(f"token text must be plain text, found a <{tag}> tag inside a token span")
+
+    def handle_endtag(self, tag):
+        if tag == "figure":
+            self._figure = None
+        elif tag == "span" and self._token is not None:
+            self.tokens.append((self._token["text"], self._token["kl"], self._token["background"]))
+            self._token = None
+        elif tag in ("td", "th") and self._cell is not None:
+            self._row[1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.rows.append(self._row)
+            self._row = None
+
+    def handle_data(self, data):
+        if self._figure is not None and data.strip():
+            self.figures[self._figure].append(data.strip())
+        if self._token is not None:
+            self._token["text"] += data
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+@pytest.fixture(scope="module")
+def report(filled_store, tmp_path_factory) -> tuple[Path, ReportParser]:
+    uri, _ = filled_store
+    path = build_report(uri, experiment="pcsd", output_path=tmp_path_factory.mktemp("report") / "report.html")
+    parser = ReportParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return path, parser
+
+
+def _figure_with_title(parser: ReportParser, title: str) -> list[str]:
+    matches = [texts for texts in parser.figures.values() if title in texts]
+    assert len(matches) == 1, f"expected one figure titled {title!r}; figure texts: {list(parser.figures.values())}"
+    return matches[0]
+
+
+def test_report_is_self_contained(report):
+    path, parser = report
+    assert path.is_file() and path.stat().st_size > 10_000
+    # In-page anchors and data: URIs (the colour bar is an embedded PNG) are inside the file; nothing else is.
+    external = [link for link in parser.links if not link.startswith(("#", "data:"))]
+    assert external == [], f"the report must not load anything from outside the file: {external}"
+
+
+def test_eval_plot_has_title_axes_legend_and_swept_params(report):
+    _, parser = report
+    texts = _figure_with_title(parser, "GSM8K accuracy before vs after distillation, per sweep branch")
+    assert "GSM8K accuracy" in texts
+    assert "sweep branch (loss.divergence, train.lr)" in texts
+    for entry in ("strict, before", "strict, after", "flexible, before", "flexible, after"):
+        assert entry in texts
+    # Tick labels show each branch's swept values.
+    for label in ("divergence=forward_kl", "lr=1e-05", "divergence=reverse_kl", "lr=0.0001"):
+        assert label in texts
+
+
+@pytest.mark.parametrize(
+    "title, ylabel, suffixes",
+    [
+        ("Training loss", "loss", [""]),
+        ("KL(teacher || student) per response token", "KL (nats)", [""]),
+        ("Teacher vs student entropy", "entropy (nats)", [" teacher", " student"]),
+        ("Mean response length", "tokens", [""]),
+        ("Training throughput", "tokens / s", [""]),
+    ],
+)
+def test_training_curves_overlay_every_branch(report, title, ylabel, suffixes):
+    _, parser = report
+    texts = _figure_with_title(parser, title)
+    assert "training step" in texts and ylabel in texts and "branch" in texts
+    for name in BRANCH_NAMES:
+        for suffix in suffixes:
+            assert name + suffix in texts, f"legend of {title!r} lacks {name + suffix!r}: {texts}"
+
+
+def test_token_view_colours_each_token_by_its_kl(report):
+    _, parser = report
+    assert [text for text, _, _ in parser.tokens] == SAMPLE_TOKENS  # " <b>" stays text, escaped
+    assert [kl for _, kl, _ in parser.tokens] == pytest.approx(SAMPLE_KL, rel=1e-5)
+
+    def darkness(colour: str) -> float:
+        return 1.0 - sum(to_rgb(colour)) / 3
+
+    # Darker background for larger KL: the colour order follows the KL order exactly.
+    by_kl = sorted(parser.tokens, key=lambda token: token[1])
+    assert [darkness(bg) for _, _, bg in by_kl] == sorted(darkness(bg) for _, _, bg in by_kl)
+    assert darkness(by_kl[-1][2]) > darkness(by_kl[0][2]) + 0.5
+    legend = _figure_with_title(parser, "Colour legend: per-token KL(teacher || student)")
+    assert "KL of the response token (nats); darker = teacher and student disagree more" in legend
+
+
+def test_branch_table_marks_the_best_branch(report):
+    _, parser = report
+    body = [(row_class, cells) for row_class, cells in parser.rows if not cells[0] == "branch"]
+    assert len(body) == len(BRANCHES)
+    best_name = max(EVAL, key=lambda name: (EVAL[name]["after_strict"], EVAL[name]["after_flex"]))
+    best_rows = [cells for row_class, cells in body if row_class == "best"]
+    assert len(best_rows) == 1 and best_rows[0][0] == f"{best_name} ★ best"
+
+
+def test_sweep_is_found_by_flow_run_by_parent_and_as_latest(filled_store):
+    uri, ids = filled_store
+    client = MlflowClient(uri)
+    by_flow = load_sweep(client, "pcsd", flow_run_id=FLOW_RUN_ID)
+    by_parent = load_sweep(client, "pcsd", parent_run_id=ids["parent"])
+    latest = load_sweep(client, "pcsd")
+    for sweep in (by_flow, by_parent, latest):
+        assert sweep.parent_run_id == ids["parent"]
+        assert [branch.name for branch in sweep.branches] == BRANCH_NAMES
+        assert [branch.run_id for branch in sweep.branches] == [ids[name] for name in BRANCH_NAMES]
+    # train.output_dir differs per branch but is not a hyperparameter.
+    assert find_varying_params(latest.branches) == ["loss.divergence", "train.lr"]
+    assert [value for _, value in latest.branches[1].curves["train/loss"]] == pytest.approx([2.0, 1.0, 2.0 / 3])
+
+
+def test_bad_filters_raise_clear_errors(filled_store, tmp_path):
+    uri, _ = filled_store
+    with pytest.raises(ValueError, match=r"experiment \('nope'\) does not exist.*'pcsd'"):
+        build_report(uri, experiment="nope", output_path=tmp_path / "r.html")
+    with pytest.raises(ValueError, match="pcsd.flow_run_id='999'"):
+        build_report(uri, flow_run_id="999", output_path=tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_cli_latest_builds_the_report(filled_store, tmp_path):
+    uri, _ = filled_store
+    output = tmp_path / "cli.html"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    result = subprocess.run(
+        [sys.executable, "-m", "dashboards.report", "--latest", "--output", str(output)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == str(output.resolve())
+    assert f"PCSD sweep report: pcsd-{FLOW_RUN_ID}" in output.read_text(encoding="utf-8")
+
+
+def test_report_is_logged_under_the_parent_runs_report_folder(filled_store, report, tmp_path):
+    uri, ids = filled_store
+    path, _ = report
+    artifact = log_report_to_mlflow(ids["parent"], path, tracking_uri=uri)
+    assert artifact == "report/report.html"
+    client = MlflowClient(uri)
+    assert [f.path for f in client.list_artifacts(ids["parent"], "report")] == [artifact]
+    local = client.download_artifacts(ids["parent"], artifact, str(tmp_path))
+    assert Path(local).read_bytes() == path.read_bytes()
+    with pytest.raises(ValueError, match="is not a file"):
+        log_report_to_mlflow(ids["parent"], tmp_path / "missing.html", tracking_uri=uri)
