@@ -1,0 +1,238 @@
+"""The transformers rollout engine: batched `generate` on CPU or one GPU, with in-place weight sync.
+
+The engine keeps its own copy of the policy. Each training step the trainer pushes the actor's full
+weights with `update_weights`, so the next `generate` samples from the current policy (on-policy).
+
+    engine = HFRolloutEngine("smollm2-135m", batch_size=16)
+    generations = engine.generate(prompt_ids, n=2, sampling=SamplingParams(temperature=1.0, seed=0))
+
+Batching: prompts are sorted by length and cut into chunks of `batch_size` prompts (each expanded to
+`n` rows), so a chunk holds prompts of similar length and little padding. Padding is on the LEFT with
+an attention mask, so every row's last real prompt token sits at the same position and the new tokens
+append after it; transformers derives position ids from the mask, so a padded row decodes like the
+prompt alone (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from pcsd_core.models import DTYPES, load_model
+from pcsd_core.rollout.base import Generation, SamplingParams
+
+
+class HFRolloutEngine:
+    """Rollout with `transformers.generate`; implements `rollout.base.RolloutEngine`."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        device: str | torch.device = "cpu",
+        batch_size: int = 16,
+        attn_implementation: str = "sdpa",
+        trust_remote_code: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"HFRolloutEngine batch_size ({batch_size}) must be >= 1 (prompts per generate call).")
+        if dtype not in DTYPES:
+            raise ValueError(f"HFRolloutEngine dtype ({dtype!r}) must be one of {sorted(DTYPES)}.")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.model = load_model(
+            model_path,
+            dtype=dtype,
+            device=self.device,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.eos_token_ids = _eos_token_ids(self.model)
+        self.pad_token_id = _pad_token_id(self.model, self.eos_token_ids)
+        self._asleep = False
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Generation]:
+        """Sample `n` responses per prompt; prompt-major order: [p0 r0, p0 r1, ..., p1 r0, ...]."""
+        _check_generate_args(prompt_ids, n, sampling)
+        if self._asleep:
+            raise RuntimeError("HFRolloutEngine.generate called while asleep; call wake() first.")
+        # Sort by length so each chunk pads little; results are put back in the caller's order.
+        order = sorted(range(len(prompt_ids)), key=lambda index: len(prompt_ids[index]))
+        responses: dict[int, list[Generation]] = {}
+        for chunk_number, start in enumerate(range(0, len(order), self.batch_size)):
+            chunk = order[start : start + self.batch_size]
+            # A distinct but fixed seed per chunk keeps a call reproducible for a given `sampling.seed`.
+            seed = None if sampling.seed is None else sampling.seed + chunk_number
+            rows = self._generate_chunk([prompt_ids[index] for index in chunk], n, sampling, seed)
+            for position, index in enumerate(chunk):
+                responses[index] = [
+                    Generation(prompt_index=index, response_ids=ids, finished=finished)
+                    for ids, finished in rows[position * n : (position + 1) * n]
+                ]
+        return [generation for index in range(len(prompt_ids)) for generation in responses[index]]
+
+    def _generate_chunk(
+        self, prompts: list[list[int]], n: int, sampling: SamplingParams, seed: int | None
+    ) -> list[tuple[list[int], bool]]:
+        """Generate for one chunk; returns (response_ids, finished) per row, prompt-major."""
+        input_ids, attention_mask = _left_pad(prompts, self.pad_token_id, self.device)
+        greedy = sampling.temperature == 0.0
+        # Greedy decoding is deterministic: decode each prompt once and repeat it n times.
+        config = self._generation_config(1 if greedy else n, sampling)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            # fork_rng: seeding here must not move the trainer's global RNG stream.
+            if seed is not None:
+                torch.manual_seed(seed)
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        new_tokens = output[:, input_ids.shape[1] :].tolist()  # (rows, <= max_new_tokens)
+        rows = [_trim_at_eos(row, self.eos_token_ids) for row in new_tokens]
+        return [row for row in rows for _ in range(n)] if greedy else rows
+
+    def _generation_config(self, n: int, sampling: SamplingParams):
+        from transformers import GenerationConfig
+
+        greedy = sampling.temperature == 0.0
+        # Every sampling knob is set explicitly: the model's own generation_config (e.g. a hub default
+        # top_k=50 or repetition_penalty) must not change the distribution the trainer assumes it samples.
+        if greedy:
+            knobs = {"do_sample": False, "temperature": 1.0, "top_p": 1.0}
+        else:
+            knobs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+        return GenerationConfig(
+            **knobs,
+            repetition_penalty=1.0,
+            num_beams=1,
+            num_return_sequences=n,
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=0,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+        )
+
+    # ---- weight sync and memory ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy the actor's full weights (HF names) into this engine's model, in place.
+
+        Every parameter must be given (a partial sync would silently mix old and new weights); unknown
+        names and shape mismatches raise. With tied embeddings `lm_head.weight` is the same tensor as the
+        input embedding, so it may be present or absent.
+        """
+        if self._asleep:
+            raise RuntimeError("HFRolloutEngine.update_weights called while asleep; call wake() first.")
+        targets = self.model.state_dict()  # name -> tensor sharing storage with the live parameters
+        received: set[str] = set()
+        for name, tensor in named_tensors:
+            if name not in targets:
+                raise KeyError(
+                    f"update_weights got unknown parameter {name!r}; the rollout model has e.g. "
+                    f"{sorted(targets)[:3]}. Send full Hugging Face names (no FSDP/compile prefixes)."
+                )
+            if tuple(tensor.shape) != tuple(targets[name].shape):
+                raise ValueError(
+                    f"update_weights: {name!r} has shape {tuple(tensor.shape)} but the rollout model expects "
+                    f"{tuple(targets[name].shape)}; send full (unsharded) tensors."
+                )
+            targets[name].copy_(tensor)  # casts dtype and moves device as needed
+            received.add(name)
+        required = {name for name, _ in self.model.named_parameters()}  # tied aliases appear once
+        missing = sorted(required - received - _tied_aliases_received(self.model, received))
+        if missing:
+            raise ValueError(
+                f"update_weights is missing {len(missing)} parameter(s), e.g. {missing[:3]}; send the full state dict."
+            )
+
+    def sleep(self) -> None:
+        """On CUDA move the weights to host memory and free the cache; on CPU there is nothing to free."""
+        if self.device.type == "cuda" and not self._asleep:
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+        self._asleep = self.device.type == "cuda"
+
+    def wake(self) -> None:
+        """Move the weights back to the engine's device (no-op on CPU)."""
+        if self._asleep:
+            self.model.to(self.device)
+        self._asleep = False
+
+    def close(self) -> None:
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def _check_generate_args(prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> None:
+    if n < 1:
+        raise ValueError(f"generate: n ({n}) must be >= 1 responses per prompt.")
+    if sampling.temperature < 0:
+        raise ValueError(f"generate: temperature ({sampling.temperature}) must be >= 0 (0 = greedy).")
+    if not 0 < sampling.top_p <= 1:
+        raise ValueError(f"generate: top_p ({sampling.top_p}) must be in (0, 1].")
+    if sampling.max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens ({sampling.max_new_tokens}) must be >= 1.")
+    empty = [index for index, ids in enumerate(prompt_ids) if len(ids) == 0]
+    if empty:
+        raise ValueError(f"generate: prompt(s) {empty[:5]} are empty; every prompt needs at least one token.")
+
+
+def _left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad to a rectangle: (B, T) input ids and the matching 0/1 attention mask."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _trim_at_eos(tokens: list[int], eos_token_ids: list[int]) -> tuple[list[int], bool]:
+    """Cut a generated row after its first EOS (kept); what follows is padding. No EOS = truncated."""
+    for position, token in enumerate(tokens):
+        if token in eos_token_ids:
+            return tokens[: position + 1], True
+    return tokens, False
+
+
+def _eos_token_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.config.eos_token_id
+    if eos is None:
+        raise ValueError(
+            "the rollout model defines no eos_token_id (generation_config.json / config.json); responses "
+            "could never finish. Set eos_token_id in the checkpoint's generation_config.json."
+        )
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _pad_token_id(model, eos_token_ids: list[int]) -> int:
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = model.config.pad_token_id
+    # Any id works for padding: padded positions are masked out and trimmed off the response.
+    return eos_token_ids[0] if pad is None else int(pad)
+
+
+def _tied_aliases_received(model, received: set[str]) -> set[str]:
+    """Parameters that count as received because a tied alias of theirs was sent (e.g. lm_head <-> embed)."""
+    aliases: dict[int, set[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), set()).add(name)
+    covered: set[str] = set()
+    for names in aliases.values():
+        if names & received:
+            covered |= names
+    return covered
