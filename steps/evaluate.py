@@ -1,0 +1,173 @@
+"""Evaluate step: GSM8K accuracy (strict and flexible) of a model, before and after distillation.
+
+Greedy decoding of the student prompt (question only) through the same rollout engine the trainer uses,
+on the first `eval.num_examples` test questions. Answers are scored with `pcsd_core.scoring`: strict needs
+the "#### <number>" format, flexible takes the last number. Every branch reports its delta against the base
+model; the base model is evaluated once per distinct (model, data, eval) setting and shared by branches.
+
+    from steps.evaluate import evaluate
+    result = evaluate("smollm2-135m", "outputs/data/test.parquet", cfg)
+    result.accuracy_strict, result.examples[0]["response"]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pcsd_core.config import PCSDConfig
+from pcsd_core.rollout.base import RolloutEngine, SamplingParams
+
+METRIC_NAMES = ("gsm8k_accuracy_strict", "gsm8k_accuracy_flexible")
+TABLE_COLUMNS = (
+    "index", "question", "response", "extracted_strict", "extracted_flexible", "ground_truth", "correct_strict",
+    "correct_flexible",
+)  # fmt: skip
+
+
+@dataclass
+class EvalResult:
+    model_path: str
+    num_examples: int
+    accuracy_strict: float
+    accuracy_flexible: float
+    examples: list[dict[str, Any]]  # one row per question, keys = TABLE_COLUMNS
+
+    def metrics(self, phase: str) -> dict[str, float]:
+        """{'eval/<phase>/gsm8k_accuracy_strict': ..., 'eval/<phase>/gsm8k_accuracy_flexible': ...}"""
+        return {
+            f"eval/{phase}/gsm8k_accuracy_strict": self.accuracy_strict,
+            f"eval/{phase}/gsm8k_accuracy_flexible": self.accuracy_flexible,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalResult:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def evaluate(model_path: str, test_path: str | Path, cfg: PCSDConfig, engine: RolloutEngine | None = None) -> EvalResult:
+    """Greedy GSM8K accuracy of `model_path` (alias, hub id or checkpoint folder) on the test parquet."""
+    from pcsd_core.data import load_prompt_records
+    from pcsd_core.models import load_tokenizer, resolve_model
+    from pcsd_core.prompts import render_prompt_ids
+
+    records = load_prompt_records(test_path)
+    if cfg.eval.num_examples:
+        records = records[: cfg.eval.num_examples]
+    if not records:
+        raise ValueError(f"evaluation: {test_path} holds no test questions; check data.max_test_rows and data.path.")
+    source = resolve_model(model_path)
+    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
+    prompt_ids = [render_prompt_ids(tokenizer, record.student_messages) for record in records]
+    own_engine = engine is None
+    engine = engine or _make_engine(cfg, source)
+    try:
+        generations = engine.generate(prompt_ids, 1, SamplingParams(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens))
+    finally:
+        if own_engine:
+            engine.close()
+    responses = [tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in generations]
+    examples = [_score(record, response) for record, response in zip(records, responses)]
+    return EvalResult(
+        model_path=str(model_path),
+        num_examples=len(examples),
+        accuracy_strict=sum(row["correct_strict"] for row in examples) / len(examples),
+        accuracy_flexible=sum(row["correct_flexible"] for row in examples) / len(examples),
+        examples=examples,
+    )
+
+
+def log_evaluation(run_id: str, result: EvalResult, phase: str) -> None:
+    """Log `eval/<phase>/...` metrics and the per-example table `eval/<phase>_examples.json` to a run."""
+    import mlflow
+
+    from steps import tracking
+
+    tracking.setup_tracking()
+    tracking.log_metrics(run_id, result.metrics(phase))
+    table = {column: [row[column] for row in result.examples] for column in TABLE_COLUMNS}
+    mlflow.log_table(data=table, artifact_file=f"eval/{phase}_examples.json", run_id=run_id)
+
+
+def evaluate_baselines(branches: list, parent_run_id: str, output_root: str | Path) -> dict[str, dict[str, Any]]:
+    """Evaluate each distinct base model once; {baseline_key: {"path": json file, "metrics": {...}}}."""
+    baselines: dict[str, dict[str, Any]] = {}
+    for branch in branches:
+        if branch.baseline_key in baselines:
+            continue
+        cfg = branch.pcsd_config()
+        result = evaluate(cfg.model.name, branch.test_path, cfg)
+        path = result.save(Path(output_root) / "baselines" / f"{branch.baseline_key}.json")
+        if not baselines:  # the parent run shows the first branch's base model
+            log_evaluation(parent_run_id, result, "before")
+        baselines[branch.baseline_key] = {"path": str(path), "metrics": result.metrics("before")}
+    return baselines
+
+
+@dataclass
+class BranchEvaluation:
+    label: str
+    run_id: str
+    checkpoint_dir: str
+    metrics: dict[str, float]  # eval/before/*, eval/after/*, eval/delta/* and the headline eval/*
+
+
+def evaluate_branch(branch, checkpoint_dir: str | Path, run_id: str, baseline: dict[str, Any]) -> BranchEvaluation:
+    """Evaluate a branch's distilled checkpoint and log before, after, delta and both tables to its run."""
+    cfg = branch.pcsd_config()
+    before = EvalResult.load(baseline["path"])
+    after = evaluate(str(checkpoint_dir), branch.test_path, cfg)
+    metrics = {**before.metrics("before"), **after.metrics("after")}
+    for name in METRIC_NAMES:
+        metrics[f"eval/delta/{name}"] = metrics[f"eval/after/{name}"] - metrics[f"eval/before/{name}"]
+        metrics[f"eval/{name}"] = metrics[f"eval/after/{name}"]
+    log_evaluation(run_id, before, "before")
+    log_evaluation(run_id, after, "after")
+    from steps import tracking
+
+    tracking.log_metrics(run_id, metrics)
+    return BranchEvaluation(label=branch.label, run_id=run_id, checkpoint_dir=str(checkpoint_dir), metrics=metrics)
+
+
+def _score(record: Any, response: str) -> dict[str, Any]:
+    from pcsd_core.scoring import extract_answer, is_correct
+
+    return {
+        "index": record.index,
+        "question": record.question,
+        "response": response,
+        "extracted_strict": extract_answer(response, mode="strict"),
+        "extracted_flexible": extract_answer(response, mode="flexible"),
+        "ground_truth": record.ground_truth,
+        "correct_strict": is_correct(response, record.ground_truth, mode="strict"),
+        "correct_flexible": is_correct(response, record.ground_truth, mode="flexible"),
+    }
+
+
+def _make_engine(cfg: PCSDConfig, model_path: str) -> RolloutEngine:
+    """The HF engine sized by eval.batch_size; other engines come from the rollout factory."""
+    if cfg.rollout.engine == "hf":
+        import torch
+
+        from pcsd_core.rollout.hf import HFRolloutEngine
+
+        device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        return HFRolloutEngine(
+            model_path,
+            dtype=cfg.model.dtype,
+            device=device,
+            batch_size=cfg.eval.batch_size,
+            attn_implementation=cfg.model.attn_implementation,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    from pcsd_core.rollout import create_rollout_engine
+
+    return create_rollout_engine(cfg, model_path)

@@ -1,0 +1,67 @@
+"""Register step against a real SQLite MLflow store: idempotence for a retried step and the champion alias."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from steps import tracking
+from steps.register import CHAMPION_ALIAS, register, registered_model_name
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp_path / "artifacts"))
+    tracking.setup_tracking("register-test")
+    return MlflowClient(tracking_uri=uri)
+
+
+def _source_run() -> str:
+    run = tracking.client().create_run(tracking.setup_tracking("register-test"), run_name="branch")
+    return run.info.run_id
+
+
+def test_registered_model_name_is_a_slug_of_model_and_dataset():
+    assert registered_model_name("smollm2-135m", "openai/gsm8k") == "pcsd-smollm2-135m-gsm8k"
+    assert registered_model_name("/data/ckpt/DeepSeek_Math-7B/", "/data/gsm8k") == "pcsd-deepseek-math-7b-gsm8k"
+
+
+def test_register_is_idempotent_and_moves_champion_only_on_improvement(store, tiny_model_dir):
+    common = dict(model="smollm2-135m", dataset="openai/gsm8k")
+    first = register(tiny_model_dir, metric_value=0.25, flow_run_id="1", source_run_id=_source_run(), **common)
+    name = first.name
+    assert (first.version, first.is_champion, first.already_registered) == ("1", True, False)
+    # The checkpoint files were copied (not re-saved from a loaded model), with pinned requirements.
+    local = Path(mlflow.artifacts.download_artifacts(first.model_uri))
+    files = {path.name for path in local.rglob("*")}
+    assert {"MLmodel", "model.safetensors", "tokenizer.json"} <= files
+    requirements = (local / "requirements.txt").read_text()
+    assert "torch==" in requirements and "transformers==" in requirements
+
+    # A retried register step of the same flow run finds its version instead of registering again.
+    retry = register(tiny_model_dir, metric_value=0.25, flow_run_id="1", source_run_id=_source_run(), **common)
+    assert (retry.version, retry.already_registered) == ("1", True)
+    assert len(store.search_model_versions(f"name = '{name}'")) == 1
+
+    worse = register(tiny_model_dir, metric_value=0.10, flow_run_id="2", source_run_id=_source_run(), **common)
+    assert (worse.version, worse.is_champion) == ("2", False)
+    assert str(store.get_model_version_by_alias(name, CHAMPION_ALIAS).version) == "1"
+
+    tie = register(tiny_model_dir, metric_value=0.25, flow_run_id="3", source_run_id=_source_run(), **common)
+    assert not tie.is_champion  # a tie does not dethrone the holder
+
+    better = register(tiny_model_dir, metric_value=0.50, flow_run_id="4", source_run_id=_source_run(), **common)
+    assert better.is_champion
+    champion = store.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    assert str(champion.version) == better.version == "4"
+    assert champion.tags["pcsd.flow_run_id"] == "4" and float(champion.tags["pcsd.eval_value"]) == 0.5
+
+
+def test_register_rejects_a_folder_without_a_checkpoint(store, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        register(tmp_path, model="m", dataset="d", metric_value=0.0, flow_run_id="1", source_run_id="x")
