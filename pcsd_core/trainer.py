@@ -1,0 +1,358 @@
+"""The single-controller on-policy PCSD loop.
+
+    distiller = Distiller(cfg, "data/train.parquet", log_metrics=print_metrics)
+    distiller.setup()
+    result = distiller.train()      # TrainResult(checkpoint_dir, steps, history)
+    distiller.close()
+
+One training step, top to bottom (`_train_step`):
+  1. sample `train.prompts_per_step` prompts (a seeded permutation per data epoch: same order on resume);
+  2. rollout: the engine samples `rollout.n` responses per student prompt from the current policy;
+  3. teacher pass: `compute_distributions` scores the responses after the teacher prompt (no grad);
+  4. student pass + update: `update_policy_with_distillation` (ppo_epochs x mini-batches x micro-batches);
+  5. weight sync: the actor's full weights go into the rollout engine, so step 2 stays on-policy;
+  6. metrics through `log_metrics(metrics, step)`, a few per-token samples, a checkpoint every K steps.
+
+With `train.use_ray` the actor is N Ray workers holding FSDP2 shards (`workers.py`), called explicitly
+below; without it the same `Actor` runs in this process. The rollout engine always lives in this process:
+on the actor's device when `rollout.placement` is colocated (it sleeps while the actor trains), on the
+GPUs after the actor's when split. On CPU both placements share the machine, so split only moves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pcsd_core import checkpoint as ckpt
+from pcsd_core.actor import Actor, lr_factor
+from pcsd_core.batch import RolloutBatch, TeacherOutputs, UpdateStats
+from pcsd_core.config import PCSDConfig
+from pcsd_core.models import load_tokenizer, resolve_model
+from pcsd_core.prompts import build_prompt_pair
+from pcsd_core.rollout.base import SamplingParams
+from pcsd_core.workers import peak_memory_mb
+
+SAMPLES_PER_STEP = 4  # responses written to samples/step_*.jsonl
+
+
+def no_op(metrics: dict[str, float], step: int) -> None:
+    """Default `log_metrics`: drop the metrics."""
+
+
+@dataclass
+class TrainResult:
+    checkpoint_dir: Path
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def prompt_indices_for_step(step: int, prompts_per_step: int, num_records: int, seed: int) -> list[int]:
+    """Record indices of `step`: a fresh seeded permutation per pass over the data, a pure function of step."""
+    positions = range(step * prompts_per_step, (step + 1) * prompts_per_step)
+    permutations: dict[int, np.ndarray] = {}
+    indices = []
+    for position in positions:
+        data_epoch = position // num_records
+        if data_epoch not in permutations:
+            permutations[data_epoch] = np.random.default_rng([seed, data_epoch]).permutation(num_records)
+        indices.append(int(permutations[data_epoch][position % num_records]))
+    return indices
+
+
+def resolve_device(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device ('cuda') was requested but no CUDA device is visible; use 'cpu' or 'auto'.")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class Distiller:
+    """On-policy self-distillation: the student samples, the context-conditioned teacher scores."""
+
+    def __init__(self, cfg: PCSDConfig, train_parquet: str | Path, log_metrics: Callable[[dict, int], None] = no_op):
+        self.cfg = cfg
+        self.train_parquet = Path(train_parquet)
+        self.log_metrics = log_metrics
+        self.output_dir = Path(cfg.train.output_dir)
+        self.actor: Actor | None = None
+        self.worker_group = None
+        self.engine = None
+        self.start_step = 0
+
+    # ---- setup -------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Check inputs (cheap, first), then data, actor (in-process or Ray workers), rollout engine, resume."""
+        from pcsd_core.data import load_prompt_records
+
+        cfg = self.cfg
+        if not self.train_parquet.is_file():
+            raise FileNotFoundError(f"train parquet {str(self.train_parquet)!r} does not exist; run the preprocess "
+                                    "step (pcsd_core.data.prepare_dataset) first or fix the path.")
+        resume = ckpt.validate_checkpoint_dir(cfg.train.resume_from) if cfg.train.resume_from else None
+        self.device = resolve_device(cfg.train.device)
+        self.base_model_path = resolve_model(cfg.model.name)
+        self.tokenizer = load_tokenizer(self.base_model_path, trust_remote_code=cfg.model.trust_remote_code)
+        self.records = load_prompt_records(self.train_parquet)
+        if not self.records:
+            raise ValueError(f"train parquet {str(self.train_parquet)!r} holds no prompts.")
+        self._prompt_pairs: dict[int, Any] = {}
+        model_path = str(resume) if resume else self.base_model_path
+        self._build_actor(model_path)
+        self.engine = self._create_engine(model_path)
+        if resume:
+            self._resume(resume)
+
+    def _build_actor(self, model_path: str) -> None:
+        # Frozen and EMA teachers start from the run's initial weights, not from a resumed checkpoint.
+        teacher_path = self.base_model_path
+        if self.cfg.train.use_ray:
+            from pcsd_core.workers import launch_train_workers
+
+            device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+            self.worker_group = launch_train_workers(self.cfg, model_path, device_type=device_type,
+                                                     teacher_path=teacher_path)
+        else:
+            self.actor = Actor(self.cfg, model_path, device=self.device, teacher_path=teacher_path)
+
+    def _create_engine(self, model_path: str):
+        from pcsd_core.rollout import create_rollout_engine
+
+        rollout = self.cfg.rollout
+        if rollout.engine == "hf" and rollout.placement == "split" and self.device.startswith("cuda"):
+            from pcsd_core.rollout.hf import HFRolloutEngine
+
+            # Split: the rollout model gets the first GPU after the actor's train.num_workers GPUs.
+            return HFRolloutEngine(model_path, dtype=self.cfg.model.dtype, device=f"cuda:{self.cfg.train.num_workers}",
+                                   batch_size=rollout.batch_size, attn_implementation=self.cfg.model.attn_implementation)
+        return create_rollout_engine(self.cfg, model_path)
+
+    def _resume(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path)
+        saved_records = state.trainer_state.get("num_records")
+        if saved_records != len(self.records) or state.trainer_state.get("seed") != self.cfg.train.seed:
+            raise ValueError(
+                f"train.resume_from ({str(path)!r}) was written with {saved_records} prompts and seed "
+                f"{state.trainer_state.get('seed')}, but this run has {len(self.records)} prompts and seed "
+                f"{self.cfg.train.seed}; the data order would differ. Use the same train parquet and train.seed."
+            )
+        if self.worker_group:
+            import ray
+
+            ray.get([w.load_training_state.remote(state.training_state, state.teacher_state)
+                     for w in self.worker_group.workers])
+        else:
+            self.actor.load_training_state(state.training_state, state.teacher_state)
+        self.start_step = state.step
+
+    # ---- the loop ----------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        total = self.cfg.train.total_training_steps
+        history: list[dict[str, float]] = []
+        last_checkpoint = None
+        started = time.perf_counter()
+        for step in range(self.start_step, total):
+            metrics = self._train_step(step)
+            history.append(metrics)
+            self.log_metrics(metrics, step + 1)
+            self._print_progress(step, metrics, started)
+            every = self.cfg.train.checkpoint_every
+            if (every and (step + 1) % every == 0) or step + 1 == total:
+                last_checkpoint = self.save_checkpoint(step + 1)
+        if last_checkpoint is None:  # resumed at the last step: nothing left to train
+            last_checkpoint = self.save_checkpoint(total)
+        return TrainResult(checkpoint_dir=last_checkpoint, steps=total, history=history)
+
+    def _train_step(self, step: int) -> dict[str, float]:
+        timings: dict[str, float] = {}
+        tick = time.perf_counter()
+        batch = self._rollout(step)
+        timings["time/rollout_s"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        teacher_outputs = self._compute_distributions(batch)
+        timings["time/teacher_s"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        stats = self._update(batch, teacher_outputs)
+        timings["time/update_s"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        self._sync_weights()
+        timings["time/weight_sync_s"] = time.perf_counter() - tick
+        timings["time/step_s"] = sum(timings.values())
+
+        metrics = self._step_metrics(step, batch, stats, timings)
+        self._write_samples(step + 1, batch, stats)
+        return metrics
+
+    def _rollout(self, step: int) -> RolloutBatch:
+        cfg = self.cfg
+        record_indices = prompt_indices_for_step(step, cfg.train.prompts_per_step, len(self.records), cfg.train.seed)
+        pairs = [self._prompt_pair(index) for index in record_indices]
+        sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                  max_new_tokens=cfg.rollout.max_response_tokens, seed=cfg.train.seed * 100_003 + step)
+        self.engine.wake()
+        generations = self.engine.generate([pair.student_ids for pair in pairs], cfg.rollout.n, sampling)
+        self.engine.sleep()  # colocated: give the accelerator memory back to the actor while it trains
+        return RolloutBatch(
+            student_prompt_ids=[pairs[g.prompt_index].student_ids for g in generations],
+            teacher_prompt_ids=[pairs[g.prompt_index].teacher_ids for g in generations],
+            response_ids=[list(g.response_ids) for g in generations],
+            finished=[g.finished for g in generations],
+            record_indices=[record_indices[g.prompt_index] for g in generations],
+        )
+
+    def _prompt_pair(self, record_index: int):
+        if record_index not in self._prompt_pairs:
+            record = self.records[record_index]
+            self._prompt_pairs[record_index] = build_prompt_pair(
+                self.tokenizer, record.student_messages, record.privileged_context, self.cfg.data.teacher_template)
+        return self._prompt_pairs[record_index]
+
+    def _compute_distributions(self, batch: RolloutBatch) -> TeacherOutputs:
+        if self.worker_group is None:
+            return self.actor.compute_distributions(batch)
+        import ray
+
+        batch_ref = ray.put(batch)
+        parts = ray.get([w.compute_distributions.remote(batch_ref) for w in self.worker_group.workers])
+        return TeacherOutputs(hidden=[hidden for part in parts for hidden in part.hidden])  # rank order = row order
+
+    def _update(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats:
+        if self.worker_group is None:
+            return self.actor.update_policy_with_distillation(batch, teacher_outputs)
+        import ray
+
+        batch_ref, teacher_ref = ray.put(batch), ray.put(teacher_outputs)
+        parts = ray.get([w.update_policy_with_distillation.remote(batch_ref, teacher_ref)
+                         for w in self.worker_group.workers])
+        return _merge_stats(parts)
+
+    def _sync_weights(self) -> None:
+        self.engine.wake()
+        self.engine.update_weights(self._gather_state_dict("student").items())
+
+    def _gather_state_dict(self, which: str) -> dict[str, torch.Tensor]:
+        if self.worker_group is None:
+            return self.actor.full_state_dict(which)
+        import ray
+
+        return ray.get([w.full_state_dict.remote(which) for w in self.worker_group.workers])[0]  # collective
+
+    # ---- metrics and samples -----------------------------------------------------------------------
+
+    def _step_metrics(self, step: int, batch: RolloutBatch, stats: UpdateStats, timings: dict) -> dict[str, float]:
+        from pcsd_core.scoring import is_correct
+
+        cfg = self.cfg
+        lengths = batch.response_lengths
+        optimizer_steps = cfg.train.ppo_epochs * (len(batch) // cfg.train.mini_batch_size)
+        tokens = max(stats.num_tokens, 1)
+        correct = [is_correct(self._decode(ids), self.records[index].ground_truth)
+                   for ids, index in zip(batch.response_ids, batch.record_indices)]
+        return {
+            "train/loss": stats.loss_sum / optimizer_steps,
+            "train/kl": stats.kl_sum / tokens,
+            "train/teacher_entropy": stats.teacher_entropy_sum / tokens,
+            "train/student_entropy": stats.student_entropy_sum / tokens,
+            "train/response_len": float(np.mean(lengths)),
+            "train/truncated_frac": float(np.mean([not finished for finished in batch.finished])),
+            "train/grad_norm": float(np.mean(stats.grad_norms)),
+            "train/lr": cfg.train.lr * lr_factor(step, warmup_steps=cfg.train.warmup_steps,
+                                                 total_steps=cfg.train.total_training_steps,
+                                                 schedule=cfg.train.lr_schedule),
+            "rollout/accuracy": float(np.mean(correct)),
+            # Response tokens sampled and trained on per second of the whole step.
+            "perf/tokens_per_s": sum(lengths) / timings["time/step_s"],
+            "perf/peak_mem_mb": self._peak_memory_mb(),
+            **timings,
+        }
+
+    def _peak_memory_mb(self) -> float:
+        controller = peak_memory_mb(torch.device(self.device))
+        if self.worker_group is None:
+            return controller
+        import ray
+
+        return controller + sum(ray.get([w.peak_memory_mb.remote() for w in self.worker_group.workers]))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _write_samples(self, step: int, batch: RolloutBatch, stats: UpdateStats) -> None:
+        from pcsd_core.scoring import is_correct
+
+        folder = self.output_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for row in range(min(SAMPLES_PER_STEP, len(batch))):
+            record = self.records[batch.record_indices[row]]
+            response = self._decode(batch.response_ids[row])
+            lines.append(json.dumps({
+                "step": step, "question": record.question, "response": response,
+                "tokens": [self.tokenizer.decode([token]) for token in batch.response_ids[row]],
+                "token_kl": stats.token_kl.get(row, []), "correct": is_correct(response, record.ground_truth),
+            }))
+        (folder / f"{ckpt.checkpoint_name(step)}.jsonl").write_text("\n".join(lines) + "\n")
+
+    def _print_progress(self, step: int, metrics: dict[str, float], started: float) -> None:
+        done = step + 1 - self.start_step
+        remaining = self.cfg.train.total_training_steps - step - 1
+        eta_s = (time.perf_counter() - started) / done * remaining
+        print(f"[pcsd] step {step + 1}/{self.cfg.train.total_training_steps} loss {metrics['train/loss']:.4f} "
+              f"kl {metrics['train/kl']:.4f} acc {metrics['rollout/accuracy']:.2f} "
+              f"{metrics['perf/tokens_per_s']:.0f} tok/s {metrics['time/step_s']:.1f} s/step ETA {eta_s:.0f} s",
+              flush=True)
+
+    # ---- checkpoints and shutdown ------------------------------------------------------------------
+
+    def save_checkpoint(self, step: int) -> Path:
+        """HF model + tokenizer + optimizer/scheduler/RNG/data-order state under checkpoints/step_<step>."""
+        if self.worker_group is None:
+            training_state = self.actor.training_state()
+        else:
+            import ray
+
+            training_state = ray.get([w.training_state.remote() for w in self.worker_group.workers])[0]
+        teacher_state = self._gather_state_dict("teacher") if self.cfg.train.teacher_mode == "ema" else None
+        trainer_state = {"seed": self.cfg.train.seed, "num_records": len(self.records),
+                         "prompts_per_step": self.cfg.train.prompts_per_step, "base_model": self.base_model_path}
+        return ckpt.save_checkpoint(self.output_dir, step, model_source=self.base_model_path,
+                                    model_state=self._gather_state_dict("student"), tokenizer=self.tokenizer,
+                                    training_state=training_state, trainer_state=trainer_state,
+                                    teacher_state=teacher_state)
+
+    def close(self) -> None:
+        """Shut down the Ray workers (and Ray, if this Distiller started it) and free the engine."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if self.worker_group is not None:
+            import ray
+
+            self.worker_group.shutdown()
+            self.worker_group = None
+            ray.shutdown()
+        self.actor = None
+
+
+def _merge_stats(parts: list[UpdateStats]) -> UpdateStats:
+    merged = UpdateStats(grad_norms=parts[0].grad_norms)  # the global norm, identical on every rank
+    for part in parts:
+        merged.loss_sum += part.loss_sum
+        merged.kl_sum += part.kl_sum
+        merged.teacher_entropy_sum += part.teacher_entropy_sum
+        merged.student_entropy_sum += part.student_entropy_sum
+        merged.num_tokens += part.num_tokens
+        merged.token_kl.update(part.token_kl)
+    return merged
