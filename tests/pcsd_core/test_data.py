@@ -1,0 +1,273 @@
+"""Data preparation: verl's RL schema, privileged-context templates, column mapping, stats, bad input, atomicity."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pcsd_core.config import DataConfig
+from pcsd_core.data import DataValidationError, PromptRecord, load_prompt_records, prepare_dataset
+from pcsd_core.prompts import build_prompt_pair, build_student_messages
+
+
+def _verl_extract_solution():
+    """verl's GSM8K ground-truth extraction, loaded by file path (importing `verl` pulls heavy deps)."""
+    verl_dir = Path(importlib.util.find_spec("verl").origin).parent
+    spec = importlib.util.spec_from_file_location("verl_gsm8k", verl_dir / "utils" / "reward_score" / "gsm8k.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.extract_solution
+
+
+def write_split(folder: Path, split: str, rows: list[dict], fmt: str = "jsonl") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{split}.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def gsm8k_rows(count: int) -> list[dict]:
+    return [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"} for i in range(count)]
+
+
+@pytest.fixture()
+def small_dir(tmp_path) -> Path:
+    folder = tmp_path / "small"
+    write_split(folder, "train", gsm8k_rows(4))
+    write_split(folder, "test", gsm8k_rows(2))
+    return folder
+
+
+def matches(*parts: str) -> str:
+    """A regex that finds `parts` literally, in order."""
+    return ".*".join(re.escape(str(part)) for part in parts)
+
+
+# ---- the happy paths --------------------------------------------------------------------------------
+
+
+def test_gsm8k_local_copy_in_verl_schema(gsm8k_dir, tmp_path):
+    cfg = DataConfig(path=str(gsm8k_dir), max_train_rows=32, max_test_rows=8)
+    prepared = prepare_dataset(cfg, tmp_path / "out")
+    source_rows = [json.loads(line) for line in (gsm8k_dir / "train.jsonl").open().readlines()[:32]]
+    table = pq.read_table(prepared.train_path)
+    assert table.column_names == ["data_source", "prompt", "ability", "reward_model", "extra_info"]
+    rows = table.to_pylist()
+    assert len(rows) == 32 and pq.read_table(prepared.test_path).num_rows == 8
+    extract_solution = _verl_extract_solution()
+    for index, (row, source) in enumerate(zip(rows, source_rows)):
+        assert row["data_source"] == "openai/gsm8k" and row["ability"] == "math"
+        assert row["prompt"] == build_student_messages(source["question"], cfg.instruction)
+        # The same ground truth verl's own GSM8K preprocessing would write.
+        assert row["reward_model"] == {"style": "rule", "ground_truth": extract_solution(source["answer"])}
+        assert row["extra_info"] == {
+            "split": "train", "index": index, "id": str(index), "answer": source["answer"],
+            "question": source["question"], "privileged_context": source["answer"],
+        }  # fmt: skip
+    assert prepared.stats["train/rows"] == 32 and prepared.stats["test/rows"] == 8
+
+
+def test_records_round_trip(small_dir, tmp_path):
+    prepared = prepare_dataset(DataConfig(path=str(small_dir)), tmp_path / "out")
+    records = load_prompt_records(prepared.test_path)
+    assert records == [
+        PromptRecord(
+            index=i,
+            question=f"What is {i} + 1?",
+            student_messages=build_student_messages(f"What is {i} + 1?", DataConfig().instruction),
+            privileged_context=gsm8k_rows(2)[i]["answer"],
+            ground_truth=str(i + 1),
+        )
+        for i in range(2)
+    ]
+
+
+def test_answer_only_context_is_the_final_number(small_dir, tmp_path):
+    prepared = prepare_dataset(DataConfig(path=str(small_dir), privileged_context="answer_only"), tmp_path / "out")
+    assert [r.privileged_context for r in load_prompt_records(prepared.train_path)] == ["1", "2", "3", "4"]
+
+
+def test_own_dataset_with_column_mapping_and_context_column(tmp_path):
+    """Parquet input, renamed columns, bare-number answers, string ids and a `hint` context column."""
+    rows = [
+        {"uid": f"q-{i}", "problem": f"Double {i}?", "final": str(2 * i) if i else "1,000", "hint": f"Add {i} to itself."}
+        for i in range(3)
+    ]
+    folder = tmp_path / "mine"
+    write_split(folder, "train", rows, fmt="parquet")
+    write_split(folder, "test", rows[:1], fmt="parquet")
+    cfg = DataConfig(
+        path=str(folder), question_column="problem", answer_column="final", id_column="uid",
+        privileged_context="column:hint", instruction="", data_source="mine",
+    )  # fmt: skip
+    prepared = prepare_dataset(cfg, tmp_path / "out")
+    stored = pq.read_table(prepared.train_path).to_pylist()
+    assert [row["extra_info"]["id"] for row in stored] == ["q-0", "q-1", "q-2"]
+    assert {row["data_source"] for row in stored} == {"mine"}
+    records = load_prompt_records(prepared.train_path)
+    assert [r.ground_truth for r in records] == ["1000", "2", "4"]
+    assert [r.privileged_context for r in records] == ["Add 0 to itself.", "Add 1 to itself.", "Add 2 to itself."]
+    assert records[1].student_messages == [{"role": "user", "content": "Double 1?"}]
+
+
+def test_stats_percentiles_match_a_direct_count(gsm8k_dir, tmp_path, smollm2_tokenizer):
+    cfg = DataConfig(path=str(gsm8k_dir), max_train_rows=21, max_test_rows=5)
+    prepared = prepare_dataset(cfg, tmp_path / "out", tokenizer=smollm2_tokenizer)
+    records = load_prompt_records(prepared.train_path)
+    pairs = [build_prompt_pair(smollm2_tokenizer, r.student_messages, r.privileged_context, cfg.teacher_template) for r in records]
+    student = [len(pair.student_ids) for pair in pairs]
+    teacher = [len(pair.teacher_ids) for pair in pairs]
+    stats = prepared.stats
+    assert stats["train/student_prompt_tokens_p50"] == statistics.median(student)
+    assert stats["train/teacher_prompt_tokens_p50"] == statistics.median(teacher)
+    assert stats["train/student_prompt_tokens_max"] == max(student)
+    assert stats["train/teacher_prompt_tokens_max"] == max(teacher)
+    # The teacher prompt carries the solution, so it is longer; p90 lies between the median and the max.
+    assert stats["train/teacher_prompt_tokens_p50"] > stats["train/student_prompt_tokens_p50"]
+    assert stats["train/student_prompt_tokens_p50"] <= stats["train/student_prompt_tokens_p90"] <= max(student)
+    assert {"test/student_prompt_tokens_p99", "test/teacher_prompt_tokens_p99"} <= set(stats)
+
+
+def test_max_rows_keeps_the_first_rows_and_validates_only_those(small_dir, tmp_path):
+    rows = gsm8k_rows(4) + [{"question": "", "answer": "#### 1"}]  # a bad row beyond the slice
+    write_split(small_dir, "train", rows)
+    prepared = prepare_dataset(DataConfig(path=str(small_dir), max_train_rows=3), tmp_path / "out")
+    assert [r.question for r in load_prompt_records(prepared.train_path)] == [r["question"] for r in rows[:3]]
+
+
+# ---- bad input: each case names the file, row and field ---------------------------------------------
+
+
+def test_missing_folder(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(DataValidationError, match=matches(f"data folder {missing} does not exist (data.path)")):
+        prepare_dataset(DataConfig(path=str(missing)), tmp_path / "out")
+
+
+def test_missing_split_file(small_dir, tmp_path):
+    (small_dir / "test.jsonl").unlink()
+    with pytest.raises(DataValidationError, match=matches(f"{small_dir}: no test.jsonl or test.parquet", "train.jsonl")):
+        prepare_dataset(DataConfig(path=str(small_dir)), tmp_path / "out")
+
+
+def test_two_files_for_one_split(small_dir, tmp_path):
+    write_split(small_dir, "test", gsm8k_rows(2), fmt="parquet")
+    with pytest.raises(DataValidationError, match=matches(f"{small_dir}: both test.jsonl and test.parquet exist")):
+        prepare_dataset(DataConfig(path=str(small_dir)), tmp_path / "out")
+
+
+def test_missing_column(small_dir, tmp_path):
+    cfg = DataConfig(path=str(small_dir), question_column="problem")
+    expected = matches(f"{small_dir / 'train.jsonl'}: row 0 has no column 'problem' (columns: ['answer', 'question'])", "data.question_column")
+    with pytest.raises(DataValidationError, match=expected):
+        prepare_dataset(cfg, tmp_path / "out")
+
+
+def test_empty_dataset(small_dir, tmp_path):
+    (small_dir / "train.jsonl").write_text("")
+    with pytest.raises(DataValidationError, match=matches(f"{small_dir / 'train.jsonl'}: the train split is empty (0 rows)")):
+        prepare_dataset(DataConfig(path=str(small_dir)), tmp_path / "out")
+
+
+def test_row_with_empty_question(small_dir, tmp_path):
+    write_split(small_dir, "test", [gsm8k_rows(1)[0], {"question": "   ", "answer": "#### 3"}])
+    with pytest.raises(DataValidationError, match=matches(f"{small_dir / 'test.jsonl'}: row 1 field 'question' is empty")):
+        prepare_dataset(DataConfig(path=str(small_dir)), tmp_path / "out")
+
+
+@pytest.mark.parametrize("answer", ["The answer is five.", "#### five", "#### ", "12 apples"])
+def test_row_without_parseable_final_answer(small_dir, tmp_path, answer):
+    write_split(small_dir, "train", gsm8k_rows(2) + [{"question": "How many?", "answer": answer}])
+    expected = matches(f"{small_dir / 'train.jsonl'}: row 2 field 'answer' has no parseable final answer", "'#### <number>'")
+    with pytest.raises(DataValidationError, match=expected):
+        prepare_dataset(DataConfig(path=str(small_dir)), tmp_path / "out")
+
+
+def test_row_with_empty_context_column(small_dir, tmp_path):
+    rows = [{**row, "hint": "think"} for row in gsm8k_rows(3)]
+    rows[2]["hint"] = None
+    write_split(small_dir, "train", rows)
+    write_split(small_dir, "test", rows[:1])
+    with pytest.raises(DataValidationError, match=matches(f"{small_dir / 'train.jsonl'}: row 2 field 'hint' is empty", "column:hint")):
+        prepare_dataset(DataConfig(path=str(small_dir), privileged_context="column:hint"), tmp_path / "out")
+
+
+def test_missing_context_column(small_dir, tmp_path):
+    with pytest.raises(DataValidationError, match=matches(f"{small_dir / 'train.jsonl'}: row 0 has no column 'hint'", "data.privileged_context")):
+        prepare_dataset(DataConfig(path=str(small_dir), privileged_context="column:hint"), tmp_path / "out")
+
+
+def test_duplicate_ids(small_dir, tmp_path):
+    rows = [{**row, "uid": uid} for row, uid in zip(gsm8k_rows(4), ["a", "b", "c", "b"])]
+    write_split(small_dir, "train", rows)
+    write_split(small_dir, "test", rows[:1])
+    expected = matches(f"{small_dir / 'train.jsonl'}: rows 1 and 3 share the id 'b' in field 'uid' (data.id_column)")
+    with pytest.raises(DataValidationError, match=expected):
+        prepare_dataset(DataConfig(path=str(small_dir), id_column="uid"), tmp_path / "out")
+
+
+def test_invalid_json_line(small_dir, tmp_path):
+    (small_dir / "test.jsonl").write_text('{"question": "a", "answer": "#### 1"}\n{"question": oops}\n')
+    with pytest.raises(DataValidationError, match=matches(f"{small_dir / 'test.jsonl'}: line 2 is not valid JSON")):
+        prepare_dataset(DataConfig(path=str(small_dir)), tmp_path / "out")
+
+
+def test_validation_error_is_a_value_error():
+    assert issubclass(DataValidationError, ValueError)
+
+
+def test_records_need_a_privileged_context(tmp_path):
+    """A parquet from verl's own GSM8K preprocessing has no privileged context: say so."""
+    path = tmp_path / "verl.parquet"
+    row = {
+        "data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": "q"}], "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": "1"},
+        "extra_info": {"split": "train", "index": 0, "answer": "#### 1", "question": "q"},
+    }  # fmt: skip
+    pq.write_table(pa.Table.from_pylist([row]), path)
+    with pytest.raises(DataValidationError, match=matches(f"{path}: row 0 has no extra_info.privileged_context")):
+        load_prompt_records(path)
+    with pytest.raises(DataValidationError, match=matches(f"{tmp_path / 'none.parquet'} does not exist")):
+        load_prompt_records(tmp_path / "none.parquet")
+
+
+# ---- nothing partial is left behind ---------------------------------------------------------------------
+
+
+def test_failing_rerun_keeps_the_earlier_good_output(small_dir, tmp_path):
+    out = tmp_path / "out"
+    prepared = prepare_dataset(DataConfig(path=str(small_dir)), out)
+    good = {path.name: path.read_bytes() for path in (prepared.train_path, prepared.test_path)}
+    write_split(small_dir, "test", gsm8k_rows(1) + [{"question": "", "answer": "#### 1"}])
+    with pytest.raises(DataValidationError, match="row 1 field 'question' is empty"):
+        prepare_dataset(DataConfig(path=str(small_dir)), out)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == good
+
+
+def test_failure_while_writing_leaves_no_partial_file(small_dir, tmp_path, monkeypatch):
+    """The second split's write fails: the first split is not renamed into place and no temp file remains."""
+    out = tmp_path / "out"
+    prepared = prepare_dataset(DataConfig(path=str(small_dir), privileged_context="answer_only"), out)
+    good = {path.name: path.read_bytes() for path in (prepared.train_path, prepared.test_path)}
+    real_write_table, calls = pq.write_table, []
+
+    def write_table_failing_on_second_call(table, where, **kwargs):
+        calls.append(where)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_write_table(table, where, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", write_table_failing_on_second_call)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_dataset(DataConfig(path=str(small_dir)), out)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == good
