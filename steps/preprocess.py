@@ -21,9 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pcsd_core.config import PCSDConfig
 from pcsd_core.data import prepare_dataset
 from pcsd_core.models import load_tokenizer
+from steps.plan import SWEEP_KEY
 
 STATS_ARTIFACT = "data/stats.json"
 
@@ -62,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-path", default=None, help="local GSM8K-style folder (overrides data.path)")
     args = parser.parse_args(argv)
     overrides = {} if args.data_path is None else {"data.path": args.data_path}
-    cfg = PCSDConfig.from_yaml(args.config, overrides=overrides)
+    raw = yaml.safe_load(Path(args.config).read_text()) or {}
+    raw.pop(SWEEP_KEY, None)  # a preset's sweep grid belongs to the flow; one config is prepared here
+    cfg = PCSDConfig.from_dict(raw, overrides=overrides)
     result = preprocess(cfg, args.output_dir)
     print(json.dumps({"train_path": str(result.train_path), "test_path": str(result.test_path), **result.stats}, indent=1))
     return 0
