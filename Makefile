@@ -31,5 +31,13 @@ run: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# The MLflow UI on the project's default store (open http://127.0.0.1:5000).
+ui: setup
+	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+# The HTML comparison report of the latest flow run in that store; prints its path.
+report: setup
+	$(PY) -m dashboards.report --latest
+
 clean:
 	rm -rf $(VENV) .metaflow mlflow.db mlruns outputs
