@@ -196,3 +196,23 @@ def _slug(label: str) -> str:
 
 def _digest(value: Any) -> str:
     return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def prepare_branches(plan: RunPlan, parent_run_id: str) -> list[Branch]:
+    """Preprocess once per distinct data section and point every branch at its parquet files."""
+    from steps import tracking
+    from steps.preprocess import preprocess
+
+    prepared: dict[str, Any] = {}
+    for branch in plan.branches:
+        if branch.data_key not in prepared:
+            output_dir = Path(plan.output_root) / "data" / branch.data_key
+            if not prepared:  # the parent run shows the first dataset's stats (one set of params per run)
+                with tracking.open_run(parent_run_id, system_metrics=False):
+                    prepared[branch.data_key] = preprocess(branch.pcsd_config(), output_dir)
+            else:
+                prepared[branch.data_key] = preprocess(branch.pcsd_config(), output_dir)
+        result = prepared[branch.data_key]
+        branch.train_path, branch.test_path = str(result.train_path), str(result.test_path)
+        branch.data_stats = dict(result.stats)
+    return plan.branches

@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from steps import tracking
 
@@ -164,3 +165,20 @@ def _pip_requirements() -> list[str]:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "model"
+
+
+def register_best(best: Any, branch_config: dict[str, dict[str, Any]], flow_run_id: str) -> RegisterResult | None:
+    """Register the sweep's best branch (a `steps.join.BranchOutcome`); None when every branch failed."""
+    if best is None:
+        return None
+    data = branch_config["data"]
+    dataset = data["path"] or data["hub_name"]
+    return register(
+        best.evaluation.checkpoint_dir,
+        model=branch_config["model"]["name"],
+        dataset=dataset,
+        metric_value=best.evaluation.metrics[DEFAULT_METRIC],
+        flow_run_id=flow_run_id,
+        source_run_id=best.run_id,
+        branch=best.label,
+    )

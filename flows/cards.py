@@ -1,0 +1,38 @@
+"""Metaflow card contents for the PCSD flow: training curves and before/after GSM8K accuracy.
+
+Kept beside the flow (cards are Metaflow's; `steps/` never imports Metaflow). The inputs are the small
+results the steps return; the curve PNG was already written by the distill step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from metaflow.cards import Image, Markdown, Table
+
+
+def training_card(trained) -> list:
+    """The distill card: the branch label, its training curves and the last step's metrics."""
+    last = trained.history[-1] if trained.history else {}
+    rows = [[name, f"{value:.4g}"] for name, value in sorted(last.items())]
+    return [
+        Markdown(f"## Branch `{trained.label}`: {trained.steps} steps\nMLflow run `{trained.run_id}`"),
+        Image(Path(trained.curves_png).read_bytes(), label="training curves"),
+        Markdown("### Last step"),
+        Table(rows, headers=["metric", "value"]),
+    ]
+
+
+def sweep_card(summary, headers: list[str], registration=None) -> list:
+    """The join/end card: every branch's before/after accuracy, the best one, failures, the registry."""
+    components = [Markdown("## GSM8K accuracy before and after distillation"), Table(summary.table(), headers=headers)]
+    if summary.best is not None:
+        components.append(Markdown(f"Best branch: **{summary.best.label}** (MLflow run `{summary.best.run_id}`)"))
+    for outcome in summary.outcomes:
+        if outcome.curves_png and Path(outcome.curves_png).is_file():
+            components.append(Image(Path(outcome.curves_png).read_bytes(), label=outcome.label))
+    if registration is not None:
+        champion = "champion" if registration.is_champion else "not champion"
+        components.append(Markdown(f"Registered `{registration.model_uri}` ({champion})"))
+    return components
+
