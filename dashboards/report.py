@@ -79,17 +79,22 @@ def _metric(branch: Branch, name: str) -> float:
     return -math.inf if math.isnan(value) else value
 
 
-def best_branch(branches: list[Branch]) -> Branch:
-    """Highest strict accuracy after training; flexible accuracy breaks ties (the headline metrics)."""
+def best_branch(branches: list[Branch]) -> Branch | None:
+    """Highest strict accuracy after training; flexible accuracy breaks ties. None when no branch was evaluated."""
+    evaluated = [b for b in branches if _metric(b, "eval/after/gsm8k_accuracy_strict") > -math.inf]
+    if not evaluated:
+        return None
     return max(
-        branches,
+        evaluated,
         key=lambda b: (_metric(b, "eval/after/gsm8k_accuracy_strict"), _metric(b, "eval/after/gsm8k_accuracy_flexible")),
     )
 
 
-def pick_example(client: MlflowClient, branches: list[Branch], preferred: Branch) -> tuple[Branch | None, dict | None]:
+def pick_example(
+    client: MlflowClient, branches: list[Branch], preferred: Branch | None
+) -> tuple[Branch | None, dict | None]:
     """The sample with the largest single-token KL from the latest step of `preferred` (else any branch)."""
-    for branch in [preferred] + [b for b in branches if b is not preferred]:
+    for branch in sorted(branches, key=lambda b: b is not preferred):
         samples = [s for s in load_latest_samples(client, branch.run_id) if s.get("tokens")]
         if samples:
             return branch, max(samples, key=lambda s: max(s["token_kl"], default=0.0))

@@ -200,3 +200,25 @@ def test_report_is_logged_under_the_parent_runs_report_folder(filled_store, repo
     assert Path(local).read_bytes() == path.read_bytes()
     with pytest.raises(ValueError, match="is not a file"):
         log_report_to_mlflow(ids["parent"], tmp_path / "missing.html", tracking_uri=uri)
+
+
+def test_unevaluated_branch_without_samples_still_reports(tmp_path):
+    """A branch that failed before evaluation: no best is claimed, and the page says why a view is missing."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("pcsd", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(experiment_id, run_name="pcsd-7", tags={"pcsd.flow_run_id": "7"})
+    child = client.create_run(
+        experiment_id, run_name="lr=1e-05", tags={"mlflow.parentRunId": parent.info.run_id, "pcsd.branch": "lr=1e-05"}
+    )
+    for step in (1, 2):
+        client.log_metric(child.info.run_id, "train/loss", 1.0 / step, step=step)
+    client.set_terminated(child.info.run_id, "FAILED")
+    page = build_report(uri, flow_run_id="7", output_path=tmp_path / "r.html").read_text(encoding="utf-8")
+    parser = ReportParser()
+    parser.feed(page)
+    assert [cells[0] for _, cells in parser.rows] == ["branch", "lr=1e-05"]
+    assert [row_class for row_class, _ in parser.rows] == ["", ""]  # nothing marked best
+    assert "No samples/step_*.jsonl artifact was found" in page
+    assert "lr=1e-05" in _figure_with_title(parser, "Training loss")
+    assert [title for title in ("Training loss", "Mean response length") if title in page] == ["Training loss"]
