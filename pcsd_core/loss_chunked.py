@@ -80,44 +80,92 @@ def chunk_token_loss(
     return clip_token_loss(per_token, spec.token_clip)
 
 
-def _entropy(logprobs: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (...,) from log-probs (..., V); zero-probability entries add exactly 0."""
-    return -(logprobs.exp() * logprobs.clamp_min(LOGPROB_FLOOR)).sum(-1)
+@torch.no_grad()
+def _gap_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, spec: LossSpec) -> dict[str, float]:
+    """Summed |topk estimate - exact| (and |exact|) on a few token rows, to measure the top-k error."""
+    if student_logits.shape[0] == 0:
+        return {}
+    options = dict(divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature)
+    exact = full_divergence(student_logits, teacher_logits, **options)
+    estimate = topk_divergence(student_logits, teacher_logits, topk=spec.topk, topk_source=spec.topk_source,
+                               topk_tail=spec.topk_tail, **options)
+    return {"topk_gap": (estimate - exact).abs().sum().item(), "topk_exact": exact.abs().sum().item(),
+            "gap_tokens": float(exact.numel())}
+
+
+def _row_dot(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Per-row dot product (c, V) x (c, V) -> (c,) without a (c, V) temporary."""
+    return torch.bmm(left.unsqueeze(1), right.unsqueeze(2)).reshape(-1)
 
 
 @torch.no_grad()
-def _chunk_metric_sums(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    gap_rows: torch.Tensor,
-    spec: LossSpec,
-) -> dict[str, float]:
-    """Sums over the chunk's tokens of exact forward KL, entropies, top-k mass, and top-k gap on `gap_rows`."""
-    student_logprobs = torch.log_softmax(student_logits / spec.temperature, dim=-1)
-    teacher_logprobs = torch.log_softmax(teacher_logits / spec.temperature, dim=-1)
-    sums = {
+def _distribution_sums(student_logprobs, teacher_logprobs, teacher_probs, spec: LossSpec) -> dict[str, float]:
+    """Summed exact forward KL, entropies and teacher mass on the top-k support over the chunk's tokens."""
+    student_floored = student_logprobs.clamp_min(LOGPROB_FLOOR)
+    support = topk_support(student_logprobs, teacher_logprobs, topk=spec.topk, topk_source=spec.topk_source)
+    return {
         "kl": kl_from_logprobs(teacher_logprobs, student_logprobs).sum().item(),
-        "teacher_entropy": _entropy(teacher_logprobs).sum().item(),
-        "student_entropy": _entropy(student_logprobs).sum().item(),
+        "teacher_entropy": -_row_dot(teacher_probs, teacher_logprobs.clamp_min(LOGPROB_FLOOR)).sum().item(),
+        "student_entropy": -_row_dot(student_floored.exp(), student_floored).sum().item(),
+        "topk_mass": teacher_probs.gather(-1, support).sum().item(),
     }
-    support = topk_support(student_logits, teacher_logits, topk=spec.topk, topk_source=spec.topk_source)
-    sums["topk_mass"] = teacher_logprobs.gather(-1, support).exp().sum().item()
-    del student_logprobs, teacher_logprobs
-    sums["topk_gap"], sums["topk_exact"], sums["gap_tokens"] = 0.0, 0.0, float(gap_rows.numel())
-    if gap_rows.numel() > 0:
-        options = dict(divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature)
-        exact = full_divergence(student_logits[gap_rows], teacher_logits[gap_rows], **options)
-        estimate = topk_divergence(
-            student_logits[gap_rows],
-            teacher_logits[gap_rows],
-            topk=spec.topk,
-            topk_source=spec.topk_source,
-            topk_tail=spec.topk_tail,
-            **options,
-        )
-        sums["topk_gap"] = (estimate - exact).abs().sum().item()
-        sums["topk_exact"] = exact.abs().sum().item()
-    return sums
+
+
+def _generic_chunk_step(student_logits, teacher_logits, chunk_ids, chunk_weights, spec: LossSpec, want_grad: bool):
+    """Any divergence/estimator: per-token loss by `chunk_token_loss`, gradient by autograd on this chunk only."""
+    student_logits.requires_grad_(want_grad)
+    with torch.enable_grad():
+        per_token = chunk_token_loss(student_logits, teacher_logits, chunk_ids, spec)
+        grad_logits = None
+        if want_grad:
+            (grad_logits,) = torch.autograd.grad((per_token * chunk_weights).sum(), student_logits)
+    with torch.no_grad():
+        student_logprobs = torch.log_softmax(student_logits.detach() / spec.temperature, dim=-1)
+        teacher_logprobs = torch.log_softmax(teacher_logits / spec.temperature, dim=-1)
+        sums = _distribution_sums(student_logprobs, teacher_logprobs, teacher_logprobs.exp(), spec)
+    return per_token.detach(), grad_logits, sums
+
+
+@torch.no_grad()
+def _fused_forward_kl_step(student_logits, teacher_logits, chunk_weights, spec: LossSpec, want_grad: bool):
+    """Full-vocabulary forward KL with an analytic gradient and ~4 (c, V) buffers (the default, hot path).
+
+    d/dz_s sum_x q(x) (log q(x) - log p(x)) = p - q, where q = P_t, p = P_s (softmax of z / T); with the
+    log-prob floor the exact derivative is p * sum(q * m) - q * m, m = [log p > floor] (m = 1 in practice).
+    Logit buffers are overwritten in place: they belong to this chunk.
+    """
+    if spec.temperature != 1.0:
+        student_logits.div_(spec.temperature)
+        teacher_logits.div_(spec.temperature)
+    student_logprobs = student_logits.sub_(torch.logsumexp(student_logits, dim=-1, keepdim=True))
+    teacher_logprobs = teacher_logits.sub_(torch.logsumexp(teacher_logits, dim=-1, keepdim=True))
+    teacher_probs = teacher_logprobs.exp()
+    above_floor = (student_logprobs > LOGPROB_FLOOR) if student_logprobs.min() <= LOGPROB_FLOOR else None
+    student_logprobs.clamp_min_(LOGPROB_FLOOR)
+    teacher_logprobs.clamp_min_(LOGPROB_FLOOR)
+    scratch = torch.sub(teacher_logprobs, student_logprobs).mul_(teacher_probs)
+    per_token = scratch.sum(-1)
+    support = topk_support(student_logprobs, teacher_logprobs, topk=spec.topk, topk_source=spec.topk_source)
+    sums = {"kl": per_token.sum().item(), "teacher_entropy": -_row_dot(teacher_probs, teacher_logprobs).sum().item(),
+            "topk_mass": teacher_probs.gather(-1, support).sum().item()}
+    student_probs = torch.exp(student_logprobs, out=scratch)
+    sums["student_entropy"] = -_row_dot(student_probs, student_logprobs).sum().item()
+    per_token = clip_token_loss(per_token, spec.token_clip)
+    if not want_grad:
+        return per_token, None, sums
+    if above_floor is not None:
+        teacher_probs.mul_(above_floor)
+        student_probs.mul_(teacher_probs.sum(-1, keepdim=True))
+    coefficient = chunk_weights / spec.temperature
+    if spec.token_clip > 0:
+        coefficient = coefficient * (per_token < spec.token_clip)
+    grad_logits = student_probs.sub_(teacher_probs).mul_(coefficient.unsqueeze(-1))
+    return per_token, grad_logits, sums
+
+
+def _add_sums(total: dict[str, float], part: dict[str, float]) -> None:
+    for name, value in part.items():
+        total[name] = total.get(name, 0.0) + value
 
 
 def _pick_gap_rows(num_tokens: int, num_samples: int, device: torch.device) -> torch.Tensor:
@@ -153,37 +201,45 @@ class ChunkedDistillation(torch.autograd.Function):
         per_token = torch.zeros(num_tokens, dtype=loss_dtype, device=student_hidden.device)
         gap_rows = _pick_gap_rows(num_tokens, spec.metric_sample_tokens, student_hidden.device)
         sums: dict[str, float] = {}
+        want_grad = want_hidden_grad or want_weight_grad
+        fused = spec.estimator == "full" and (spec.divergence == "forward_kl" or
+                                              (spec.divergence == "jsd" and spec.beta == 0.0))
         for start in range(0, num_tokens, spec.chunk_tokens):
             rows = slice(start, min(start + spec.chunk_tokens, num_tokens))
             chunk_hidden = student_hidden[rows]
-            with torch.enable_grad():
-                student_logits = (chunk_hidden @ student_weight.T).to(loss_dtype).requires_grad_(True)
-                teacher_logits = (teacher_hidden[rows] @ teacher_weight.T).to(loss_dtype)
-                chunk_ids = None if response_ids is None else response_ids[rows]
-                chunk_loss_per_token = chunk_token_loss(student_logits, teacher_logits, chunk_ids, spec)
-                if want_hidden_grad or want_weight_grad:
-                    chunk_loss = (chunk_loss_per_token * weights[rows].to(loss_dtype)).sum()
-                    (grad_logits,) = torch.autograd.grad(chunk_loss, student_logits)
-                    grad_logits = grad_logits.to(student_weight.dtype)
-                    if want_hidden_grad:
-                        grad_hidden[rows] = grad_logits @ student_weight
-                    if want_weight_grad:
-                        grad_weight.addmm_(grad_logits.T, chunk_hidden)
-                    del grad_logits
-            per_token[rows] = chunk_loss_per_token.detach()
-            del chunk_loss_per_token
+            student_logits = (chunk_hidden @ student_weight.T).to(loss_dtype)  # (c, V)
+            teacher_logits = (teacher_hidden[rows] @ teacher_weight.T).to(loss_dtype)  # (c, V)
             in_chunk = gap_rows[(gap_rows >= rows.start) & (gap_rows < rows.stop)] - rows.start
-            for name, value in _chunk_metric_sums(student_logits.detach(), teacher_logits, in_chunk, spec).items():
-                sums[name] = sums.get(name, 0.0) + value
+            _add_sums(sums, _gap_sums(student_logits[in_chunk], teacher_logits[in_chunk], spec))
+            chunk_weights = weights[rows].to(loss_dtype)
+            if fused:
+                chunk_per_token, grad_logits, chunk_sums = _fused_forward_kl_step(
+                    student_logits, teacher_logits, chunk_weights, spec, want_grad)
+            else:
+                chunk_ids = None if response_ids is None else response_ids[rows]
+                chunk_per_token, grad_logits, chunk_sums = _generic_chunk_step(
+                    student_logits, teacher_logits, chunk_ids, chunk_weights, spec, want_grad)
             del student_logits, teacher_logits
+            _add_sums(sums, chunk_sums)
+            per_token[rows] = chunk_per_token
+            if grad_logits is not None:
+                grad_logits = grad_logits.to(student_weight.dtype)
+                if want_hidden_grad:
+                    grad_hidden[rows] = grad_logits @ student_weight
+                if want_weight_grad:
+                    grad_weight.addmm_(grad_logits.T, chunk_hidden)
+                del grad_logits
         metrics_out.update(_finalise_metrics(sums, num_tokens))
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        # Plain attributes, not save_for_backward: backward hands these tensors to autograd as the only
+        # reference, so AccumulateGrad can adopt them instead of copying a (V, H) gradient.
+        ctx.grad_hidden, ctx.grad_weight = grad_hidden, grad_weight
         ctx.mark_non_differentiable(per_token)
         return (per_token * weights.to(loss_dtype)).sum(), per_token
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_token):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+        ctx.grad_hidden = ctx.grad_weight = None
         # The usual upstream gradient is exactly 1; skipping the multiply avoids a second (V, H) buffer.
         if grad_loss.item() != 1.0:
             grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)

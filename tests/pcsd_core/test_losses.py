@@ -48,7 +48,8 @@ def _ref_support_probs(probs, support, tail):
 
 
 def _ref_per_token(student_logits, teacher_logits, *, divergence="forward_kl", beta=0.5, temperature=1.0,
-                   estimator="full", topk=4, topk_source="teacher", topk_tail="tail_bucket", response_ids=None):
+                   estimator="full", topk=4, topk_source="teacher", topk_tail="tail_bucket", response_ids=None,
+                   token_clip=0.0):
     """Float64 per-token loss of every estimator (sampled: a surrogate whose gradient is the estimator's)."""
     student_probs = torch.softmax(student_logits.double() / temperature, dim=-1)
     teacher_probs = torch.softmax(teacher_logits.detach().double() / temperature, dim=-1)
@@ -63,6 +64,8 @@ def _ref_per_token(student_logits, teacher_logits, *, divergence="forward_kl", b
         student_probs = _ref_support_probs(student_probs, support, topk_tail)
         teacher_probs = _ref_support_probs(teacher_probs, support, topk_tail)
     values = _ref_divergence(student_probs, teacher_probs, divergence, beta)
+    if token_clip > 0:
+        values = torch.minimum(values, torch.full_like(values, token_clip))
     return values, values.detach()
 
 
@@ -117,6 +120,7 @@ def test_jsd_endpoints_equal_the_kls_and_interior_is_between():
 # ----------------------------------------------------------------------------- hidden-state API, every estimator
 ESTIMATOR_CASES = [
     dict(estimator="full", divergence="forward_kl"),
+    dict(estimator="full", divergence="forward_kl", temperature=0.7, token_clip=1.0),
     dict(estimator="full", divergence="reverse_kl"),
     dict(estimator="full", divergence="jsd", beta=0.4, temperature=1.5),
     dict(estimator="topk", divergence="forward_kl", topk_source="teacher", topk_tail="tail_bucket"),
