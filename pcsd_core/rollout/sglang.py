@@ -212,8 +212,8 @@ class SGLangRolloutEngine:
 def to_sglang_sampling_params(sampling: SamplingParams, num_requests: int) -> dict | list[dict]:
     """Our SamplingParams -> SGLang's sampling_params (docs: basic_usage/sampling_params).
 
-    temperature 0 is SGLang's greedy (it maps to top_k=1). Special tokens are kept so response ids
-    round-trip exactly. With a seed, each request gets its own `sampling_seed` (seed + row).
+    temperature 0 is SGLang's greedy (it maps to top_k=1); top_k is left at SGLang's default (whole
+    vocabulary) so sampling matches the HF engine. Special tokens are kept so response ids round-trip. With a seed, each request gets its own `sampling_seed` (seed + row).
     """
     if sampling.temperature < 0:
         raise ValueError(f"generate: temperature ({sampling.temperature}) must be >= 0 (0 = greedy).")
@@ -224,7 +224,6 @@ def to_sglang_sampling_params(sampling: SamplingParams, num_requests: int) -> di
     params = {
         "temperature": float(sampling.temperature),
         "top_p": 1.0 if sampling.temperature == 0 else float(sampling.top_p),
-        "top_k": -1,
         "max_new_tokens": int(sampling.max_new_tokens),
         "skip_special_tokens": False,
     }
