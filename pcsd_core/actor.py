@@ -185,11 +185,12 @@ class Actor:
             response_tokens=inputs.response_tokens.to(to), teacher_weight=self._teacher_weight)
         # FSDP averages gradients over ranks; each rank's loss is already its share of the sum, so undo the mean.
         (loss * self.world_size).backward()
-        count = int(per_token.numel())
+        # The loss's metrics are means over the counted tokens (weight != 0); keep sums for exact averages.
+        count = int(metrics["tokens"])
         stats.loss_sum += float(loss.detach())
-        stats.kl_sum += float(per_token.detach().float().sum())
-        stats.teacher_entropy_sum += float(metrics.get("teacher_entropy", 0.0)) * count
-        stats.student_entropy_sum += float(metrics.get("student_entropy", 0.0)) * count
+        stats.kl_sum += metrics["kl"] * count
+        stats.teacher_entropy_sum += metrics["teacher_entropy"] * count
+        stats.student_entropy_sum += metrics["student_entropy"] * count
         stats.num_tokens += count
         if record_tokens:
             for row, values in zip(rows, per_token.detach().float().cpu().split(part.response_lengths)):

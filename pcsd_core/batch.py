@@ -106,9 +106,9 @@ class UpdateStats:
     """What one worker reports after `update_policy_with_distillation`; the controller sums over workers."""
 
     loss_sum: float = 0.0  # sum over optimizer steps of this worker's share of the mini-batch loss
-    kl_sum: float = 0.0  # sum of per-token divergences (all epochs)
+    kl_sum: float = 0.0  # sum over counted tokens of the exact forward KL (all epochs)
     teacher_entropy_sum: float = 0.0
     student_entropy_sum: float = 0.0
     num_tokens: int = 0  # response tokens scored (all epochs)
     grad_norms: list[float] = field(default_factory=list)  # one per optimizer step (identical on all ranks)
-    token_kl: dict[int, list[float]] = field(default_factory=dict)  # row -> per-token divergence, first epoch
+    token_kl: dict[int, list[float]] = field(default_factory=dict)  # row -> per-token loss (0 if skipped), epoch 1

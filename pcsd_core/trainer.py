@@ -155,22 +155,24 @@ class Distiller:
 
     # ---- the loop ----------------------------------------------------------------------------------
 
-    def train(self) -> TrainResult:
+    def train(self, stop_after_step: int | None = None) -> TrainResult:
+        """Train to `total_training_steps` (or stop early after `stop_after_step`, e.g. to test a resume)."""
         total = self.cfg.train.total_training_steps
+        end = total if stop_after_step is None else min(total, stop_after_step)
         history: list[dict[str, float]] = []
         last_checkpoint = None
         started = time.perf_counter()
-        for step in range(self.start_step, total):
+        for step in range(self.start_step, end):
             metrics = self._train_step(step)
             history.append(metrics)
             self.log_metrics(metrics, step + 1)
             self._print_progress(step, metrics, started)
             every = self.cfg.train.checkpoint_every
-            if (every and (step + 1) % every == 0) or step + 1 == total:
+            if (every and (step + 1) % every == 0) or step + 1 == end:
                 last_checkpoint = self.save_checkpoint(step + 1)
         if last_checkpoint is None:  # resumed at the last step: nothing left to train
-            last_checkpoint = self.save_checkpoint(total)
-        return TrainResult(checkpoint_dir=last_checkpoint, steps=total, history=history)
+            last_checkpoint = self.save_checkpoint(end)
+        return TrainResult(checkpoint_dir=last_checkpoint, steps=end, history=history)
 
     def _train_step(self, step: int) -> dict[str, float]:
         timings: dict[str, float] = {}
@@ -333,16 +335,13 @@ class Distiller:
                                     teacher_state=teacher_state)
 
     def close(self) -> None:
-        """Shut down the Ray workers (and Ray, if this Distiller started it) and free the engine."""
+        """Shut down the Ray workers (and Ray, if they started it) and free the rollout engine."""
         if self.engine is not None:
             self.engine.close()
             self.engine = None
         if self.worker_group is not None:
-            import ray
-
-            self.worker_group.shutdown()
+            self.worker_group.shutdown()  # also shuts Ray down when the group started it
             self.worker_group = None
-            ray.shutdown()
         self.actor = None
 
 

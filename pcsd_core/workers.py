@@ -84,6 +84,7 @@ def peak_memory_mb(device: torch.device) -> float:
 class WorkerGroup:
     workers: list[Any]  # Ray actor handles, rank order
     placement_group: Any
+    owns_ray: bool = False  # this group started Ray, so shutting the group down also shuts Ray down
 
     def shutdown(self) -> None:
         import ray
@@ -93,6 +94,8 @@ class WorkerGroup:
         for worker in self.workers:
             ray.kill(worker)
         remove_placement_group(self.placement_group)
+        if self.owns_ray:
+            ray.shutdown()
 
 
 def free_port() -> int:
@@ -101,13 +104,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ensure_ray() -> None:
-    """Start a local Ray instance sized for the train workers unless one is already running."""
+def ensure_ray() -> bool:
+    """Start a local Ray instance unless one is already running; True when this call started it."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+    if ray.is_initialized():
+        return False
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, configure_logging=False)
+    return True
 
 
 def launch_train_workers(cfg: PCSDConfig, model_path: str, *, device_type: str,
@@ -117,7 +121,7 @@ def launch_train_workers(cfg: PCSDConfig, model_path: str, *, device_type: str,
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    ensure_ray()
+    owns_ray = ensure_ray()
     world_size = cfg.train.num_workers
     bundle = {"CPU": 1, "GPU": 1} if device_type == "cuda" else {"CPU": 1}
     group = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
@@ -134,4 +138,4 @@ def launch_train_workers(cfg: PCSDConfig, model_path: str, *, device_type: str,
         for rank in range(world_size)
     ]
     ray.get([worker.peak_memory_mb.remote() for worker in workers])  # wait until every rank is built
-    return WorkerGroup(workers=workers, placement_group=group)
+    return WorkerGroup(workers=workers, placement_group=group, owns_ray=owns_ray)

@@ -1,0 +1,81 @@
+"""Run the PCSD engine alone, outside the Metaflow flow.
+
+    python -m pcsd_core.train --config configs/cpu_smollm2.yaml --train-parquet data/train.parquet \
+        --set train.lr=1e-5 --set train.total_training_steps=8
+
+`--set section.field=value` overrides a config field (repeatable); values are parsed as YAML scalars
+(`1e-5`, `true`, `8`). Metrics are printed as one JSON line per step on stdout (`--metrics-jsonl` also
+writes them to a file). The final checkpoint folder is printed on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pcsd_core.config import PCSDConfig
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"--set {item!r} must look like section.field=value, e.g. --set train.lr=1e-5.")
+        parsed = yaml.safe_load(value) if value else ""
+        # YAML reads 1e-5 as a string (no dot in the mantissa); let the config's coercion parse numbers.
+        overrides[key.strip()] = parsed
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pcsd_core.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/cpu_smollm2.yaml")
+    parser.add_argument("--train-parquet", required=True, help="train split written by pcsd_core.data.prepare_dataset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one config field (repeatable)")
+    parser.add_argument("--metrics-jsonl", default="", help="also append each step's metrics to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pcsd_core.trainer import Distiller
+
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = PCSDConfig.from_yaml(args.config, overrides=parse_overrides(args.overrides))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not Path(args.train_parquet).is_file():
+        print(f"error: --train-parquet {args.train_parquet!r} does not exist; prepare it with "
+              "pcsd_core.data.prepare_dataset (or the flow's preprocess step).", file=sys.stderr)
+        return 2
+    metrics_file = open(args.metrics_jsonl, "a") if args.metrics_jsonl else None
+
+    def log_metrics(metrics: dict[str, float], step: int) -> None:
+        line = json.dumps({"step": step, **metrics})
+        print(line, flush=True)
+        if metrics_file:
+            metrics_file.write(line + "\n")
+            metrics_file.flush()
+
+    distiller = Distiller(cfg, args.train_parquet, log_metrics=log_metrics)
+    try:
+        distiller.setup()
+        result = distiller.train()
+    finally:
+        distiller.close()
+        if metrics_file:
+            metrics_file.close()
+    print(f"final checkpoint: {result.checkpoint_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
