@@ -91,7 +91,7 @@ def log_evaluation(run_id: str, result: EvalResult, phase: str) -> None:
 
     from steps import tracking
 
-    tracking.setup_tracking()
+    mlflow.set_tracking_uri(tracking.tracking_uri())
     tracking.log_metrics(run_id, result.metrics(phase))
     table = {column: [row[column] for row in result.examples] for column in TABLE_COLUMNS}
     mlflow.log_table(data=table, artifact_file=f"eval/{phase}_examples.json", run_id=run_id)

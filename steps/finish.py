@@ -30,11 +30,11 @@ def finish(parent_run_id: str, summary: Any, registration: Any, pathspec: str) -
 
 def where_to_look(pathspec: str = "") -> str:
     """The commands that show a finished run: the MLflow UI and the Metaflow cards."""
-    run = "/".join(pathspec.split("/")[:2]) if pathspec else "PCSDFlow/<run id>"
+    run_id = pathspec.split("/")[1] if pathspec.count("/") >= 1 else "<run id>"
     return "\n".join([
         "Done. Where to look:",
         f"  MLflow UI:       mlflow ui --backend-store-uri {tracking.tracking_uri()}",
-        f"  Metaflow cards:  python flows/pcsd_flow.py card view {run}/distill   (also join, end)",
+        f"  Metaflow cards:  python flows/pcsd_flow.py card view {run_id}/end   (also {run_id}/join, {run_id}/distill)",
         "  Sweep report:    python -m dashboards.report --latest",
     ])  # fmt: skip
 

@@ -1,0 +1,108 @@
+"""Evaluate step on the tiny model and the local GSM8K copy: greedy, batched, scored with pcsd_core.scoring."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pcsd_core.config import PCSDConfig
+from pcsd_core.data import load_prompt_records, prepare_dataset
+from pcsd_core.prompts import render_prompt_ids
+from pcsd_core.rollout.base import Generation
+from pcsd_core.scoring import is_correct
+from steps import tracking
+from steps.evaluate import TABLE_COLUMNS, EvalResult, evaluate, log_evaluation
+
+MAX_NEW_TOKENS = 6
+
+
+@pytest.fixture()
+def setup(tmp_path, tiny_model_dir, gsm8k_dir):
+    cfg = PCSDConfig.from_dict(
+        {
+            "model": {"name": str(tiny_model_dir)},
+            "data": {"path": str(gsm8k_dir), "max_train_rows": 2, "max_test_rows": 5},
+            "eval": {"num_examples": 3, "max_new_tokens": MAX_NEW_TOKENS, "batch_size": 2},
+        }
+    )
+    prepared = prepare_dataset(cfg.data, tmp_path / "data")
+    return cfg, prepared.test_path, tiny_model_dir
+
+
+def test_evaluate_is_greedy_batched_and_scored_per_example(setup, smollm2_tokenizer):
+    cfg, test_path, model_dir = setup
+    result = evaluate(str(model_dir), test_path, cfg)
+    records = load_prompt_records(test_path)[:3]
+    assert result.num_examples == 3 and [row["index"] for row in result.examples] == [r.index for r in records]
+    assert all(set(row) == set(TABLE_COLUMNS) for row in result.examples)
+
+    # Independent reference: plain transformers greedy decoding, one prompt at a time (no batching, no padding).
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for record, row in zip(records, result.examples):
+        ids = torch.tensor([render_prompt_ids(smollm2_tokenizer, record.student_messages)])
+        with torch.no_grad():
+            out = model.generate(ids, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=smollm2_tokenizer.pad_token_id)
+        expected = smollm2_tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        assert row["response"] == expected
+        assert row["ground_truth"] == record.ground_truth and row["question"] == record.question
+        assert row["correct_strict"] == is_correct(expected, record.ground_truth, mode="strict")
+
+    assert result.accuracy_strict == sum(r["correct_strict"] for r in result.examples) / 3
+
+
+class ScriptedEngine:
+    """Answers with fixed texts, to check the scoring path on known-correct and known-wrong responses."""
+
+    def __init__(self, tokenizer, texts):
+        self.ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+    def generate(self, prompt_ids, n, sampling):
+        assert sampling.temperature == 0.0 and n == 1  # evaluation is greedy, one response per question
+        return [Generation(prompt_index=i, response_ids=self.ids[i], finished=True) for i in range(len(prompt_ids))]
+
+
+def test_accuracy_counts_strict_and_flexible_answers(setup, smollm2_tokenizer):
+    cfg, test_path, model_dir = setup
+    truths = [record.ground_truth for record in load_prompt_records(test_path)[:3]]
+    texts = [f"So the answer is\n#### {truths[0]}", f"The answer is {truths[1]}.", "I do not know."]
+    result = evaluate(str(model_dir), test_path, cfg, engine=ScriptedEngine(smollm2_tokenizer, texts))
+    assert [row["correct_strict"] for row in result.examples] == [True, False, False]
+    assert [row["correct_flexible"] for row in result.examples] == [True, True, False]
+    assert (result.accuracy_strict, result.accuracy_flexible) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
+    assert result.examples[0]["extracted_strict"] == truths[0]
+    assert result.metrics("after") == {
+        "eval/after/gsm8k_accuracy_strict": result.accuracy_strict,
+        "eval/after/gsm8k_accuracy_flexible": result.accuracy_flexible,
+    }
+
+
+def test_results_round_trip_and_log_to_mlflow_as_metrics_and_table(setup, smollm2_tokenizer, tmp_path, monkeypatch):
+    cfg, test_path, model_dir = setup
+    texts = ["#### 1", "#### 2", "#### 3"]
+    result = evaluate(str(model_dir), test_path, cfg, engine=ScriptedEngine(smollm2_tokenizer, texts))
+    assert EvalResult.load(result.save(tmp_path / "eval.json")) == result
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    experiment_id = tracking.setup_tracking("eval-test")
+    run_id = MlflowClient(uri).create_run(experiment_id).info.run_id
+    log_evaluation(run_id, result, "before")
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.metrics["eval/before/gsm8k_accuracy_strict"] == result.accuracy_strict
+    table = mlflow.load_table("eval/before_examples.json", run_ids=[run_id])
+    assert list(table["response"]) == [row["response"] for row in result.examples]
+    assert list(table["correct_flexible"]) == [row["correct_flexible"] for row in result.examples]
+
+
+def test_evaluate_rejects_an_empty_selection(setup):
+    cfg, test_path, model_dir = setup
+    empty = tmp = test_path.parent / "empty.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(test_path).slice(0, 0), tmp)
+    with pytest.raises(ValueError):
+        evaluate(str(model_dir), empty, cfg)

@@ -1,0 +1,98 @@
+"""Run planning: preset parsing, CLI > env > preset precedence, sweep grid expansion, labels and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pcsd_core.config import PCSDConfig
+from steps.plan import branch_label, expand_grid, parse_preset, parse_sweep, plan_run, resolve_overrides
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PRESETS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda path: path.name)
+def test_every_preset_parses_and_plans(preset):
+    raw = parse_preset(preset.read_text())
+    plan = plan_run(raw, flow_run_id="1", env={})
+    assert plan.branches and all(isinstance(b.pcsd_config(), PCSDConfig) for b in plan.branches)
+
+
+def test_gpu_preset_mirrors_the_reference_script():
+    raw = parse_preset((REPO_ROOT / "configs" / "gpu_gsm8k_7b.yaml").read_text())
+    cfg = plan_run(raw, flow_run_id="1", env={}).branches[0].pcsd_config()
+    assert cfg.model.name == "deepseek-math-7b-base" and cfg.rollout.engine == "sglang"
+    assert (cfg.train.lr, cfg.train.mini_batch_size, cfg.rollout.temperature, cfg.train.ppo_epochs) == (1e-6, 16, 1.0, 1)
+
+
+def test_sweep_grid_is_the_cartesian_product_with_readable_labels():
+    grid = parse_sweep('{"train.lr": [1e-5, 3e-5], "loss.divergence": ["forward_kl", "jsd"]}')
+    points = expand_grid(grid)
+    assert len(points) == 4
+    assert [branch_label(p) for p in points] == [
+        "lr=1e-05,divergence=forward_kl", "lr=1e-05,divergence=jsd",
+        "lr=3e-05,divergence=forward_kl", "lr=3e-05,divergence=jsd",
+    ]  # fmt: skip
+    assert branch_label({"rollout.temperature": 0.7, "loss.temperature": 2.0}) == (
+        "rollout.temperature=0.7,loss.temperature=2.0"
+    )
+    assert expand_grid(parse_sweep("")) == [{}] and branch_label({}) == "base"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"lr": [1]}', "must look like 'section.field'"),
+        ('{"train.lr": 1e-5}', "non-empty list"),
+        ('{"train.lr": []}', "non-empty list"),
+        ("[1, 2]", "must map config keys"),
+    ],
+)
+def test_bad_sweeps_are_rejected_with_the_rule(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_sweep(spec)
+
+
+def test_a_branch_that_breaks_validation_fails_the_plan_naming_the_branch():
+    raw = parse_preset((REPO_ROOT / "configs" / "cpu_smollm2.yaml").read_text())
+    with pytest.raises(ValueError, match=r"sweep branch 'lr=-1.0'.*train.lr"):
+        plan_run(raw, flow_run_id="1", env={}, sweep='{"train.lr": [1e-5, -1.0]}')
+    with pytest.raises(ValueError, match="unknown key"):
+        plan_run(raw, flow_run_id="1", env={}, sweep='{"train.learning_rate": [1e-5]}')
+
+
+def test_bad_preset_fails_at_parse_time():
+    with pytest.raises(ValueError, match="unknown key"):
+        parse_preset("train:\n  learning_rate: 1\n")
+    with pytest.raises(ValueError, match="non-empty list"):
+        parse_preset("sweep:\n  train.lr: 1\n")
+
+
+def test_precedence_is_cli_over_env_over_preset(tmp_path):
+    raw = parse_preset((REPO_ROOT / "configs" / "cpu_smollm2.yaml").read_text())
+    env = {"MODEL_PATH": "qwen2.5-1.5b-instruct", "TOTAL_STEPS": "7", "DATA_PATH": str(tmp_path), "ROLLOUT_NUM_GPUS": ""}
+    from_env = plan_run(raw, flow_run_id="1", env=env).base_config
+    assert (from_env["model"]["name"], from_env["train"]["total_training_steps"]) == ("qwen2.5-1.5b-instruct", 7)
+    assert from_env["data"]["path"] == str(tmp_path)
+    assert from_env["rollout"]["num_gpus"] == 0  # empty variables are ignored
+    cli = plan_run(raw, flow_run_id="1", env=env, model="smollm2-135m", total_steps=2, lr=3e-5, data_path="hub")
+    assert cli.base_config["model"]["name"] == "smollm2-135m"
+    assert (cli.base_config["train"]["total_training_steps"], cli.base_config["train"]["lr"]) == (2, 3e-5)
+    assert cli.base_config["data"]["path"] == ""  # 'hub' means the hub dataset even with DATA_PATH set
+    assert resolve_overrides(env={"DATA_PATH": ""}) == {"data.path": ""}  # DATA_PATH= selects the hub
+    preset_only = plan_run(raw, flow_run_id="1", env={}).base_config
+    assert preset_only["train"]["total_training_steps"] == 4
+
+
+def test_cli_sweep_replaces_the_preset_sweep_and_branches_get_own_output_dirs():
+    raw = parse_preset((REPO_ROOT / "configs" / "sweep_cpu_smollm2.yaml").read_text())
+    assert len(plan_run(raw, flow_run_id="5", env={}).branches) == 4
+    plan = plan_run(raw, flow_run_id="5", env={}, sweep='{"loss.divergence": ["forward_kl", "jsd"]}')
+    assert [b.label for b in plan.branches] == ["divergence=forward_kl", "divergence=jsd"]
+    output_dirs = {b.config["train"]["output_dir"] for b in plan.branches}
+    assert len(output_dirs) == 2 and all(Path(d).is_absolute() and "/5/" in d for d in output_dirs)
+    assert plan.branches[0].data_key == plan.branches[1].data_key  # one preprocessed dataset
+    assert plan.branches[0].baseline_key == plan.branches[1].baseline_key  # one base-model evaluation
