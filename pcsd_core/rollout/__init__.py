@@ -13,7 +13,8 @@ __all__ = ["Generation", "RolloutEngine", "SamplingParams", "create_rollout_engi
 def create_rollout_engine(cfg: PCSDConfig, model_path: str) -> RolloutEngine:
     """Build the engine named by `cfg.rollout.engine` for the model at `model_path`.
 
-    `hf` runs on `cfg.train.device` ("auto" = cuda when available). `sglang` placement follows
+    `hf` runs on `cfg.train.device` ("auto" = cuda when available); with placement split on CUDA it
+    takes the first GPU after the actor's train.num_workers GPUs. `sglang` placement follows
     `cfg.rollout.placement`: colocated shares the actor's first GPUs (tp = rollout.num_gpus or 1);
     split puts the rollout on rollout.num_gpus GPUs after the train.num_workers actor GPUs.
     """
@@ -21,10 +22,13 @@ def create_rollout_engine(cfg: PCSDConfig, model_path: str) -> RolloutEngine:
     if rollout.engine == "hf":
         from pcsd_core.rollout.hf import HFRolloutEngine
 
+        device = _resolve_device(cfg.train.device)
+        if device == "cuda" and rollout.placement == "split":
+            device = f"cuda:{cfg.train.num_workers}"
         return HFRolloutEngine(
             model_path,
             dtype=cfg.model.dtype,
-            device=_resolve_device(cfg.train.device),
+            device=device,
             batch_size=rollout.batch_size,
             attn_implementation=cfg.model.attn_implementation,
             trust_remote_code=cfg.model.trust_remote_code,

@@ -48,7 +48,9 @@ DEFAULT_BUCKET_BYTES = 512 << 20  # tensors per weight-sync call; bounds the sta
 class WeightBroadcaster(Protocol):
     """Rank 0 of the weight-sync group: joins it, then broadcasts full tensors to the rollout ranks."""
 
-    def connect(self, *, master_address: str, master_port: int, world_size: int, group_name: str, backend: str) -> None: ...
+    def connect(
+        self, *, master_address: str, master_port: int, world_size: int, group_name: str, backend: str
+    ) -> None: ...
 
     def broadcast(self, tensor: torch.Tensor) -> None: ...
 
@@ -213,7 +215,10 @@ def to_sglang_sampling_params(sampling: SamplingParams, num_requests: int) -> di
     """Our SamplingParams -> SGLang's sampling_params (docs: basic_usage/sampling_params).
 
     temperature 0 is SGLang's greedy (it maps to top_k=1); top_k is left at SGLang's default (whole
-    vocabulary) so sampling matches the HF engine. Special tokens are kept so response ids round-trip. With a seed, each request gets its own `sampling_seed` (seed + row).
+    vocabulary) so sampling matches the HF engine. Special tokens are kept so response ids round-trip.
+    With a seed, each request gets its own `sampling_seed` (seed + row); SGLang added that key in its
+    0.5 series and honours it only with deterministic inference enabled, so SGLang rollouts are not
+    bit-reproducible the way the HF engine's are.
     """
     if sampling.temperature < 0:
         raise ValueError(f"generate: temperature ({sampling.temperature}) must be >= 0 (0 = greedy).")

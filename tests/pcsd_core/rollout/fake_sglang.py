@@ -102,7 +102,9 @@ class FakeSGLangEngine:
 
     # ---- split: NCCL group with the trainer ------------------------------------------------------
 
-    def init_weights_update_group(self, master_address, master_port, rank_offset, world_size, group_name, backend="nccl"):
+    def init_weights_update_group(
+        self, master_address, master_port, rank_offset, world_size, group_name, backend="nccl"
+    ):
         self._record(
             "init_weights_update_group",
             master_address=master_address,
@@ -115,7 +117,12 @@ class FakeSGLangEngine:
         self.engine_joined.set()
         if not self.trainer_joined.wait(self.timeout_s):
             raise ProtocolError("rendezvous timed out: rank 0 (the trainer) never joined while the engine waited")
-        expected = {"master_address": master_address, "master_port": master_port, "world_size": world_size, "group_name": group_name}
+        expected = {
+            "master_address": master_address,
+            "master_port": master_port,
+            "world_size": world_size,
+            "group_name": group_name,
+        }
         if self.trainer_connect_args != expected:
             raise ProtocolError(f"trainer joined {self.trainer_connect_args}, engine joined {expected}")
         if rank_offset != 1:
@@ -123,8 +130,17 @@ class FakeSGLangEngine:
         self.group = expected
         return True, "Succeeded to initialize custom process group."
 
-    def update_weights_from_distributed(self, names, dtypes, shapes, group_name="weight_update_group", flush_cache=True, load_format=None):
-        self._record("update_weights_from_distributed", names=list(names), dtypes=list(dtypes), shapes=list(shapes), group_name=group_name, flush_cache=flush_cache)
+    def update_weights_from_distributed(
+        self, names, dtypes, shapes, group_name="weight_update_group", flush_cache=True, load_format=None
+    ):
+        self._record(
+            "update_weights_from_distributed",
+            names=list(names),
+            dtypes=list(dtypes),
+            shapes=list(shapes),
+            group_name=group_name,
+            flush_cache=flush_cache,
+        )
         self._require_resident("update_weights_from_distributed")
         if self.group is None or group_name != self.group["group_name"]:
             raise ProtocolError(f"no weight update group named {group_name!r}; call init_weights_update_group first")
