@@ -1,0 +1,83 @@
+"""Distill step on the tiny model: a child run under the parent, per-step metrics, artifacts, a loadable checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pcsd_core.data import prepare_dataset
+from steps import tracking
+from steps.distill import distill, training_curves_png
+from steps.plan import plan_run
+
+STEPS = 2
+
+
+@pytest.fixture()
+def branch(tmp_path, tiny_model_dir, gsm8k_dir):
+    preset = {
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"path": str(gsm8k_dir), "max_train_rows": 4, "max_test_rows": 2},
+        "rollout": {"n": 2, "max_response_tokens": 6, "batch_size": 4},
+        "train": {"total_training_steps": STEPS, "prompts_per_step": 2, "mini_batch_size": 4, "micro_batch_size": 2,
+                  "lr": 1e-3, "device": "cpu", "output_dir": str(tmp_path / "outputs")},
+    }  # fmt: skip
+    branch = plan_run(preset, flow_run_id="42", env={}).branches[0]
+    prepared = prepare_dataset(branch.pcsd_config().data, tmp_path / "data")
+    branch.train_path, branch.test_path, branch.data_stats = str(prepared.train_path), str(prepared.test_path), prepared.stats
+    return branch
+
+
+def test_distill_logs_a_nested_run_with_per_step_metrics_and_artifacts(branch, tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    parent_id = tracking.start_parent_run("42", "PCSDFlow/42/start/1", {"a": 1})
+    result = distill(branch, parent_run_id=parent_id, flow_run_id="42", pathspec="PCSDFlow/42/distill/3")
+
+    client = MlflowClient(uri)
+    child = client.get_run(result.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent_id
+    assert child.data.tags["pcsd.branch"] == child.info.run_name == "base"
+    assert child.data.tags["pcsd.metaflow_pathspec"] == "PCSDFlow/42/distill/3"
+    assert child.info.status == "FINISHED"
+    assert child.data.params["train.total_training_steps"] == str(STEPS)
+    assert child.data.params["model.name"] == branch.config["model"]["name"]
+
+    history = client.get_metric_history(result.run_id, "train/loss")
+    assert [m.step for m in history] == [1, 2]
+    assert [m.value for m in history] == pytest.approx([row["train/loss"] for row in result.history])
+    assert result.steps == STEPS and len(result.history) == STEPS
+
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "config")}
+    artifacts |= {a.path for a in client.list_artifacts(result.run_id, "plots")}
+    artifacts |= {a.path for a in client.list_artifacts(result.run_id, "samples")}
+    assert {"config/resolved_config.yaml", "plots/training_curves.png"} <= artifacts
+    assert any(path.startswith("samples/step_") for path in artifacts)
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="config/resolved_config.yaml")
+    logged_config = yaml.safe_load(open(local).read())
+    assert logged_config == branch.config
+
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(result.checkpoint_dir)  # the checkpoint is a loadable HF model
+
+
+def test_a_failing_distill_marks_its_child_run_failed(branch, tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    parent_id = tracking.start_parent_run("43", "PCSDFlow/43/start/1", {})
+    branch.train_path = str(tmp_path / "missing.parquet")
+    with pytest.raises(Exception, match="missing.parquet"):
+        distill(branch, parent_run_id=parent_id, flow_run_id="43", pathspec="PCSDFlow/43/distill/3")
+    client = MlflowClient(uri)
+    (child,) = client.search_runs([client.get_run(parent_id).info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert child.info.status == "FAILED"
+
+
+def test_training_curves_png_is_a_png_even_for_missing_metrics():
+    png = training_curves_png([{"train/loss": 1.0, "train/kl": 0.5}, {"train/loss": 0.8, "train/kl": 0.4}], title="t")
+    assert png.startswith(b"\x89PNG")
+    assert training_curves_png([]).startswith(b"\x89PNG")
