@@ -126,6 +126,8 @@ def _convert_bundled(alias: str) -> Path:
     # The dequantised weights are plain fp32; drop the quantizer so save_pretrained writes a normal checkpoint.
     model.hf_quantizer = None
     model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # else loaders (SGLang, from_pretrained) expect GGUF weights
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
     try:
