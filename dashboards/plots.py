@@ -94,6 +94,7 @@ def plot_training_curves(branches: list[Branch]) -> list[tuple[str, str]]:
         ax.set_title(title)
         ax.set_xlabel("training step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False)  # absolute values, not "+1.07e1" offsets
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(title="branch", fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -157,7 +157,7 @@ def render_token_section(branch: Branch | None, example: dict | None) -> str:
         return "<p>No samples/step_*.jsonl artifact was found in these runs, so there is no per-token view.</p>"
     token_kl = example["token_kl"]
     top = sorted(range(len(token_kl)), key=lambda i: token_kl[i], reverse=True)[:5]
-    top_list = ", ".join(f"<code>{html.escape(repr(example['tokens'][i]))}</code> ({token_kl[i]:.3f})" for i in top)
+    top_list = ", ".join(f"<code>{html.escape(repr(example['tokens'][i]))}</code> ({token_kl[i]:.3g})" for i in top)
     correct = {True: "correct", False: "wrong"}.get(example.get("correct"), "unscored")
     return (
         '<p class="meta">Each response token is coloured by KL(P_teacher || P_student) at that position. '
