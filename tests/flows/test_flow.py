@@ -45,6 +45,7 @@ def flow_run(tmp_path, tiny_model_dir, gsm8k_dir, monkeypatch):
     env = {
         **os.environ,
         "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(datastore),
+        "METAFLOW_CARD_LOCALROOT": str(datastore / "cards"),
         "MLFLOW_TRACKING_URI": uri,
         "METAFLOW_USER": "pcsd-tests",
         "HF_HUB_OFFLINE": "1",
@@ -61,11 +62,13 @@ def flow_run(tmp_path, tiny_model_dir, gsm8k_dir, monkeypatch):
     assert "mlflow ui --backend-store-uri" in completed.stdout + completed.stderr
 
     from metaflow import Run, namespace
+    from metaflow.plugins.cards import card_datastore
     from metaflow.plugins.datastores.local_storage import LocalStorage
 
-    # The client reads the datastore root once at import; point it at this test's datastore.
+    # The client reads the datastore roots once at import; point it at this test's datastore.
     monkeypatch.setattr(LocalStorage, "SYSROOT_VAR", str(datastore))
     monkeypatch.setattr(LocalStorage, "datastore_root", None)
+    monkeypatch.setattr(card_datastore, "CARD_LOCALROOT", str(datastore / "cards"))
     namespace(None)
     return Run(f"PCSDFlow/{run_id_file.read_text().strip()}"), MlflowClient(tracking_uri=uri)
 
