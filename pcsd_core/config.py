@@ -141,8 +141,9 @@ class LossConfig:
     token_clip: float = 0.0
     # "token_mean": mean over all response tokens of the batch; "seq_mean": mean of per-sequence means.
     aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
-    # Tokens per chunk of the memory-bounded exact loss (bounds the [chunk, V] logits held at once).
-    chunk_tokens: int = 1024
+    # Tokens per chunk of the memory-bounded exact loss (bounds the [chunk, V] logits held at once;
+    # 256 x V=102,400 fp32 is ~100 MB per buffer).
+    chunk_tokens: int = 256
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.beta <= 1.0, f"loss.beta ({self.beta}) must be in [0, 1].")
@@ -151,6 +152,11 @@ class LossConfig:
         _require(self.skip_first_tokens >= 0, f"loss.skip_first_tokens ({self.skip_first_tokens}) must be >= 0.")
         _require(self.token_clip >= 0, f"loss.token_clip ({self.token_clip}) must be >= 0 (0 disables it).")
         _require(self.chunk_tokens >= 1, f"loss.chunk_tokens ({self.chunk_tokens}) must be >= 1.")
+        _require(
+            self.estimator != "sampled" or self.divergence == "reverse_kl",
+            f"loss.estimator 'sampled' estimates KL(student || teacher) from the student's own samples, so it needs "
+            f"loss.divergence 'reverse_kl' (got {self.divergence!r}); use estimator 'full' or 'topk' for {self.divergence!r}.",
+        )
 
 
 @dataclass
