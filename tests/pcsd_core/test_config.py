@@ -93,3 +93,9 @@ def test_batch_divisibility_messages(overrides, message):
 def test_divisible_batches_are_accepted():
     cfg = PCSDConfig.from_dict({}, {"train.prompts_per_step": 6, "rollout.n": 2, "train.mini_batch_size": 4, "train.micro_batch_size": 2})
     assert cfg.responses_per_step == 12
+
+
+def test_sampled_estimator_needs_reverse_kl():
+    with pytest.raises(ValueError, match=r"loss.estimator 'sampled' .* needs loss.divergence 'reverse_kl' \(got 'forward_kl'\)"):
+        PCSDConfig.from_dict({"loss": {"estimator": "sampled"}})
+    assert PCSDConfig.from_dict({"loss": {"estimator": "sampled", "divergence": "reverse_kl"}}).loss.estimator == "sampled"
