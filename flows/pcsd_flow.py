@@ -14,6 +14,7 @@ one nested child run per branch. Look at it with `mlflow ui --backend-store-uri 
 from metaflow import Config, FlowSpec, Parameter, card, catch, current, retry, step, timeout
 
 DISTILL_TIMEOUT_S = 12 * 3600  # a 7B preset on GPUs; a hung Ray worker must not hold the flow forever
+CARD_TIMEOUT_S = 300  # card rendering is a subprocess; the default 45 s is too short on a busy 2-core machine
 
 
 class PCSDFlow(FlowSpec):
@@ -47,7 +48,7 @@ class PCSDFlow(FlowSpec):
         self.baselines = evaluate_baselines(self.branches, self.mlflow_run_id, self.plan.output_root)
         self.next(self.distill, foreach="branches")
 
-    @card(type="blank", id="training")
+    @card(type="blank", id="training", timeout=CARD_TIMEOUT_S)
     @catch(var="distill_failure")
     @timeout(seconds=DISTILL_TIMEOUT_S)
     @step
@@ -74,7 +75,7 @@ class PCSDFlow(FlowSpec):
             self.evaluation = evaluate_branch(self.branch, self.trained.checkpoint_dir, self.trained.run_id, baseline)
         self.next(self.join)
 
-    @card(type="blank", id="sweep")
+    @card(type="blank", id="sweep", timeout=CARD_TIMEOUT_S)
     @step
     def join(self, inputs):
         from flows.cards import sweep_card
@@ -100,7 +101,7 @@ class PCSDFlow(FlowSpec):
         self.registration = register_best(best, config, flow_run_id=current.run_id)  # None if all failed
         self.next(self.end)
 
-    @card(type="blank", id="summary")
+    @card(type="blank", id="summary", timeout=CARD_TIMEOUT_S)
     @step
     def end(self):
         from flows.cards import sweep_card
