@@ -9,12 +9,22 @@ import pytest
 import torch
 
 from pcsd_core.actor import Actor
-from pcsd_core.batch import TeacherOutputs
+from pcsd_core.batch import RolloutBatch, TeacherOutputs
 from pcsd_core.config import PCSDConfig
 from pcsd_core.trainer import _merge_stats
-from tests.pcsd_core.test_actor import random_batch
 
 ray = pytest.importorskip("ray")
+
+
+def random_batch(rows: int) -> RolloutBatch:
+    """Random prompt/response ids of different lengths (padding and row splits get exercised)."""
+    generator = torch.Generator().manual_seed(1)
+
+    def ids(length: int) -> list[int]:
+        return torch.randint(10, 40000, (length,), generator=generator).tolist()
+
+    return RolloutBatch([ids(5 + i) for i in range(rows)], [ids(9 + 2 * i) for i in range(rows)],
+                        [ids(2 + (3 * i) % 5) for i in range(rows)], [True] * rows, list(range(rows)))
 
 
 def config(**train) -> PCSDConfig:
