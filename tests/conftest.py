@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -39,9 +42,11 @@ def smollm2_tokenizer(smollm2_path):
     return load_tokenizer(smollm2_path)
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
-    """A tiny random-weight Llama (2 layers, hidden 64) with SmolLM2's tokenizer, saved as a checkpoint."""
+    """A tiny random-weight Llama (2 layers, hidden 64) with SmolLM2's tokenizer, saved as a checkpoint.
+
+    Shared by the whole session: tests read it and write their own outputs elsewhere."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -64,3 +69,55 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     model.save_pretrained(path)
     smollm2_tokenizer.save_pretrained(path)
     return path
+
+
+# ---- one real tiny flow run, shared by tests/flows and tests/dashboards -----------------------------------
+
+FLOW_STEPS = 2
+FLOW_LEARNING_RATES = [1.0e-4, 1.0e-3]  # two sweep branches: "lr=0.0001", "lr=0.001"
+
+
+@dataclass(frozen=True)
+class TinyFlowRun:
+    root: Path  # cwd of the run: tiny.yaml, outputs/, flow.log
+    run_id: str
+    datastore: Path  # METAFLOW_DATASTORE_SYSROOT_LOCAL
+    tracking_uri: str  # the run's SQLite MLflow store
+    steps: int = FLOW_STEPS
+    learning_rates: tuple[float, ...] = tuple(FLOW_LEARNING_RATES)
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_run(tmp_path_factory, tiny_model_dir, gsm8k_dir) -> TinyFlowRun:
+    """`python flows/pcsd_flow.py run` on the tiny model: 4 GSM8K rows, 2 steps, a 2-branch lr sweep."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("flow_run")
+    preset = {
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"path": str(gsm8k_dir), "max_train_rows": 4, "max_test_rows": 4},
+        "rollout": {"n": 2, "max_response_tokens": 8, "batch_size": 4},
+        "train": {"total_training_steps": FLOW_STEPS, "prompts_per_step": 2, "mini_batch_size": 4,
+                  "micro_batch_size": 2, "device": "cpu", "output_dir": str(root / "outputs")},
+        "eval": {"num_examples": 4, "max_new_tokens": 8, "batch_size": 4},
+        "sweep": {"train.lr": FLOW_LEARNING_RATES},
+    }  # fmt: skip
+    (root / "tiny.yaml").write_text(yaml.safe_dump(preset))
+    datastore = root / "metaflow"
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    env = {
+        **os.environ,
+        "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(datastore),
+        "METAFLOW_CARD_LOCALROOT": str(datastore / "cards"),
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "OMP_NUM_THREADS": "1",  # two branches share the cores
+    }
+    for variable in ("MODEL_PATH", "DATA_PATH", "TOTAL_STEPS", "ACTOR_NUM_GPUS", "ROLLOUT_NUM_GPUS"):
+        env.pop(variable, None)
+    command = [sys.executable, str(REPO_ROOT / "flows" / "pcsd_flow.py"), "--no-pylint",
+               "--config", "config", str(root / "tiny.yaml"), "run", "--run-id-file", str(root / "run_id")]
+    completed = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    (root / "flow.log").write_text(completed.stdout + completed.stderr)  # kept for debugging
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    assert "mlflow ui --backend-store-uri" in completed.stdout + completed.stderr
+    return TinyFlowRun(root, (root / "run_id").read_text().strip(), datastore, tracking_uri)

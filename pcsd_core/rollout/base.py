@@ -24,6 +24,14 @@ class SamplingParams:
     # Seed for this call's sampling; engines derive per-sample seeds from it so runs are reproducible.
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"sampling temperature ({self.temperature}) must be >= 0 (0 = greedy).")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling top_p ({self.top_p}) must be in (0, 1].")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling max_new_tokens ({self.max_new_tokens}) must be >= 1.")
+
 
 @dataclass(frozen=True)
 class Generation:

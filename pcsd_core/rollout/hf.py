@@ -60,7 +60,7 @@ class HFRolloutEngine:
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[Generation]:
         """Sample `n` responses per prompt; prompt-major order: [p0 r0, p0 r1, ..., p1 r0, ...]."""
-        _check_generate_args(prompt_ids, n, sampling)
+        _check_generate_args(prompt_ids, n)
         if self._asleep:
             raise RuntimeError("HFRolloutEngine.generate called while asleep; call wake() first.")
         # Sort by length so each chunk pads little; results are put back in the caller's order.
@@ -173,15 +173,9 @@ class HFRolloutEngine:
 # ---- helpers ----------------------------------------------------------------------------------
 
 
-def _check_generate_args(prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> None:
+def _check_generate_args(prompt_ids: list[list[int]], n: int) -> None:
     if n < 1:
         raise ValueError(f"generate: n ({n}) must be >= 1 responses per prompt.")
-    if sampling.temperature < 0:
-        raise ValueError(f"generate: temperature ({sampling.temperature}) must be >= 0 (0 = greedy).")
-    if not 0 < sampling.top_p <= 1:
-        raise ValueError(f"generate: top_p ({sampling.top_p}) must be in (0, 1].")
-    if sampling.max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens ({sampling.max_new_tokens}) must be >= 1.")
     empty = [index for index, ids in enumerate(prompt_ids) if len(ids) == 0]
     if empty:
         raise ValueError(f"generate: prompt(s) {empty[:5]} are empty; every prompt needs at least one token.")

@@ -220,12 +220,6 @@ def to_sglang_sampling_params(sampling: SamplingParams, num_requests: int) -> di
     0.5 series and honours it only with deterministic inference enabled, so SGLang rollouts are not
     bit-reproducible the way the HF engine's are.
     """
-    if sampling.temperature < 0:
-        raise ValueError(f"generate: temperature ({sampling.temperature}) must be >= 0 (0 = greedy).")
-    if not 0 < sampling.top_p <= 1:
-        raise ValueError(f"generate: top_p ({sampling.top_p}) must be in (0, 1].")
-    if sampling.max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens ({sampling.max_new_tokens}) must be >= 1.")
     params = {
         "temperature": float(sampling.temperature),
         "top_p": 1.0 if sampling.temperature == 0 else float(sampling.top_p),

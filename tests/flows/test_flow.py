@@ -8,68 +8,29 @@ live in tmp_path.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-STEPS = 2
+STEPS = 2  # the shared run's `train.total_training_steps` and sweep (tests/conftest.py, checked below)
 LEARNING_RATES = [1.0e-4, 1.0e-3]
 
 
-def _tiny_preset(tmp_path: Path, model_dir: Path, gsm8k_dir: Path) -> Path:
-    preset = {
-        "model": {"name": str(model_dir)},
-        "data": {"path": str(gsm8k_dir), "max_train_rows": 4, "max_test_rows": 4},
-        "rollout": {"n": 2, "max_response_tokens": 8, "batch_size": 4},
-        "train": {"total_training_steps": STEPS, "prompts_per_step": 2, "mini_batch_size": 4,
-                  "micro_batch_size": 2, "device": "cpu", "output_dir": str(tmp_path / "outputs")},
-        "eval": {"num_examples": 4, "max_new_tokens": 8, "batch_size": 4},
-        "sweep": {"train.lr": LEARNING_RATES},
-    }  # fmt: skip
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(preset))
-    return path
-
-
-@pytest.fixture()
-def flow_run(tmp_path, tiny_model_dir, gsm8k_dir, monkeypatch):
-    """Run the flow once in a subprocess; return (metaflow Run, MlflowClient)."""
-    datastore = tmp_path / "metaflow"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {
-        **os.environ,
-        "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(datastore),
-        "METAFLOW_CARD_LOCALROOT": str(datastore / "cards"),
-        "MLFLOW_TRACKING_URI": uri,
-        "METAFLOW_USER": "pcsd-tests",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",  # two branches share the cores
-    }
-    for variable in ("MODEL_PATH", "DATA_PATH", "TOTAL_STEPS", "ACTOR_NUM_GPUS", "ROLLOUT_NUM_GPUS"):
-        env.pop(variable, None)
-    run_id_file = tmp_path / "run_id"
-    command = [sys.executable, str(REPO_ROOT / "flows" / "pcsd_flow.py"), "--no-pylint",
-               "--config", "config", str(_tiny_preset(tmp_path, tiny_model_dir, gsm8k_dir)),
-               "run", "--run-id-file", str(run_id_file)]  # fmt: skip
-    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    (tmp_path / "flow.log").write_text(completed.stdout + completed.stderr)  # kept for debugging
-    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
-    assert "mlflow ui --backend-store-uri" in completed.stdout + completed.stderr
-
+@pytest.fixture(scope="module")
+def flow_run(tiny_flow_run):
+    """The shared tiny flow run, seen through (metaflow Run, MlflowClient, its folder)."""
+    assert (tiny_flow_run.steps, list(tiny_flow_run.learning_rates)) == (STEPS, LEARNING_RATES)
     from metaflow import Run, namespace
     from metaflow.plugins.datastores.local_storage import LocalStorage
 
-    # The client reads the datastore roots once at import; point it at this test's datastore.
-    monkeypatch.setattr(LocalStorage, "SYSROOT_VAR", str(datastore))
-    monkeypatch.setattr(LocalStorage, "datastore_root", None)
-    namespace(None)
-    return Run(f"PCSDFlow/{run_id_file.read_text().strip()}"), MlflowClient(tracking_uri=uri), tmp_path
+    with pytest.MonkeyPatch.context() as patch:
+        # The client reads the datastore roots once at import; point it at this run's datastore.
+        patch.setattr(LocalStorage, "SYSROOT_VAR", str(tiny_flow_run.datastore))
+        patch.setattr(LocalStorage, "datastore_root", None)
+        namespace(None)
+        yield (Run(f"PCSDFlow/{tiny_flow_run.run_id}"), MlflowClient(tracking_uri=tiny_flow_run.tracking_uri),
+               tiny_flow_run.root)
 
 
 def test_flow_runs_end_to_end_and_is_tracked(flow_run):

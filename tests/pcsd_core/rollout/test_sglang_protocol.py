@@ -145,7 +145,11 @@ def test_sampling_params_translation():
     sampled = to_sglang_sampling_params(SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=5), num_requests=2)
     assert sampled == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 5, "skip_special_tokens": False}
     with pytest.raises(ValueError, match="top_p \\(0.0\\) must be in \\(0, 1\\]"):
-        to_sglang_sampling_params(SamplingParams(top_p=0.0), num_requests=1)
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature \\(-1.0\\) must be >= 0"):
+        SamplingParams(temperature=-1.0)
+    with pytest.raises(ValueError, match="max_new_tokens \\(0\\) must be >= 1"):
+        SamplingParams(max_new_tokens=0)
 
 
 def test_parse_output_finish_reasons():
