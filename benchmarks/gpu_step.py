@@ -15,7 +15,7 @@ FLOPs are left out, so MFU is slightly understated. MFU divides by the card's de
 989 TFLOP/s). It then checks the GPU loss against a CPU float64 reference on a small slice.
 
     python benchmarks/gpu_step.py                       # both shapes, defaults below
-    python benchmarks/gpu_step.py --shapes tiny --device cpu --steps 2   # CPU smoke run of the script itself
+    python benchmarks/gpu_step.py --shapes tiny --device cpu --steps 2 --no-loss-table   # CPU smoke run
 """
 
 from __future__ import annotations
@@ -220,6 +220,8 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--loss-table", action=argparse.BooleanOptionalAction, default=True,
+                        help="also print benchmarks/loss_memory.py's table at T=2048, V=151936 on this device")
     args = parser.parse_args()
     if args.device == "cpu" and "tiny" not in args.shapes:
         print("note: CPU run of full-size shapes is very slow; use --shapes tiny for a smoke run", file=sys.stderr)
@@ -245,6 +247,13 @@ def main() -> None:
                   f"{row['peak_gb']:8.2f} {str(row['finite']):>6}")
     loss_err, grad_err = check_against_float64(args)
     print(f"loss vs CPU float64 (64 tokens, V=151936): rel_err_loss={loss_err:.2e} rel_err_grad={grad_err:.2e}")
+    if args.loss_table:
+        # The loss benchmark's table on this device at the issue's shape (one subprocess per measurement).
+        import subprocess
+
+        subprocess.run([sys.executable, str(Path(__file__).with_name("loss_memory.py")), "--device", args.device,
+                        "--cases", "2048x151936", "--hidden", "1536", "--chunk-tokens", "1024", "--repeats", "3"],
+                       check=True)
 
 
 if __name__ == "__main__":
