@@ -12,7 +12,6 @@ then logs the per-token samples and a training-curve plot. Ray workers are shut 
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
