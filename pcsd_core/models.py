@@ -34,6 +34,14 @@ class ModelNotFoundError(FileNotFoundError):
     """The model name matched no alias, local folder or reachable hub repository."""
 
 
+def resolve_device(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device ('cuda') was requested but no CUDA device is visible; use 'cpu' or 'auto'.")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("PCSD_CACHE", Path.home() / ".cache" / "pcsd"))
 

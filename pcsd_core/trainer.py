@@ -34,8 +34,9 @@ from pcsd_core import checkpoint as ckpt
 from pcsd_core.actor import Actor, lr_factor
 from pcsd_core.batch import RolloutBatch, TeacherOutputs, UpdateStats
 from pcsd_core.config import PCSDConfig
-from pcsd_core.models import load_tokenizer, resolve_model
+from pcsd_core.models import load_tokenizer, resolve_device, resolve_model
 from pcsd_core.prompts import build_prompt_pair
+from pcsd_core.rollout import create_rollout_engine
 from pcsd_core.rollout.base import SamplingParams
 from pcsd_core.workers import peak_memory_mb
 
@@ -64,14 +65,6 @@ def prompt_indices_for_step(step: int, prompts_per_step: int, num_records: int, 
             permutations[data_epoch] = np.random.default_rng([seed, data_epoch]).permutation(num_records)
         indices.append(int(permutations[data_epoch][position % num_records]))
     return indices
-
-
-def resolve_device(device: str) -> str:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device ('cuda') was requested but no CUDA device is visible; use 'cpu' or 'auto'.")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 class Distiller:
@@ -107,7 +100,7 @@ class Distiller:
         self._prompt_pairs: dict[int, Any] = {}
         model_path = str(resume) if resume else self.base_model_path
         self._build_actor(model_path)
-        self.engine = self._create_engine(model_path)
+        self.engine = create_rollout_engine(self.cfg, model_path)
         if resume:
             self._resume(resume)
 
@@ -122,18 +115,6 @@ class Distiller:
                                                      teacher_path=teacher_path)
         else:
             self.actor = Actor(self.cfg, model_path, device=self.device, teacher_path=teacher_path)
-
-    def _create_engine(self, model_path: str):
-        from pcsd_core.rollout import create_rollout_engine
-
-        rollout = self.cfg.rollout
-        if rollout.engine == "hf" and rollout.placement == "split" and self.device.startswith("cuda"):
-            from pcsd_core.rollout.hf import HFRolloutEngine
-
-            # Split: the rollout model gets the first GPU after the actor's train.num_workers GPUs.
-            return HFRolloutEngine(model_path, dtype=self.cfg.model.dtype, device=f"cuda:{self.cfg.train.num_workers}",
-                                   batch_size=rollout.batch_size, attn_implementation=self.cfg.model.attn_implementation)
-        return create_rollout_engine(self.cfg, model_path)
 
     def _resume(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path)

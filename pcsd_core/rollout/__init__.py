@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from pcsd_core.config import PCSDConfig
+from pcsd_core.models import resolve_device
 from pcsd_core.rollout.base import Generation, RolloutEngine, SamplingParams
 
 __all__ = ["Generation", "RolloutEngine", "SamplingParams", "create_rollout_engine"]
@@ -22,7 +21,7 @@ def create_rollout_engine(cfg: PCSDConfig, model_path: str) -> RolloutEngine:
     if rollout.engine == "hf":
         from pcsd_core.rollout.hf import HFRolloutEngine
 
-        device = _resolve_device(cfg.train.device)
+        device = resolve_device(cfg.train.device)
         if device == "cuda" and rollout.placement == "split":
             device = f"cuda:{cfg.train.num_workers}"
         return HFRolloutEngine(
@@ -47,9 +46,3 @@ def create_rollout_engine(cfg: PCSDConfig, model_path: str) -> RolloutEngine:
             seed=cfg.train.seed,
         )
     raise ValueError(f"rollout.engine ({rollout.engine!r}) must be 'hf' or 'sglang'.")
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
