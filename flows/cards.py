@@ -23,8 +23,8 @@ def training_card(trained) -> list:
     ]
 
 
-def sweep_card(summary, headers: list[str], registration=None) -> list:
-    """The join/end card: every branch's before/after accuracy, the best one, failures, the registry."""
+def sweep_card(summary, headers: list[str], registration=None, report_path: str = "") -> list:
+    """The join/end card: every branch's before/after accuracy, the best one, failures, the registry, the report."""
     components = [Markdown("## GSM8K accuracy before and after distillation"), Table(summary.table(), headers=headers)]
     if summary.best is not None:
         components.append(Markdown(f"Best branch: **{summary.best.label}** (MLflow run `{summary.best.run_id}`)"))
@@ -34,5 +34,8 @@ def sweep_card(summary, headers: list[str], registration=None) -> list:
     if registration is not None:
         champion = "champion" if registration.is_champion else "not champion"
         components.append(Markdown(f"Registered `{registration.model_uri}` ({champion})"))
+    if report_path:
+        components.append(Markdown(f"Sweep report (plots, per-token KL view): `{report_path}`, also under "
+                                   "`report/` of the parent MLflow run"))
     return components
 

@@ -108,8 +108,8 @@ class PCSDFlow(FlowSpec):
         from steps.finish import finish
         from steps.join import TABLE_HEADERS
 
-        current.card["summary"].extend(sweep_card(self.summary, TABLE_HEADERS, self.registration))
         self.report_path = finish(self.mlflow_run_id, self.summary, self.registration, current.pathspec)
+        current.card["summary"].extend(sweep_card(self.summary, TABLE_HEADERS, self.registration, self.report_path))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ branch failed, so a broken sweep stands out in the MLflow UI.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from steps import tracking
@@ -51,4 +52,4 @@ def _log_report(parent_run_id: str) -> str:
     except Exception as error:  # the report is a convenience: a failure must not lose the run's results
         print(f"warning: sweep report not built: {error}")
         return ""
-    return str(path)
+    return str(Path(path).resolve())  # the card and the Metaflow artifact outlive the task's cwd

@@ -47,7 +47,10 @@ def test_flow_runs_end_to_end_and_is_tracked(flow_run):
     cards = {step: list(run_dir.rglob(f"runs/{run.id}/steps/{step}/tasks/*/cards/*.html")) for step in
              ("distill", "join", "end")}  # fmt: skip
     assert len(cards["distill"]) == 2 and cards["join"] and cards["end"]
-    assert "GSM8K accuracy before and after" in _card_text(cards["end"][0])
+    end_card = _card_text(cards["end"][0])
+    assert "GSM8K accuracy before and after" in end_card
+    report_path = run["end"].task.data.report_path
+    assert report_path.endswith(".html") and Path(report_path).is_file() and report_path in end_card
 
     # --- MLflow: the parent run, linked both ways.
     parent = client.get_run(parent_id)
