@@ -153,21 +153,7 @@ def _score(record: Any, response: str) -> dict[str, Any]:
 
 
 def _make_engine(cfg: PCSDConfig, model_path: str) -> RolloutEngine:
-    """The HF engine sized by eval.batch_size; other engines come from the rollout factory."""
-    if cfg.rollout.engine == "hf":
-        import torch
-
-        from pcsd_core.rollout.hf import HFRolloutEngine
-
-        device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        return HFRolloutEngine(
-            model_path,
-            dtype=cfg.model.dtype,
-            device=device,
-            batch_size=cfg.eval.batch_size,
-            attn_implementation=cfg.model.attn_implementation,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
+    """The configured rollout engine, with the HF engine's batches sized by eval.batch_size."""
     from pcsd_core.rollout import create_rollout_engine
 
-    return create_rollout_engine(cfg, model_path)
+    return create_rollout_engine(cfg, model_path, batch_size=cfg.eval.batch_size)

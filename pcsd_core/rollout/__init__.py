@@ -9,8 +9,10 @@ from pcsd_core.rollout.base import Generation, RolloutEngine, SamplingParams
 __all__ = ["Generation", "RolloutEngine", "SamplingParams", "create_rollout_engine"]
 
 
-def create_rollout_engine(cfg: PCSDConfig, model_path: str) -> RolloutEngine:
+def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | None = None) -> RolloutEngine:
     """Build the engine named by `cfg.rollout.engine` for the model at `model_path`.
+
+    `batch_size` overrides `rollout.batch_size` for the HF engine (evaluation uses `eval.batch_size`).
 
     `hf` runs on `cfg.train.device` ("auto" = cuda when available); with placement split on CUDA it
     takes the first GPU after the actor's train.num_workers GPUs. `sglang` placement follows
@@ -28,7 +30,7 @@ def create_rollout_engine(cfg: PCSDConfig, model_path: str) -> RolloutEngine:
             model_path,
             dtype=cfg.model.dtype,
             device=device,
-            batch_size=rollout.batch_size,
+            batch_size=batch_size or rollout.batch_size,
             attn_implementation=cfg.model.attn_implementation,
             trust_remote_code=cfg.model.trust_remote_code,
         )
