@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from pcsd_core import losses
-from pcsd_core.batch import RolloutBatch, TeacherOutputs, UpdateStats, micro_batches, pad_rows, worker_rows
+from pcsd_core.batch import (ModelInputs, RolloutBatch, TeacherOutputs, UpdateStats, flat_response_weights,
+                             micro_batches, pack_prompt_groups, pad_rows, worker_rows)
 from pcsd_core.config import PCSDConfig
 from pcsd_core.models import load_model
 
@@ -46,9 +47,15 @@ class DistillationModule(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.lm.get_output_embeddings().weight  # (V, H); tied to the input embeddings in SmolLM2
 
-    def forward(self, input_ids, attention_mask, response_positions, teacher_hidden=None, weights=None,
+    def forward(self, input_ids, attention_mask, position_ids, response_positions, teacher_hidden=None, weights=None,
                 response_tokens=None, teacher_weight=None):
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if attention_mask.dim() == 4 and self.lm.config._attn_implementation == "eager":
+            # Eager attention adds the mask to the scores; sdpa takes the boolean mask as is.
+            blocked = torch.finfo(self.lm.dtype).min
+            attention_mask = torch.zeros(attention_mask.shape, dtype=self.lm.dtype,
+                                         device=attention_mask.device).masked_fill(~attention_mask, blocked)
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False).last_hidden_state
         response_hidden = hidden.reshape(-1, hidden.shape[-1])[response_positions]  # (N, H)
         if teacher_hidden is None:
             return response_hidden
@@ -99,6 +106,7 @@ class Actor:
             step, warmup_steps=cfg.train.warmup_steps, total_steps=cfg.train.total_training_steps,
             schedule=cfg.train.lr_schedule))
         self.pad_id = self.student.lm.config.pad_token_id or self.student.lm.config.eos_token_id or 0
+        self.build_inputs = pack_prompt_groups if cfg.train.share_prompt_prefix else pad_rows
         self._teacher_weight: torch.Tensor | None = None
 
     def _build_module(self, model_path: str, mesh, *, trainable: bool) -> DistillationModule:
@@ -127,9 +135,7 @@ class Actor:
         hidden: list[torch.Tensor] = []
         for rows in micro_batches(worker_rows(0, len(batch), self.rank, self.world_size), self.cfg.train.micro_batch_size):
             part = batch.select(rows)
-            inputs = pad_rows(part.teacher_prompt_ids, part.response_ids, self.pad_id)
-            states = teacher(inputs.input_ids.to(self.device), inputs.attention_mask.to(self.device),
-                             inputs.response_positions.to(self.device))
+            states = teacher(*self._forward_args(self.build_inputs(part.teacher_prompt_ids, part.response_ids, self.pad_id)))
             hidden.extend(states.detach().cpu().split(part.response_lengths))
         self._teacher_weight = self._snapshot_teacher_weight()
         return TeacherOutputs(hidden=hidden)
@@ -174,15 +180,14 @@ class Actor:
     def _accumulate_micro_batch(self, batch, teacher_outputs, rows, minibatch_weights, minibatch_start, stats,
                                 record_tokens) -> None:
         part = batch.select(rows)
-        inputs = pad_rows(part.student_prompt_ids, part.response_ids, self.pad_id)
+        inputs = self.build_inputs(part.student_prompt_ids, part.response_ids, self.pad_id)
         local = minibatch_weights[rows.start - minibatch_start: rows.stop - minibatch_start]
-        weights = local[:, : inputs.response_mask.shape[1]][inputs.response_mask]  # (N,) row-major
+        weights = flat_response_weights(local, part.response_lengths)  # (N,), the order of the response states
         teacher_hidden = torch.cat([teacher_outputs.hidden[i] for i in rows]).to(self.device)
-        to = self.device
         loss, per_token, metrics = self.student(
-            inputs.input_ids.to(to), inputs.attention_mask.to(to), inputs.response_positions.to(to),
-            teacher_hidden=teacher_hidden, weights=weights.to(to, teacher_hidden.dtype),
-            response_tokens=inputs.response_tokens.to(to), teacher_weight=self._teacher_weight)
+            *self._forward_args(inputs), teacher_hidden=teacher_hidden,
+            weights=weights.to(self.device, teacher_hidden.dtype),
+            response_tokens=inputs.response_tokens.to(self.device), teacher_weight=self._teacher_weight)
         # FSDP averages gradients over ranks; each rank's loss is already its share of the sum, so undo the mean.
         (loss * self.world_size).backward()
         # The loss's metrics are means over the counted tokens (weight != 0); keep sums for exact averages.
@@ -195,6 +200,11 @@ class Actor:
         if record_tokens:
             for row, values in zip(rows, per_token.detach().float().cpu().split(part.response_lengths)):
                 stats.token_kl[row] = values.tolist()
+
+    def _forward_args(self, inputs: ModelInputs) -> tuple:
+        position_ids = None if inputs.position_ids is None else inputs.position_ids.to(self.device)
+        return (inputs.input_ids.to(self.device), inputs.attention_mask.to(self.device), position_ids,
+                inputs.response_positions.to(self.device))
 
     def _clip_and_step(self) -> float:
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")

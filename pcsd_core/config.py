@@ -170,6 +170,12 @@ class TrainConfig:
     mini_batch_size: int = 8
     # Responses per forward/backward (gradient accumulation inside a mini-batch).
     micro_batch_size: int = 4
+    # Score the responses of one prompt in one packed row holding the prompt once (a 4D attention mask keeps
+    # them apart), instead of one padded row each: the prompt pass is shared by the rollout.n responses in a
+    # micro-batch (make micro_batch_size a multiple of rollout.n). Same result; needs attn_implementation
+    # sdpa or eager. With very long responses and large n the packed row's attention (quadratic) can cost
+    # more than it saves: set false, as for flash_attention_2.
+    share_prompt_prefix: bool = True
     lr: float = 1e-6
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
@@ -248,6 +254,12 @@ class PCSDConfig:
             f"train.mini_batch_size ({self.train.mini_batch_size}) must split evenly over train.num_workers "
             f"({self.train.num_workers}) into whole micro-batches of train.micro_batch_size "
             f"({self.train.micro_batch_size}); change one of them.",
+        )
+        _require(
+            not self.train.share_prompt_prefix or self.model.attn_implementation in ("sdpa", "eager"),
+            f"train.share_prompt_prefix packs responses with a 4D attention mask, which "
+            f"model.attn_implementation {self.model.attn_implementation!r} does not take; use 'sdpa' or 'eager', "
+            "or set train.share_prompt_prefix: false.",
         )
         _require(
             self.rollout.engine != "sglang" or self.train.device != "cpu",

@@ -15,15 +15,17 @@ from pcsd_core.config import PCSDConfig
 
 
 def random_batch(rows: int, seed: int = 1) -> RolloutBatch:
+    """Two responses per prompt (rollout.n = 2, prompt-major, as sampled) of different lengths, one a lone token."""
     generator = torch.Generator().manual_seed(seed)
 
     def ids(length: int) -> list[int]:
         return torch.randint(10, 40000, (length,), generator=generator).tolist()
 
-    return RolloutBatch(student_prompt_ids=[ids(5 + i) for i in range(rows)],
-                        teacher_prompt_ids=[ids(9 + 2 * i) for i in range(rows)],
-                        response_ids=[ids(2 + (3 * i) % 5) for i in range(rows)], finished=[True] * rows,
-                        record_indices=list(range(rows)))
+    students, teachers = [ids(5 + i) for i in range(rows // 2)], [ids(9 + 2 * i) for i in range(rows // 2)]
+    return RolloutBatch(student_prompt_ids=[students[i // 2] for i in range(rows)],
+                        teacher_prompt_ids=[teachers[i // 2] for i in range(rows)],
+                        response_ids=[ids(1 + (3 * i) % 5) for i in range(rows)], finished=[True] * rows,
+                        record_indices=[i // 2 for i in range(rows)])
 
 
 def actor_config(**train) -> PCSDConfig:
@@ -44,10 +46,14 @@ def reference_loss(model, batch: RolloutBatch) -> torch.Tensor:
     return total / tokens
 
 
-def test_update_matches_full_logits_reference(tiny_model_dir):
-    """Loss and one AdamW step equal a float64 full-logits KL + the same optimizer on a copy of the model."""
+@pytest.mark.parametrize("share_prompt_prefix", [True, False])
+def test_update_matches_full_logits_reference(tiny_model_dir, share_prompt_prefix):
+    """Loss and one AdamW step equal a float64 full-logits KL + the same optimizer on a copy of the model.
+
+    The reference scores every response alone after its prompt; the actor packs the two responses of a
+    prompt into one row (share_prompt_prefix) or pads one row per response."""
     batch = random_batch(4)
-    actor = Actor(actor_config(grad_clip=0.0), str(tiny_model_dir))
+    actor = Actor(actor_config(grad_clip=0.0, share_prompt_prefix=share_prompt_prefix), str(tiny_model_dir))
     reference_model = copy.deepcopy(actor.student.lm)
     reference_optimizer = torch.optim.AdamW(reference_model.parameters(), lr=1e-3, weight_decay=0.0)
 

@@ -17,19 +17,21 @@ ray = pytest.importorskip("ray")
 
 
 def random_batch(rows: int) -> RolloutBatch:
-    """Random prompt/response ids of different lengths (padding and row splits get exercised)."""
+    """Two responses per prompt, of different lengths (packing, padding and row splits get exercised)."""
     generator = torch.Generator().manual_seed(1)
 
     def ids(length: int) -> list[int]:
         return torch.randint(10, 40000, (length,), generator=generator).tolist()
 
-    return RolloutBatch([ids(5 + i) for i in range(rows)], [ids(9 + 2 * i) for i in range(rows)],
-                        [ids(2 + (3 * i) % 5) for i in range(rows)], [True] * rows, list(range(rows)))
+    students, teachers = [ids(5 + i) for i in range(rows // 2)], [ids(9 + 2 * i) for i in range(rows // 2)]
+    return RolloutBatch([students[i // 2] for i in range(rows)], [teachers[i // 2] for i in range(rows)],
+                        [ids(2 + (3 * i) % 5) for i in range(rows)], [True] * rows, [i // 2 for i in range(rows)])
 
 
 def config(**train) -> PCSDConfig:
-    # 8 responses, 2 mini-batches of 4 -> 2 optimizer steps; per worker: 2 rows = 2 micro-batches of 1.
-    base = {"prompts_per_step": 4, "mini_batch_size": 4, "micro_batch_size": 1, "lr": 1e-3, "device": "cpu"}
+    # 8 responses, 2 mini-batches of 4 -> 2 optimizer steps; per worker: 2 rows = 1 micro-batch holding the
+    # two responses of one prompt in one packed row.
+    base = {"prompts_per_step": 4, "mini_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "device": "cpu"}
     return PCSDConfig.from_dict({"train": {**base, **train}, "rollout": {"n": 2}})
 
 
