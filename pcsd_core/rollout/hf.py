@@ -11,10 +11,15 @@ Batching: prompts are sorted by length and cut into chunks of `batch_size` promp
 an attention mask, so every row's last real prompt token sits at the same position and the new tokens
 append after it; transformers derives position ids from the mask, so a padded row decodes like the
 prompt alone (tested).
+
+Shared prefill: with n > 1 sampled responses per prompt, each prompt (all but its last token) goes
+through the model once and its KV cache is repeated n times before `generate`, which then decodes the
+n rows from there; `num_return_sequences=n` would run the prompt n times. Same tokens (tested).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 
 import torch
@@ -85,15 +90,34 @@ class HFRolloutEngine:
         input_ids, attention_mask = _left_pad(prompts, self.pad_token_id, self.device)
         greedy = sampling.temperature == 0.0
         # Greedy decoding is deterministic: decode each prompt once and repeat it n times.
-        config = self._generation_config(1 if greedy else n, sampling)
+        copies = 1 if greedy else n
+        cache = {}
+        if copies > 1 and input_ids.shape[1] > 1:
+            cache = {_cache_argument(self.model): self._prefill(input_ids[:, :-1], attention_mask[:, :-1], copies)}
+            input_ids, attention_mask = input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0)
+            copies = 1  # the rows are already repeated
+        config = self._generation_config(copies, sampling)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             # fork_rng: seeding here must not move the trainer's global RNG stream.
             if seed is not None:
                 torch.manual_seed(seed)
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                         **cache)
         new_tokens = output[:, input_ids.shape[1] :].tolist()  # (rows, <= max_new_tokens)
         rows = [_trim_at_eos(row, self.eos_token_ids) for row in new_tokens]
         return [row for row in rows for _ in range(n)] if greedy else rows
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, copies: int):
+        """KV cache of left-padded prompts, each repeated `copies` times (row-major, like the outputs)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        # The position ids generate itself derives from a left-padded mask.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=True, **{_cache_argument(self.model): cache})
+        cache.batch_repeat_interleave(copies)
+        return cache
 
     def _generation_config(self, n: int, sampling: SamplingParams):
         from transformers import GenerationConfig
@@ -218,6 +242,11 @@ def _pad_token_id(model, eos_token_ids: list[int]) -> int:
         pad = model.config.pad_token_id
     # Any id works for padding: padded positions are masked out and trimmed off the response.
     return eos_token_ids[0] if pad is None else int(pad)
+
+
+def _cache_argument(model) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _tied_aliases_received(model, received: set[str]) -> set[str]:
