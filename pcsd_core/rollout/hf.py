@@ -1,4 +1,4 @@
-"""The transformers rollout engine: batched `generate` on CPU or one GPU, with in-place weight sync.
+"""The transformers rollout engine: batched sampling on CPU or one GPU, with in-place weight sync.
 
 The engine keeps its own copy of the policy. Each training step the trainer pushes the actor's full
 weights with `update_weights`, so the next `generate` samples from the current policy (on-policy).
@@ -8,13 +8,16 @@ weights with `update_weights`, so the next `generate` samples from the current p
 
 Batching: prompts are sorted by length and cut into chunks of `batch_size` prompts (each expanded to
 `n` rows), so a chunk holds prompts of similar length and little padding. Padding is on the LEFT with
-an attention mask, so every row's last real prompt token sits at the same position and the new tokens
-append after it; transformers derives position ids from the mask, so a padded row decodes like the
-prompt alone (tested).
+an attention mask and position ids counted from each row's first real token, so every row's last prompt
+token sits at the same position, new tokens append after it, and a padded row decodes like the prompt
+alone (tested against a hand-written greedy decoder).
 
-Shared prefill: with n > 1 sampled responses per prompt, each prompt (all but its last token) goes
-through the model once and its KV cache is repeated n times before `generate`, which then decodes the
-n rows from there; `num_return_sequences=n` would run the prompt n times. Same tokens (tested).
+The decode loop is our own (`_decode`), not `transformers.generate`, for three reasons: each prompt is
+prefilled once and its KV cache repeated for its `n` samples (generate would run the prompt `n` times);
+rows that finished are dropped from the batch (generate keeps decoding padding until the longest row
+ends); and sampling is an inverse-CDF draw from a seeded generator (`sampling.py`), exact and cheaper
+than `torch.multinomial` over a 49k vocabulary. Only the given SamplingParams shape the distribution: a
+checkpoint's generation_config (a hub default top_k, a repetition penalty) is never applied.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 
 from pcsd_core.models import DTYPES, load_model
 from pcsd_core.rollout.base import Generation, SamplingParams
+from pcsd_core.rollout.sampling import next_tokens
 
 
 class HFRolloutEngine:
@@ -89,57 +93,47 @@ class HFRolloutEngine:
         """Generate for one chunk; returns (response_ids, finished) per row, prompt-major."""
         input_ids, attention_mask = _left_pad(prompts, self.pad_token_id, self.device)
         greedy = sampling.temperature == 0.0
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         # Greedy decoding is deterministic: decode each prompt once and repeat it n times.
-        copies = 1 if greedy else n
-        cache = {}
-        if copies > 1 and input_ids.shape[1] > 1:
-            cache = {_cache_argument(self.model): self._prefill(input_ids[:, :-1], attention_mask[:, :-1], copies)}
-            input_ids, attention_mask = input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0)
-            copies = 1  # the rows are already repeated
-        config = self._generation_config(copies, sampling)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            # fork_rng: seeding here must not move the trainer's global RNG stream.
-            if seed is not None:
-                torch.manual_seed(seed)
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                         **cache)
-        new_tokens = output[:, input_ids.shape[1] :].tolist()  # (rows, <= max_new_tokens)
-        rows = [_trim_at_eos(row, self.eos_token_ids) for row in new_tokens]
+        rows = self._decode(input_ids, attention_mask, 1 if greedy else n, sampling, generator)
         return [row for row in rows for _ in range(n)] if greedy else rows
 
-    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, copies: int):
-        """KV cache of left-padded prompts, each repeated `copies` times (row-major, like the outputs)."""
+    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, copies: int, sampling: SamplingParams,
+                generator: torch.Generator | None) -> list[tuple[list[int], bool]]:
+        """Prefill the prompts once, then decode `copies` rows per prompt one token a step, dropping rows at EOS."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        # The position ids generate itself derives from a left-padded mask.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=True, **{_cache_argument(self.model): cache})
-        cache.batch_repeat_interleave(copies)
-        return cache
-
-    def _generation_config(self, n: int, sampling: SamplingParams):
-        from transformers import GenerationConfig
-
-        greedy = sampling.temperature == 0.0
-        # Every sampling knob is set explicitly: the model's own generation_config (e.g. a hub default
-        # top_k=50 or repetition_penalty) must not change the distribution the trainer assumes it samples.
-        if greedy:
-            knobs = {"do_sample": False, "temperature": 1.0, "top_p": 1.0}
-        else:
-            knobs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
-        return GenerationConfig(
-            **knobs,
-            repetition_penalty=1.0,
-            num_beams=1,
-            num_return_sequences=n,
-            max_new_tokens=sampling.max_new_tokens,
-            min_new_tokens=0,
-            eos_token_id=self.eos_token_ids,
-            pad_token_id=self.pad_token_id,
-            use_cache=True,
-        )
+        cache_argument = {_cache_argument(self.model): cache}
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                            use_cache=True, logits_to_keep=1, **cache_argument).logits[:, -1]
+        if copies > 1:
+            cache.batch_repeat_interleave(copies)
+            logits, attention_mask = logits.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0)
+        next_position = positions[:, -1:].repeat_interleave(copies, 0) + 1
+        eos = torch.tensor(self.eos_token_ids, device=self.device)
+        responses: list[list[int]] = [[] for _ in range(len(logits))]
+        running = list(range(len(logits)))  # which response each batch row extends
+        for step in range(sampling.max_new_tokens):
+            tokens = next_tokens(logits, temperature=sampling.temperature, top_p=sampling.top_p, generator=generator)
+            for row, token in zip(running, tokens.tolist()):
+                responses[row].append(token)
+            if step + 1 == sampling.max_new_tokens:
+                break
+            finished = torch.isin(tokens, eos)
+            if finished.any():
+                keep = (~finished).nonzero().squeeze(1)
+                if len(keep) == 0:
+                    break
+                cache.batch_select_indices(keep)
+                running = [running[index] for index in keep.tolist()]
+                tokens, attention_mask, next_position = tokens[keep], attention_mask[keep], next_position[keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(tokens), 1))], dim=1)
+            logits = self.model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_position,
+                                use_cache=True, **cache_argument).logits[:, -1]
+            next_position = next_position + 1
+        return [_trim_at_eos(response, self.eos_token_ids) for response in responses]
 
     # ---- weight sync and memory ---------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from pcsd_core.config import PCSDConfig
 from pcsd_core.rollout import create_rollout_engine
 from pcsd_core.rollout.base import SamplingParams
-from pcsd_core.rollout.hf import HFRolloutEngine, _trim_at_eos
+from pcsd_core.rollout.hf import HFRolloutEngine
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
 
@@ -99,35 +99,30 @@ def test_seed_reproducible_and_global_rng_untouched(tiny_model_dir):
     assert first[0].response_ids != first[1].response_ids
 
 
-def test_shared_prefill_samples_what_num_return_sequences_samples(smollm2_engine, smollm2_tokenizer):
-    """n samples per prompt from one prefill equal generate(num_return_sequences=n) with the same seed,
-    and the prompts went through the model once each, not n times."""
-    questions = ["What is 2+3?", "Name three colours of the rainbow, please.", "Hi"]
+def test_decode_prefills_each_prompt_once_and_drops_finished_rows(smollm2_engine, smollm2_tokenizer):
+    """One prefill of the 3 prompts (not 3 x n rows), then single-token steps over the rows still running."""
+    questions = ["What is 2+3? Answer with the number only.", "Name three colours of the rainbow, please.", "Hi"]
     prompts = [_chat_ids(smollm2_tokenizer, question) for question in questions]
-    sampling = SamplingParams(temperature=1.0, max_new_tokens=12, seed=11)
-    model = smollm2_engine.model
     shapes = []
-    hook = model.base_model.register_forward_pre_hook(
+    hook = smollm2_engine.model.register_forward_pre_hook(
         lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
     try:
-        shared = smollm2_engine.generate(prompts, n=3, sampling=sampling)
+        generations = smollm2_engine.generate(prompts, n=3, sampling=SamplingParams(temperature=0.7, max_new_tokens=40,
+                                                                                    seed=11))
     finally:
         hook.remove()
 
-    order = sorted(range(3), key=lambda index: len(prompts[index]))  # the engine's chunk: sorted by length
-    width = max(map(len, prompts))
-    input_ids = torch.tensor([[smollm2_engine.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in order])
-    attention_mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in order])
-    torch.manual_seed(sampling.seed)  # the engine seeds its first chunk with sampling.seed
-    with torch.no_grad():
-        expected = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                  generation_config=smollm2_engine._generation_config(3, sampling))
-    expected_rows = [_trim_at_eos(row, smollm2_engine.eos_token_ids)[0] for row in expected[:, width:].tolist()]
-    for position, index in enumerate(order):
-        assert [g.response_ids for g in shared[3 * index: 3 * index + 3]] == expected_rows[3 * position: 3 * position + 3]
-    assert shapes[0] == (3, width - 1)  # one prefill of the 3 prompts (all but the last token)
-    assert shapes[1] == (9, 1)  # then 9 rows decode from the last prompt token on
-    assert len({tuple(g.response_ids) for g in shared}) == 9
+    assert shapes[0] == (3, max(map(len, prompts)))
+    decode_rows = [rows for rows, width in shapes[1:] if width == 1]
+    assert len(decode_rows) == len(shapes) - 1 and decode_rows[0] == 9
+    assert decode_rows == sorted(decode_rows, reverse=True)  # rows only leave
+    lengths = [len(g.response_ids) for g in generations]
+    # A step runs once per token of the longest response still going; each row's count equals its length.
+    assert len(decode_rows) == max(lengths) - 1
+    for step, rows in enumerate(decode_rows):
+        assert rows == sum(length > step + 1 for length in lengths)
+    assert any(g.finished for g in generations) and len(set(lengths)) > 1
+    assert len({tuple(g.response_ids) for g in generations}) > 3  # samples, not one response repeated
 
 
 def _train_one_sgd_step(model, lr: float) -> None:
