@@ -11,6 +11,7 @@ rounds. A step's time is the wall time between consecutive step-end callbacks; t
 is dropped. Peak memory: the subprocess's max RSS (CPU) or torch.cuda.max_memory_allocated (GPU).
 
     python benchmarks/step_vs_trl.py --steps 4 --rounds 2
+    python benchmarks/step_vs_trl.py --ours-set train.share_prompt_prefix=false   # an ablation of ours
 
 The last line is machine-readable: `speedup_vs_trl=<trl_s_per_step/ours> peak_rss_ratio=<ours/trl>`.
 """
@@ -50,7 +51,7 @@ def prepare(workdir: Path, steps: int):
     return prepared.train_path, load_prompt_records(prepared.train_path)
 
 
-def run_ours(workdir: Path, steps: int) -> list[float]:
+def run_ours(workdir: Path, steps: int, overrides: dict[str, str]) -> list[float]:
     from pcsd_core.config import PCSDConfig
     from pcsd_core.trainer import Distiller
 
@@ -62,7 +63,7 @@ def run_ours(workdir: Path, steps: int) -> list[float]:
         # Micro-batches of 4 (gradient accumulation, same loss): TRL bounds activation memory with gradient
         # checkpointing (its default, kept); we bound it with smaller micro-batches and no recompute.
         "train.micro_batch_size": 4, "train.lr": LR, "train.total_training_steps": steps,
-        "train.seed": SEED, "train.output_dir": str(workdir / "ours")})
+        "train.seed": SEED, "train.output_dir": str(workdir / "ours"), **overrides})
     step_ends: list[float] = []
 
     def log_metrics(metrics: dict, step: int) -> None:
@@ -79,7 +80,7 @@ def run_ours(workdir: Path, steps: int) -> list[float]:
     return [b - a for a, b in zip(step_ends, step_ends[1:])]
 
 
-def run_trl(workdir: Path, steps: int) -> list[float]:
+def run_trl(workdir: Path, steps: int, overrides: dict[str, str]) -> list[float]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -119,15 +120,16 @@ def run_trl(workdir: Path, steps: int) -> list[float]:
     return [b - a for a, b in zip(step_ends, step_ends[1:])]
 
 
-def worker(engine: str, steps: int) -> None:
+def worker(engine: str, steps: int, overrides: dict[str, str]) -> None:
     with tempfile.TemporaryDirectory(prefix=f"bench-{engine}-") as tmp:
-        step_s = (run_ours if engine == "ours" else run_trl)(Path(tmp), steps)
+        step_s = (run_ours if engine == "ours" else run_trl)(Path(tmp), steps, overrides)
     print("RESULT " + json.dumps({"engine": engine, "step_s": step_s, "peak_mb": peak_memory_mb()}), flush=True)
 
 
-def run_subprocess(engine: str, steps: int) -> dict:
+def run_subprocess(engine: str, steps: int, ours_set: list[str]) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    completed = subprocess.run([sys.executable, __file__, "--worker", engine, "--steps", str(steps)], cwd=REPO,
+    extra = [argument for setting in ours_set for argument in ("--ours-set", setting)]
+    completed = subprocess.run([sys.executable, __file__, "--worker", engine, "--steps", str(steps), *extra], cwd=REPO,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in completed.stderr.splitlines():
         if line.startswith("ours step"):
@@ -143,15 +145,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="steps per run (the first is dropped as warm-up)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating ours/TRL rounds")
+    parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of our engine (repeatable), e.g. train.share_prompt_prefix=false")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from pcsd_core.config import PCSDConfig
+    from pcsd_core.train import parse_overrides
+
+    overrides = parse_overrides(args.ours_set)
+    PCSDConfig.from_dict({}, overrides)  # an unknown key or bad value fails here, before any run
     if args.worker:
-        return worker(args.worker, args.steps)
+        return worker(args.worker, args.steps, overrides)
     results: dict[str, list[dict]] = {"ours": [], "trl": []}
     for round_index in range(args.rounds):
         order = ("ours", "trl") if round_index % 2 == 0 else ("trl", "ours")
         for engine in order:
-            result = run_subprocess(engine, args.steps)
+            result = run_subprocess(engine, args.steps, args.ours_set)
             results[engine].append(result)
             print(f"round {round_index + 1} {engine:4s}: step s {[round(s, 2) for s in result['step_s']]}, "
                   f"peak {result['peak_mb']:.0f} MB", flush=True)
