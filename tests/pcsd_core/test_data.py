@@ -77,6 +77,41 @@ def test_gsm8k_local_copy_in_verl_schema(gsm8k_dir, tmp_path):
     assert prepared.stats["train/rows"] == 32 and prepared.stats["test/rows"] == 8
 
 
+# The YAML header of the openai/gsm8k dataset card, which tells `datasets` where each config's splits live.
+GSM8K_CARD = """---
+configs:
+- config_name: main
+  data_files:
+  - split: train
+    path: main/train-*
+  - split: test
+    path: main/test-*
+---
+"""
+
+
+def test_hub_path_reads_the_openai_gsm8k_repository_layout(gsm8k_dir, tmp_path, monkeypatch):
+    """`data.path` empty -> `datasets.load_dataset(hub_name, hub_config)`, run for real on a local copy of the
+    hub repository's layout (card + main/{train,test}-00000-of-00001.parquet): no network here, but the same
+    loader, config resolution and split handling. It must prepare exactly what the local folder gives."""
+    repository = tmp_path / "gsm8k_repository"
+    (repository / "main").mkdir(parents=True)
+    (repository / "README.md").write_text(GSM8K_CARD)
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (gsm8k_dir / f"{split}.jsonl").open().readlines()[:40]]
+        pq.write_table(pa.Table.from_pylist(rows), repository / "main" / f"{split}-00000-of-00001.parquet")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+
+    from_hub = prepare_dataset(DataConfig(hub_name=str(repository), max_train_rows=12, max_test_rows=4),
+                               tmp_path / "hub")
+    from_folder = prepare_dataset(DataConfig(path=str(gsm8k_dir), max_train_rows=12, max_test_rows=4),
+                                  tmp_path / "folder")
+
+    for split in ("train_path", "test_path"):
+        assert pq.read_table(getattr(from_hub, split)).to_pylist() == pq.read_table(getattr(from_folder, split)).to_pylist()
+    assert pq.read_table(from_hub.train_path).num_rows == 12
+
+
 def test_records_round_trip(small_dir, tmp_path):
     prepared = prepare_dataset(DataConfig(path=str(small_dir)), tmp_path / "out")
     records = load_prompt_records(prepared.test_path)
