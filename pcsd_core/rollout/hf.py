@@ -93,7 +93,12 @@ class HFRolloutEngine:
         """Generate for one chunk; returns (response_ids, finished) per row, prompt-major."""
         input_ids, attention_mask = _left_pad(prompts, self.pad_token_id, self.device)
         greedy = sampling.temperature == 0.0
-        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        # Without a seed: a randomly seeded generator, so the trainer's global RNG stream is never moved.
+        generator = torch.Generator(self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
         # Greedy decoding is deterministic: decode each prompt once and repeat it n times.
         rows = self._decode(input_ids, attention_mask, 1 if greedy else n, sampling, generator)
         return [row for row in rows for _ in range(n)] if greedy else rows

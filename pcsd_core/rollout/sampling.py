@@ -20,8 +20,11 @@ def next_tokens(logits: torch.Tensor, *, temperature: float, top_p: float = 1.0,
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         probs = nucleus(probs, top_p)
-    cumulative = probs.cumsum(dim=-1)  # unnormalised after top-p; the draw is scaled by the row total
-    draw = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device) * cumulative[:, -1:]
+    # float64: a float32 running sum over ~10^5 entries would shift each token's share by up to ~1e-7, a bias
+    # of order 1e-3 in total. Unnormalised after top-p: the draw is scaled by the row total.
+    cumulative = probs.double().cumsum(dim=-1)
+    draw = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=torch.float64)
+    draw = draw * cumulative[:, -1:]
     # The first index whose cumulative mass exceeds the draw; zero-probability tokens are never chosen.
     return torch.searchsorted(cumulative, draw, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
 
