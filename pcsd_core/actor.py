@@ -114,7 +114,9 @@ class Actor:
         lm = load_model(model_path, dtype=mcfg.dtype, device=self.device, attn_implementation=mcfg.attn_implementation,
                         trust_remote_code=mcfg.trust_remote_code)
         if trainable and mcfg.gradient_checkpointing:
-            lm.gradient_checkpointing_enable()
+            # transformers 5.2x renamed it (the old name warns, and goes in v6).
+            enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+            enable()
         lm.train(trainable)
         lm.requires_grad_(trainable)
         module = DistillationModule(lm, loss_kwargs_from(self.cfg))

@@ -28,9 +28,9 @@ def random_batch(rows: int, seed: int = 1) -> RolloutBatch:
                         record_indices=[i // 2 for i in range(rows)])
 
 
-def actor_config(**train) -> PCSDConfig:
+def actor_config(model: dict | None = None, **train) -> PCSDConfig:
     base = {"prompts_per_step": 2, "mini_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "device": "cpu"}
-    return PCSDConfig.from_dict({"train": {**base, **train}, "rollout": {"n": 2}})
+    return PCSDConfig.from_dict({"train": {**base, **train}, "rollout": {"n": 2}, "model": model or {}})
 
 
 def reference_loss(model, batch: RolloutBatch) -> torch.Tensor:
@@ -46,14 +46,16 @@ def reference_loss(model, batch: RolloutBatch) -> torch.Tensor:
     return total / tokens
 
 
-@pytest.mark.parametrize("share_prompt_prefix", [True, False])
-def test_update_matches_full_logits_reference(tiny_model_dir, share_prompt_prefix):
+@pytest.mark.parametrize("share_prompt_prefix, gradient_checkpointing", [(True, False), (False, False), (True, True)])
+def test_update_matches_full_logits_reference(tiny_model_dir, share_prompt_prefix, gradient_checkpointing):
     """Loss and one AdamW step equal a float64 full-logits KL + the same optimizer on a copy of the model.
 
     The reference scores every response alone after its prompt; the actor packs the two responses of a
-    prompt into one row (share_prompt_prefix) or pads one row per response."""
+    prompt into one row (share_prompt_prefix) or pads one row per response, with or without recomputing
+    activations in the backward pass (gradient_checkpointing, the GPU preset's setting)."""
     batch = random_batch(4)
-    actor = Actor(actor_config(grad_clip=0.0, share_prompt_prefix=share_prompt_prefix), str(tiny_model_dir))
+    actor = Actor(actor_config({"gradient_checkpointing": gradient_checkpointing}, grad_clip=0.0,
+                               share_prompt_prefix=share_prompt_prefix), str(tiny_model_dir))
     reference_model = copy.deepcopy(actor.student.lm)
     reference_optimizer = torch.optim.AdamW(reference_model.parameters(), lr=1e-3, weight_decay=0.0)
 
