@@ -137,7 +137,8 @@ class Actor:
         hidden: list[torch.Tensor] = []
         for rows in micro_batches(worker_rows(0, len(batch), self.rank, self.world_size), self.cfg.train.micro_batch_size):
             part = batch.select(rows)
-            states = teacher(*self._forward_args(self.build_inputs(part.teacher_prompt_ids, part.response_ids, self.pad_id)))
+            inputs = self.build_inputs(part.teacher_prompt_ids, part.response_ids, self.pad_id)
+            states = teacher(*self._forward_args(inputs))
             hidden.extend(states.detach().cpu().split(part.response_lengths))
         self._teacher_weight = self._snapshot_teacher_weight()
         return TeacherOutputs(hidden=hidden)
