@@ -80,7 +80,7 @@ def run_ours(workdir: Path, steps: int, overrides: dict[str, str]) -> list[float
     return [b - a for a, b in zip(step_ends, step_ends[1:])]
 
 
-def run_trl(workdir: Path, steps: int, overrides: dict[str, str]) -> list[float]:
+def run_trl(workdir: Path, steps: int) -> list[float]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -122,7 +122,7 @@ def run_trl(workdir: Path, steps: int, overrides: dict[str, str]) -> list[float]
 
 def worker(engine: str, steps: int, overrides: dict[str, str]) -> None:
     with tempfile.TemporaryDirectory(prefix=f"bench-{engine}-") as tmp:
-        step_s = (run_ours if engine == "ours" else run_trl)(Path(tmp), steps, overrides)
+        step_s = run_ours(Path(tmp), steps, overrides) if engine == "ours" else run_trl(Path(tmp), steps)
     print("RESULT " + json.dumps({"engine": engine, "step_s": step_s, "peak_mb": peak_memory_mb()}), flush=True)
 
 

@@ -99,3 +99,13 @@ def test_sampled_estimator_needs_reverse_kl():
     with pytest.raises(ValueError, match=r"loss.estimator 'sampled' .* needs loss.divergence 'reverse_kl' \(got 'forward_kl'\)"):
         PCSDConfig.from_dict({"loss": {"estimator": "sampled"}})
     assert PCSDConfig.from_dict({"loss": {"estimator": "sampled", "divergence": "reverse_kl"}}).loss.estimator == "sampled"
+
+
+def test_shared_prompt_prefix_needs_an_attention_that_takes_a_4d_mask():
+    flash = {"model": {"attn_implementation": "flash_attention_2"}}
+    with pytest.raises(ValueError, match=re.escape(
+            "train.share_prompt_prefix packs responses with a 4D attention mask, which model.attn_implementation "
+            "'flash_attention_2' does not take; use 'sdpa' or 'eager', or set train.share_prompt_prefix: false.")):
+        PCSDConfig.from_dict(flash)
+    assert not PCSDConfig.from_dict({**flash, "train": {"share_prompt_prefix": False}}).train.share_prompt_prefix
+    assert PCSDConfig.from_dict({"model": {"attn_implementation": "eager"}}).train.share_prompt_prefix
