@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 # e.g. make run FLOW_ARGS='--sweep {"train.lr":[1e-5,3e-5]}'.
 run: setup
 	DATA_PATH="$(DATA_PATH)" $(PY) flows/pcsd_flow.py run $(FLOW_ARGS)
-	@$(PY) -m steps.quickstart
+	@$(PY) -m steps.finish
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -2,6 +2,9 @@
 
 Every figure carries its own title, axis labels and legend so it reads on its own when copied out of the
 report. SVG text stays text (`svg.fonttype = none`), so titles and legends are searchable in the page.
+The training-curve panels are defined once (`CURVE_PANELS`): the report overlays branches in them
+(`plot_training_curves`), and the distill step draws one branch's in a single PNG for its card and MLflow run
+(`training_curves_png`).
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from matplotlib.colors import Normalize, to_hex  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from dashboards.runs import Branch  # noqa: E402
+from pcsd_core.tracking_contract import eval_metric  # noqa: E402
 
 plt.rcParams["svg.fonttype"] = "none"
 KL_COLORMAP = "YlOrRd"
-# (figure title, y label, [(metric name, legend suffix, line style)]) per training-curve panel.
+# (figure title, y label, [(metric name, legend suffix, line style)]) per training-curve panel; every metric
+# is one of the contract's CURVE_METRICS.
 CURVE_PANELS = (
     ("Training loss", "loss", [("train/loss", "", "-")]),
     ("KL(teacher || student) per response token", "KL (nats)", [("train/kl", "", "-")]),
@@ -31,13 +36,14 @@ CURVE_PANELS = (
         [("train/teacher_entropy", " teacher", "-"), ("train/student_entropy", " student", "--")],
     ),
     ("Mean response length", "tokens", [("train/response_len", "", "-")]),
+    ("Rollout accuracy (training prompts)", "strict accuracy", [("rollout/accuracy", "", "-")]),
     ("Training throughput", "tokens / s", [("perf/tokens_per_s", "", "-")]),
 )
 EVAL_SERIES = (
-    ("eval/before/gsm8k_accuracy_strict", "strict, before", "#9ecae1", ""),
-    ("eval/after/gsm8k_accuracy_strict", "strict, after", "#3182bd", ""),
-    ("eval/before/gsm8k_accuracy_flexible", "flexible, before", "#fdd0a2", "//"),
-    ("eval/after/gsm8k_accuracy_flexible", "flexible, after", "#e6550d", "//"),
+    (eval_metric("before", "gsm8k_accuracy_strict"), "strict, before", "#9ecae1", ""),
+    (eval_metric("after", "gsm8k_accuracy_strict"), "strict, after", "#3182bd", ""),
+    (eval_metric("before", "gsm8k_accuracy_flexible"), "flexible, before", "#fdd0a2", "//"),
+    (eval_metric("after", "gsm8k_accuracy_flexible"), "flexible, after", "#e6550d", "//"),
 )
 
 
@@ -76,30 +82,61 @@ def plot_eval_accuracy(branches: list[Branch], varying_params: list[str]) -> str
     return figure_to_svg(fig)
 
 
+def _panels_with_data(branches: list[Branch]) -> list[tuple[str, str, list]]:
+    return [panel for panel in CURVE_PANELS
+            if any(metric in branch.curves for branch in branches for metric, _, _ in panel[2])]
+
+
+def _draw_curve_panel(ax, branches: list[Branch], title: str, ylabel: str, series: list, legend: bool) -> None:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, branch in enumerate(branches):
+        for metric, suffix, style in series:
+            points = branch.curves.get(metric)
+            if points:
+                steps, values = zip(*points)
+                color = colors[index % len(colors)]
+                ax.plot(steps, values, style, marker="o", markersize=3, color=color, label=branch.name + suffix)
+    ax.set_title(title, fontsize=9 if not legend else None)
+    ax.set_xlabel("training step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="y", useOffset=False)  # absolute values, not "+1.07e1" offsets
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(title="branch", fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
 def plot_training_curves(branches: list[Branch]) -> list[tuple[str, str]]:
     """One SVG per training-curve panel, branches overlaid; panels with no data are left out."""
     figures = []
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for title, ylabel, series in CURVE_PANELS:
-        if not any(metric in branch.curves for branch in branches for metric, _, _ in series):
-            continue
+    for title, ylabel, series in _panels_with_data(branches):
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        for index, branch in enumerate(branches):
-            for metric, suffix, style in series:
-                points = branch.curves.get(metric)
-                if points:
-                    steps, values = zip(*points)
-                    color = colors[index % len(colors)]
-                    ax.plot(steps, values, style, marker="o", markersize=3, color=color, label=branch.name + suffix)
-        ax.set_title(title)
-        ax.set_xlabel("training step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.ticklabel_format(axis="y", useOffset=False)  # absolute values, not "+1.07e1" offsets
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(title="branch", fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        _draw_curve_panel(ax, branches, title, ylabel, series, legend=True)
         figures.append((title, figure_to_svg(fig)))
     return figures
+
+
+def training_curves_png(history: list[dict[str, float]], title: str = "") -> bytes:
+    """One branch's training-curve panels side by side, as PNG bytes (cards and the branch's MLflow run).
+
+    `history` is the trainer's per-step metrics (a row per step, `step` optional: the row number otherwise).
+    """
+    curves = {}
+    for name in {metric for _, _, series in CURVE_PANELS for metric, _, _ in series}:
+        points = [(row.get("step", index + 1), row[name]) for index, row in enumerate(history) if name in row]
+        if points:
+            curves[name] = points
+    branch = Branch(run_id="", name=title, status="", params={}, metrics={}, curves=curves)
+    panels = _panels_with_data([branch]) or [CURVE_PANELS[0]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
+    for ax, (panel_title, ylabel, series) in zip(axes[0], panels):
+        _draw_curve_panel(ax, [branch], panel_title, ylabel, series, legend=False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def kl_colour_scale(max_kl: float) -> tuple[Normalize, object]:

@@ -14,24 +14,22 @@ from __future__ import annotations
 import argparse
 import datetime
 import html
-import math
-import os
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from dashboards import plots
 from dashboards.runs import Branch, Sweep, load_latest_samples, load_sweep
+from pcsd_core import tracking_contract as contract
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TRACKING_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+_STRICT, _FLEXIBLE = contract.ACCURACY_METRICS
 TABLE_METRICS = (
-    ("eval/before/gsm8k_accuracy_strict", "strict before"),
-    ("eval/after/gsm8k_accuracy_strict", "strict after"),
-    ("eval/delta/gsm8k_accuracy_strict", "strict Δ"),
-    ("eval/before/gsm8k_accuracy_flexible", "flexible before"),
-    ("eval/after/gsm8k_accuracy_flexible", "flexible after"),
-    ("eval/delta/gsm8k_accuracy_flexible", "flexible Δ"),
+    (contract.eval_metric("before", _STRICT), "strict before"),
+    (contract.eval_metric("after", _STRICT), "strict after"),
+    (contract.eval_metric("delta", _STRICT), "strict Δ"),
+    (contract.eval_metric("before", _FLEXIBLE), "flexible before"),
+    (contract.eval_metric("after", _FLEXIBLE), "flexible after"),
+    (contract.eval_metric("delta", _FLEXIBLE), "flexible Δ"),
     ("train/kl", "final train KL"),
 )
 STYLE = """
@@ -52,7 +50,7 @@ figure { margin: 0; } .curve { flex: 0 1 640px; }
 
 def build_report(
     tracking_uri: str | None = None,
-    experiment: str = "pcsd",
+    experiment: str = contract.DEFAULT_EXPERIMENT,
     flow_run_id: str | None = None,
     parent_run_id: str | None = None,
     output_path: str | Path | None = None,
@@ -63,7 +61,7 @@ def build_report(
     flow run of `experiment`. `tracking_uri` defaults to $MLFLOW_TRACKING_URI, then the repo's mlflow.db.
     `output_path` defaults to `outputs/reports/<parent run name>.html`.
     """
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    uri = tracking_uri or contract.tracking_uri()
     client = MlflowClient(tracking_uri=uri)
     sweep = load_sweep(client, experiment, flow_run_id=flow_run_id, parent_run_id=parent_run_id)
     example_branch, example = pick_example(client, sweep.branches, best_branch(sweep.branches))
@@ -74,20 +72,9 @@ def build_report(
     return path
 
 
-def _metric(branch: Branch, name: str) -> float:
-    value = branch.metrics.get(name, float("nan"))
-    return -math.inf if math.isnan(value) else value
-
-
 def best_branch(branches: list[Branch]) -> Branch | None:
-    """Highest strict accuracy after training; flexible accuracy breaks ties. None when no branch was evaluated."""
-    evaluated = [b for b in branches if _metric(b, "eval/after/gsm8k_accuracy_strict") > -math.inf]
-    if not evaluated:
-        return None
-    return max(
-        evaluated,
-        key=lambda b: (_metric(b, "eval/after/gsm8k_accuracy_strict"), _metric(b, "eval/after/gsm8k_accuracy_flexible")),
-    )
+    """The contract's best branch (the join step's and the card's too); None when no branch was evaluated."""
+    return contract.best_branch(branches, lambda branch: branch.metrics, lambda branch: branch.name)
 
 
 def pick_example(
@@ -143,7 +130,7 @@ def render_branch_table(sweep: Sweep) -> str:
         cells += [html.escape(branch.status), f'<span title="{branch.run_id}">{branch.run_id[:8]}</span>']
         row_class = ' class="best"' if is_best else ""
         rows.append(f"<tr{row_class}>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
-    note = '<p class="meta">★ best = highest strict accuracy after training (flexible breaks ties).</p>'
+    note = f'<p class="meta">★ best = {contract.BEST_BRANCH_RULE}.</p>'
     return f'<div class="table-wrap"><table id="branch-table">{"".join(rows)}</table></div>{note}'
 
 
@@ -178,8 +165,9 @@ def main(argv: list[str] | None = None) -> Path:
     which.add_argument("--latest", action="store_true", help="the latest flow run of the experiment")
     which.add_argument("--flow-run-id", help="the Metaflow run id (MLflow tag pcsd.flow_run_id)")
     which.add_argument("--parent-run-id", help="the MLflow parent run id")
-    parser.add_argument("--tracking-uri", default=None, help=f"default $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI}")
-    parser.add_argument("--experiment", default="pcsd")
+    parser.add_argument("--tracking-uri", default=None,
+                        help=f"default $MLFLOW_TRACKING_URI or {contract.default_tracking_uri()}")
+    parser.add_argument("--experiment", default=contract.DEFAULT_EXPERIMENT)
     parser.add_argument("--output", default=None, help="HTML path (default outputs/reports/<parent run>.html)")
     args = parser.parse_args(argv)
     path = build_report(args.tracking_uri, args.experiment, args.flow_run_id, args.parent_run_id, args.output)

@@ -1,6 +1,6 @@
 """Read one PCSD sweep out of MLflow: the parent run, its branch runs, their metrics, params and samples.
 
-The layout is the tracking contract (DESIGN.md): one parent run per flow run (tag `pcsd.flow_run_id`), one
+The layout is the tracking contract (`pcsd_core.tracking_contract`): one parent run per flow run (tag `pcsd.flow_run_id`), one
 nested child run per sweep branch (tags `pcsd.branch`, `mlflow.parentRunId`), per-step `train/*` metrics,
 `eval/*` metrics, the flattened config as params and `samples/step_*.jsonl` artifacts. Works against any
 tracking URI the MLflow client accepts (a SQLite file, a folder, a server).
@@ -19,18 +19,9 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-PARENT_TAG = "mlflow.parentRunId"
-FLOW_RUN_TAG = "pcsd.flow_run_id"
-BRANCH_TAG = "pcsd.branch"
-# Per-step curves the report overlays across branches (the stable names of DESIGN.md).
-CURVE_METRICS = (
-    "train/loss",
-    "train/kl",
-    "train/teacher_entropy",
-    "train/student_entropy",
-    "train/response_len",
-    "perf/tokens_per_s",
-)
+from pcsd_core.tracking_contract import (CURVE_METRICS, DEFAULT_EXPERIMENT, TAG_BRANCH, TAG_FLOW_RUN_ID,
+                                         TAG_PARENT_RUN)
+
 # Params that differ between branches without being hyperparameters (each branch writes its own folder).
 NON_HYPERPARAMETERS = frozenset({"train.output_dir", "train.resume_from"})
 
@@ -62,7 +53,7 @@ class Sweep:
 
 def load_sweep(
     client: MlflowClient,
-    experiment: str = "pcsd",
+    experiment: str = DEFAULT_EXPERIMENT,
     flow_run_id: str | None = None,
     parent_run_id: str | None = None,
 ) -> Sweep:
@@ -75,7 +66,7 @@ def load_sweep(
             "Pass --experiment with one of them, or point --tracking-uri at the store the flow wrote to."
         )
     parent = _find_parent(client, exp.experiment_id, flow_run_id, parent_run_id)
-    children = _search_all(client, exp.experiment_id, f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
+    children = _search_all(client, exp.experiment_id, f"tags.`{TAG_PARENT_RUN}` = '{parent.info.run_id}'")
     # A flow run without a sweep may log straight into the parent run; it is then the only branch.
     branch_runs = sorted(children, key=lambda run: run.info.start_time) or [parent]
     branches = [_load_branch(client, run) for run in branch_runs]
@@ -84,7 +75,7 @@ def load_sweep(
         experiment_id=exp.experiment_id,
         parent_run_id=parent.info.run_id,
         parent_name=parent.info.run_name or parent.info.run_id,
-        flow_run_id=parent.data.tags.get(FLOW_RUN_TAG, ""),
+        flow_run_id=parent.data.tags.get(TAG_FLOW_RUN_ID, ""),
         branches=branches,
         varying_params=find_varying_params(branches),
     )
@@ -93,12 +84,12 @@ def load_sweep(
 def _find_parent(client: MlflowClient, experiment_id: str, flow_run_id: str | None, parent_run_id: str | None) -> Run:
     if parent_run_id:
         return client.get_run(parent_run_id)
-    query = f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'" if flow_run_id else ""
+    query = f"tags.`{TAG_FLOW_RUN_ID}` = '{flow_run_id}'" if flow_run_id else ""
     runs = _search_all(client, experiment_id, query, order_by=["attributes.start_time DESC"])
     # Parents carry the flow-run tag and no parent tag; with no flow run id the newest such run wins.
-    parents = [run for run in runs if PARENT_TAG not in run.data.tags and FLOW_RUN_TAG in run.data.tags]
+    parents = [run for run in runs if TAG_PARENT_RUN not in run.data.tags and TAG_FLOW_RUN_ID in run.data.tags]
     if not parents:
-        which = f"with tag {FLOW_RUN_TAG}={flow_run_id!r}" if flow_run_id else f"tagged {FLOW_RUN_TAG}"
+        which = f"with tag {TAG_FLOW_RUN_ID}={flow_run_id!r}" if flow_run_id else f"tagged {TAG_FLOW_RUN_ID}"
         raise ValueError(
             f"no parent run {which} in experiment id {experiment_id}; run the flow first "
             "(python flows/pcsd_flow.py run) or pass --parent-run-id."
@@ -124,7 +115,7 @@ def _load_branch(client: MlflowClient, run: Run) -> Branch:
             curves[key] = sorted((m.step, m.value) for m in history)
     return Branch(
         run_id=run.info.run_id,
-        name=run.data.tags.get(BRANCH_TAG) or run.info.run_name or run.info.run_id,
+        name=run.data.tags.get(TAG_BRANCH) or run.info.run_name or run.info.run_id,
         status=run.info.status,
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),

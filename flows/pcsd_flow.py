@@ -1,11 +1,14 @@
-"""The PCSD experiment flow: preprocess -> distill (one branch per sweep point) -> evaluate -> register.
+"""The PCSD experiment flow: preprocess -> evaluate the base model -> distill (one branch per sweep point)
+-> evaluate -> join -> register.
 
     python flows/pcsd_flow.py run                                    # embedded CPU default (SmolLM2-135M)
     python flows/pcsd_flow.py --config config configs/gpu_gsm8k_7b.yaml run --total-steps 200
     python flows/pcsd_flow.py run --sweep '{"train.lr": [1e-5, 3e-5], "loss.divergence": ["forward_kl", "jsd"]}'
+    python flows/pcsd_flow.py run --set "rollout.n=4 loss.divergence=jsd"
 
-Settings, highest first: these Parameters > the reference script's environment variables (MODEL_PATH,
-DATA_PATH, TOTAL_STEPS, ACTOR_NUM_GPUS, ROLLOUT_NUM_GPUS) > the YAML preset (`steps/plan.py`).
+Settings, highest first: the knob Parameters (--model, --total-steps, --data-path, --lr) > --set > the
+reference script's environment variables (MODEL_PATH, DATA_PATH, TOTAL_STEPS, ACTOR_NUM_GPUS,
+ROLLOUT_NUM_GPUS) > the YAML preset (`steps/plan.py`).
 Every run is tracked in MLflow (MLFLOW_TRACKING_URI, default sqlite:///<repo>/mlflow.db): one parent run,
 one nested child run per branch. Look at it with `mlflow ui --backend-store-uri sqlite:///mlflow.db` and
 `python flows/pcsd_flow.py card view <step>`. Steps only wire: the work is in `steps/`.
@@ -13,18 +16,29 @@ one nested child run per branch. Look at it with `mlflow ui --backend-store-uri 
 
 from metaflow import Config, FlowSpec, Parameter, card, catch, current, retry, step, timeout
 
+from steps.plan import FLOW_KNOBS
+
 DISTILL_TIMEOUT_S = 12 * 3600  # a 7B preset on GPUs; a hung Ray worker must not hold the flow forever
 CARD_TIMEOUT_S = 300  # card rendering is a subprocess; the default 45 s is too short on a busy 2-core machine
+KNOBS = {knob.name: knob for knob in FLOW_KNOBS}
+
+
+def knob_parameter(name: str) -> Parameter:
+    """The flow Parameter of one FLOW_KNOBS row (0 / "" = not given: the env variable or preset decides)."""
+    knob = KNOBS[name]
+    fallback = f"else {knob.env}, else preset" if knob.env else "else preset"
+    return Parameter(name.replace("_", "-"), type=knob.type, default=knob.type(), help=f"{knob.help} ({fallback})")
 
 
 class PCSDFlow(FlowSpec):
     """Privileged Context Self-Distillation with tracking, sweeps, evaluation and a model registry."""
 
     config = Config("config", default="configs/cpu_smollm2.yaml", parser="steps.plan.parse_preset")
-    model = Parameter("model", default="", help="model alias, hub id or folder (else MODEL_PATH, else preset)")
-    total_steps = Parameter("total-steps", type=int, default=0, help="training steps (else TOTAL_STEPS, else preset)")
-    data_path = Parameter("data-path", default="", help="local GSM8K folder, or 'hub' (else DATA_PATH, else preset)")
-    lr = Parameter("lr", type=float, default=0.0, help="learning rate (else preset)")
+    model = knob_parameter("model")
+    total_steps = knob_parameter("total_steps")
+    data_path = knob_parameter("data_path")
+    lr = knob_parameter("lr")
+    overrides = Parameter("set", default="", help='config overrides, e.g. "train.lr=1e-5 rollout.n=4" (else preset)')
     sweep = Parameter("sweep", default="", help='JSON grid, e.g. \'{"train.lr": [1e-5, 3e-5]}\' (else preset sweep:)')
 
     @step
@@ -32,20 +46,27 @@ class PCSDFlow(FlowSpec):
         from steps import tracking
         from steps.plan import plan_run
 
-        knobs = dict(model=self.model, total_steps=self.total_steps, data_path=self.data_path, lr=self.lr)
-        self.plan = plan_run(self.config, flow_run_id=current.run_id, sweep=self.sweep, **knobs)
+        knobs = {name: getattr(self, name) for name in KNOBS}
+        self.plan = plan_run(self.config, flow_run_id=current.run_id, sweep=self.sweep, overrides=self.overrides,
+                             **knobs)
         self.mlflow_run_id = tracking.start_parent_run(current.run_id, current.pathspec, self.plan.flat_params())
         self.next(self.preprocess)
 
     @retry(times=1)
     @step
     def preprocess(self):
-        from steps.evaluate import evaluate_baselines
-        from steps.plan import prepare_branches
+        from steps.preprocess import preprocess_branches
 
-        self.branches = prepare_branches(self.plan, self.mlflow_run_id)
-        # The base model is evaluated once here, not once per branch.
-        self.baselines = evaluate_baselines(self.branches, self.mlflow_run_id, self.plan.output_root)
+        self.branches = preprocess_branches(self.plan, self.mlflow_run_id)
+        self.next(self.evaluate_base)
+
+    @retry(times=1)
+    @step
+    def evaluate_base(self):
+        from steps.evaluate import evaluate_base_models
+
+        # Once per distinct base model, not once per branch: every branch's "before".
+        self.base_evaluations = evaluate_base_models(self.branches, self.mlflow_run_id, self.plan.output_root)
         self.next(self.distill, foreach="branches")
 
     @card(type="blank", id="training", timeout=CARD_TIMEOUT_S)
@@ -71,8 +92,8 @@ class PCSDFlow(FlowSpec):
 
         self.evaluation = None
         if self.distill_failure is None:  # a failed branch passes through to the join, which skips it
-            baseline = self.baselines[self.branch.baseline_key]
-            self.evaluation = evaluate_branch(self.branch, self.trained.checkpoint_dir, self.trained.run_id, baseline)
+            base = self.base_evaluations[self.branch.base_model_key]
+            self.evaluation = evaluate_branch(self.branch, self.trained.checkpoint_dir, self.trained.run_id, base)
         self.next(self.join)
 
     @card(type="blank", id="sweep", timeout=CARD_TIMEOUT_S)
@@ -87,7 +108,7 @@ class PCSDFlow(FlowSpec):
             for i in inputs
         ]  # fmt: skip
         self.summary = summarize_sweep(outcomes)
-        self.merge_artifacts(inputs, include=["plan", "mlflow_run_id", "branches"])
+        self.merge_artifacts(inputs, include=["plan", "mlflow_run_id"])
         current.card["sweep"].extend(sweep_card(self.summary, TABLE_HEADERS))
         self.next(self.register)
 
@@ -96,9 +117,7 @@ class PCSDFlow(FlowSpec):
     def register(self):
         from steps.register import register_best
 
-        best = self.summary.best
-        config = next((b.config for b in self.branches if best and b.label == best.label), None)
-        self.registration = register_best(best, config, flow_run_id=current.run_id)  # None if all failed
+        self.registration = register_best(self.summary.best, flow_run_id=current.run_id)  # None if all failed
         self.next(self.end)
 
     @card(type="blank", id="summary", timeout=CARD_TIMEOUT_S)

@@ -16,6 +16,7 @@ forward of the sharded root module (`DistillationModule`), so FSDP's hooks unsha
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -32,10 +33,10 @@ from pcsd_core.models import load_model
 class DistillationModule(nn.Module):
     """Wraps a causal LM: forward gives response hidden states (teacher) or the distillation loss (student)."""
 
-    def __init__(self, causal_lm: nn.Module, loss_kwargs: dict[str, Any]):
+    def __init__(self, causal_lm: nn.Module, loss_spec: losses.LossSpec):
         super().__init__()
         self.lm = causal_lm
-        self.loss_kwargs = loss_kwargs
+        self.loss_kwargs = dataclasses.asdict(loss_spec)
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
@@ -79,13 +80,6 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) 
     return 1.0
 
 
-def loss_kwargs_from(cfg: PCSDConfig) -> dict[str, Any]:
-    loss = cfg.loss
-    return dict(divergence=loss.divergence, beta=loss.beta, temperature=loss.temperature, estimator=loss.estimator,
-                topk=loss.topk, topk_source=loss.topk_source, topk_tail=loss.topk_tail, token_clip=loss.token_clip,
-                chunk_tokens=loss.chunk_tokens)
-
-
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor: all-gathers an FSDP2 shard (a DTensor; every rank must call), else returns it."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
@@ -119,7 +113,7 @@ class Actor:
             enable()
         lm.train(trainable)
         lm.requires_grad_(trainable)
-        module = DistillationModule(lm, loss_kwargs_from(self.cfg))
+        module = DistillationModule(lm, self.cfg.loss.spec())
         if mesh is not None:
             from torch.distributed.fsdp import fully_shard
 
@@ -170,6 +164,7 @@ class Actor:
                                           train.micro_batch_size):
                     self._accumulate_micro_batch(batch, teacher_outputs, rows, weights, start, stats, epoch == 0)
                 stats.grad_norms.append(self._clip_and_step())
+        stats.lr = self.optimizer.param_groups[0]["lr"]  # what this update used; the schedule moves on below
         self.scheduler.step()
         return stats
 

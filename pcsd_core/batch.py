@@ -170,4 +170,18 @@ class UpdateStats:
     student_entropy_sum: float = 0.0
     num_tokens: int = 0  # response tokens scored (all epochs)
     grad_norms: list[float] = field(default_factory=list)  # one per optimizer step (identical on all ranks)
+    lr: float = 0.0  # the optimizer's learning rate during this update (identical on all ranks)
     token_kl: dict[int, list[float]] = field(default_factory=dict)  # row -> per-token loss (0 if skipped), epoch 1
+
+    @classmethod
+    def merged(cls, parts: list[UpdateStats]) -> UpdateStats:
+        """The whole update from the workers' shares: sums add up; norms and lr are global already."""
+        merged = cls(grad_norms=parts[0].grad_norms, lr=parts[0].lr)
+        for part in parts:
+            merged.loss_sum += part.loss_sum
+            merged.kl_sum += part.kl_sum
+            merged.teacher_entropy_sum += part.teacher_entropy_sum
+            merged.student_entropy_sum += part.student_entropy_sum
+            merged.num_tokens += part.num_tokens
+            merged.token_kl.update(part.token_kl)
+        return merged

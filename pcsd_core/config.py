@@ -1,21 +1,35 @@
 """The one typed, validated configuration of a PCSD run.
 
-Every knob is declared once, here, with its meaning and range. YAML presets in `configs/` load into
-`PCSDConfig` with `PCSDConfig.from_yaml(path)`; unknown keys raise. Derived values are computed in
-`__post_init__` and nowhere else. The flattened form (`to_flat_dict`) is what MLflow records as params.
+Every knob is declared once, here, with its meaning and range. This module is also the one
+place that reads presets and overrides:
 
-    from pcsd_core.config import PCSDConfig
+- `load_preset(path)` reads a YAML preset of `configs/` into a `Preset`: its config sections and its optional
+  `sweep:` grid (`parse_sweep`). `PCSDConfig.from_yaml(path)` is the config of a preset, sweep grid ignored.
+- `parse_overrides(["train.lr=1e-5", ...])` parses `key=value` overrides (values as YAML scalars); the engine
+  CLI's `--set` and the flow's `--set` both use it.
+
+Unknown keys raise. Derived values are computed in `__post_init__` and nowhere else. The flattened form
+(`to_flat_dict`) is what MLflow records as params.
+
+    from pcsd_core.config import PCSDConfig, load_preset
     cfg = PCSDConfig.from_yaml("configs/cpu_smollm2.yaml", overrides={"train.total_training_steps": 4})
+    preset = load_preset("configs/sweep_cpu_smollm2.yaml")    # preset.sweep == {"train.lr": [...], ...}
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_type_hints
 
 import yaml
+
+if TYPE_CHECKING:  # the loss module imports torch; it is loaded only when a config is validated
+    from pcsd_core.losses import LossSpec
 
 DEFAULT_TEACHER_TEMPLATE = (
     "{question}\n\nHere is a worked solution to this problem:\n{context}\n\n"
@@ -146,17 +160,19 @@ class LossConfig:
     chunk_tokens: int = 256
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.beta <= 1.0, f"loss.beta ({self.beta}) must be in [0, 1].")
-        _require(self.temperature > 0, f"loss.temperature ({self.temperature}) must be > 0.")
-        _require(self.topk >= 1, f"loss.topk ({self.topk}) must be >= 1.")
         _require(self.skip_first_tokens >= 0, f"loss.skip_first_tokens ({self.skip_first_tokens}) must be >= 0.")
-        _require(self.token_clip >= 0, f"loss.token_clip ({self.token_clip}) must be >= 0 (0 disables it).")
-        _require(self.chunk_tokens >= 1, f"loss.chunk_tokens ({self.chunk_tokens}) must be >= 1.")
-        _require(
-            self.estimator != "sampled" or self.divergence == "reverse_kl",
-            f"loss.estimator 'sampled' estimates KL(student || teacher) from the student's own samples, so it needs "
-            f"loss.divergence 'reverse_kl' (got {self.divergence!r}); use estimator 'full' or 'topk' for {self.divergence!r}.",
-        )
+        try:
+            self.spec()  # the loss module owns and checks its options
+        except ValueError as error:
+            raise ValueError(f"loss.{error}") from None
+
+    def spec(self) -> LossSpec:
+        """These options as the loss module's `LossSpec` (the one place they are validated)."""
+        from pcsd_core.losses import LossSpec
+
+        return LossSpec(divergence=self.divergence, beta=self.beta, temperature=self.temperature,
+                        estimator=self.estimator, topk=self.topk, topk_source=self.topk_source,
+                        topk_tail=self.topk_tail, token_clip=self.token_clip, chunk_tokens=self.chunk_tokens)
 
 
 @dataclass
@@ -289,12 +305,8 @@ class PCSDConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> PCSDConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist; presets live in configs/.")
-        raw = yaml.safe_load(path.read_text()) or {}
-        _require(isinstance(raw, dict), f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}.")
-        return cls.from_dict(raw, overrides)
+        """The config of the preset at `path` (its `sweep:` grid, if any, belongs to the flow and is ignored)."""
+        return load_preset(path).config(overrides)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -342,4 +354,105 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
         return float(value)
     if annotation is str:
         _require(isinstance(value, str), f"{name} ({value!r}) must be a string.")
+    return value
+
+
+# ---- presets and overrides ----------------------------------------------------------------------------
+
+SWEEP_KEY = "sweep"  # a preset's optional top-level sweep grid (not a PCSDConfig section)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A YAML preset: the config sections and the optional sweep grid (dotted key -> list of values)."""
+
+    sections: dict[str, Any]
+    sweep: dict[str, list[Any]]
+
+    def config(self, overrides: dict[str, Any] | None = None) -> PCSDConfig:
+        return PCSDConfig.from_dict(self.sections, overrides)
+
+
+def load_preset(source: str | Path | Any) -> Preset:
+    """Read and validate a preset: a YAML file path, or the already parsed YAML (bad presets fail here)."""
+    if not isinstance(source, (str, Path)):
+        raw, where = _plain(source), "config preset"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist; presets live in configs/.")
+        raw, where = read_preset_text(path.read_text(), where=str(path)), str(path)
+    _require(isinstance(raw, dict), f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}.")
+    sections = {key: value for key, value in raw.items() if key != SWEEP_KEY}
+    preset = Preset(sections=sections, sweep=parse_sweep(raw.get(SWEEP_KEY)))
+    preset.config()  # validate now, before any work
+    return preset
+
+
+def read_preset_text(text: str, where: str = "config preset") -> Any:
+    """The YAML of a preset, parsed; a syntax error names `where` and the line."""
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ValueError(f"{where}:{line}: invalid YAML ({problem}); fix the preset's syntax.") from None
+
+
+def parse_sweep(spec: str | Mapping[str, Any] | None) -> dict[str, list[Any]]:
+    """A sweep grid from JSON text or a mapping; empty/None means no sweep. Keys look like 'train.lr'."""
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return {}
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"--sweep {spec!r} is not valid JSON ({error.msg}); write e.g. "
+                '\'{"train.lr": [1e-5, 3e-5], "loss.divergence": ["forward_kl", "jsd"]}\'.'
+            ) from None
+    _require(isinstance(spec, Mapping), f"sweep must map config keys to lists of values, got {type(spec).__name__}: {spec!r}.")
+    grid: dict[str, list[Any]] = {}
+    for key, values in spec.items():
+        _require(isinstance(key, str) and key.count(".") == 1,
+                 f"sweep key {key!r} must look like 'section.field', e.g. 'train.lr'.")
+        _require(isinstance(values, list) and bool(values),
+                 f"sweep values for {key!r} must be a non-empty list, got {values!r}; write [{values!r}].")
+        grid[key] = list(values)
+    return grid
+
+
+def parse_overrides(items: str | list[str]) -> dict[str, Any]:
+    """`key=value` overrides -> {dotted key: value}. A string is split like a shell command line.
+
+    Values are YAML scalars (`1e-5`, `true`, `8`), anything else stays text; the config's coercion checks
+    them against the field types, so `train.lr=1e-5` (which YAML reads as a string) still becomes a float.
+    """
+    if isinstance(items, str):
+        items = shlex.split(items)
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        _require(bool(sep) and key.count(".") == 1,
+                 f"override {item!r} must look like section.field=value, e.g. train.lr=1e-5.")
+        overrides[key.strip()] = _scalar(value)
+    return overrides
+
+
+def _scalar(text: str) -> Any:
+    """A YAML scalar (`8`, `true`, `1.0e-5`); text that is not one (`{question} ...`, `a: b`) stays text."""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        return text
+    return text if isinstance(value, (dict, list)) else value
+
+
+def _plain(value: Any) -> Any:
+    """Read-only mappings (Metaflow's ConfigValue) as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
     return value

@@ -16,7 +16,7 @@ gradients by the incoming scalar gradient. Double backward is not supported (not
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,25 +30,12 @@ from pcsd_core.loss_math import (
     topk_support,
 )
 
+if TYPE_CHECKING:  # losses.py imports this module; the spec is only read here
+    from pcsd_core.losses import LossSpec
+
 # Seed of the generator that picks the tokens on which the top-k estimate is compared to the exact value,
 # fixed so the metric is reproducible for the same batch.
 _METRIC_SAMPLE_SEED = 0
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """Scalar options of the loss, validated by `pcsd_core.losses.hidden_state_distillation_loss`."""
-
-    divergence: str
-    beta: float
-    temperature: float
-    estimator: str
-    topk: int
-    topk_source: str
-    topk_tail: str
-    token_clip: float
-    chunk_tokens: int
-    metric_sample_tokens: int
 
 
 def chunk_token_loss(
@@ -180,9 +167,9 @@ def _finalise_metrics(sums: dict[str, float], num_tokens: int) -> dict[str, floa
     denominator = max(num_tokens, 1)
     metrics = {name: sums.get(name, 0.0) / denominator for name in ("kl", "teacher_entropy", "student_entropy")}
     metrics["topk_mass"] = sums.get("topk_mass", 0.0) / denominator
-    gap_tokens = max(sums.get("gap_tokens", 0.0), 1.0)
-    metrics["topk_gap"] = sums.get("topk_gap", 0.0) / gap_tokens
-    metrics["topk_gap_rel"] = sums.get("topk_gap", 0.0) / max(sums.get("topk_exact", 0.0), 1e-12)
+    if "gap_tokens" in sums:  # the opt-in top-k diagnostic ran
+        metrics["topk_gap"] = sums["topk_gap"] / max(sums["gap_tokens"], 1.0)
+        metrics["topk_gap_rel"] = sums["topk_gap"] / max(sums["topk_exact"], 1e-12)
     metrics["tokens"] = float(num_tokens)
     return metrics
 
@@ -209,8 +196,9 @@ class ChunkedDistillation(torch.autograd.Function):
             chunk_hidden = student_hidden[rows]
             student_logits = (chunk_hidden @ student_weight.T).to(loss_dtype)  # (c, V)
             teacher_logits = (teacher_hidden[rows] @ teacher_weight.T).to(loss_dtype)  # (c, V)
-            in_chunk = gap_rows[(gap_rows >= rows.start) & (gap_rows < rows.stop)] - rows.start
-            _add_sums(sums, _gap_sums(student_logits[in_chunk], teacher_logits[in_chunk], spec))
+            if spec.metric_sample_tokens:
+                in_chunk = gap_rows[(gap_rows >= rows.start) & (gap_rows < rows.stop)] - rows.start
+                _add_sums(sums, _gap_sums(student_logits[in_chunk], teacher_logits[in_chunk], spec))
             chunk_weights = weights[rows].to(loss_dtype)
             if fused:
                 chunk_per_token, grad_logits, chunk_sums = _fused_forward_kl_step(

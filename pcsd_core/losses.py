@@ -17,17 +17,20 @@ the exact conventions (JSD endpoints, temperature scaling, zero-probability hand
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from pcsd_core.loss_chunked import LossSpec, chunked_distillation_loss
+from pcsd_core.loss_chunked import chunked_distillation_loss
 from pcsd_core.loss_math import DIVERGENCES, full_divergence
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 ESTIMATORS = ("full", "topk", "sampled")
 AGGREGATIONS = ("token_mean", "seq_mean")
+TOPK_SOURCES = ("teacher", "student")
+TOPK_TAILS = ("renorm", "tail_bucket")
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:
@@ -39,8 +42,48 @@ def _check_divergence_options(divergence: str, beta: float, temperature: float) 
     _check_choice("divergence", divergence, DIVERGENCES)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta ({beta}) must be in [0, 1] (0 = forward KL, 1 = reverse KL).")
-    if not temperature > 0:
-        raise ValueError(f"temperature ({temperature}) must be > 0; use 1.0 for the model's own distribution.")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature ({temperature}) must be a finite number > 0; use 1.0 for the model's own distribution.")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The scalar options of the distillation loss, validated once, here (the config's `loss.*` delegate to it).
+
+    Every message starts with the option's name, so `LossConfig` can name it `loss.<option>`.
+    """
+
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    estimator: str = "full"
+    topk: int = 64
+    topk_source: str = "teacher"
+    topk_tail: str = "tail_bucket"
+    token_clip: float = 0.0
+    chunk_tokens: int = 1024
+    # Tokens per call on which the top-k estimate is compared with the exact divergence (`topk_gap` metrics);
+    # 0 = none. A diagnostic: it costs one extra exact and top-k pass over those tokens.
+    metric_sample_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        _check_divergence_options(self.divergence, self.beta, self.temperature)
+        _check_choice("estimator", self.estimator, ESTIMATORS)
+        _check_choice("topk_source", self.topk_source, TOPK_SOURCES)
+        _check_choice("topk_tail", self.topk_tail, TOPK_TAILS)
+        for name, minimum in (("topk", 1), ("chunk_tokens", 1), ("metric_sample_tokens", 0), ("token_clip", 0)):
+            value = getattr(self, name)
+            if not (value >= minimum and math.isfinite(value)):
+                raise ValueError(f"{name} ({value}) must be a finite number >= {minimum}.")
+        # The sampled tokens come from the student, so the estimator is unbiased for KL(student || teacher) only:
+        # reverse KL, or JSD at beta = 1, which is defined as exactly that.
+        if self.estimator == "sampled" and not (self.divergence == "reverse_kl" or
+                                                (self.divergence == "jsd" and self.beta == 1.0)):
+            raise ValueError(
+                f"estimator 'sampled' estimates KL(student || teacher) from the student's own samples, so it "
+                f"needs divergence 'reverse_kl' (got {self.divergence!r}, beta {self.beta}); use estimator 'full' "
+                f"or 'topk' for {self.divergence!r}."
+            )
 
 
 def token_divergence(
@@ -129,13 +172,14 @@ class LossOutput:
     loss: torch.Tensor  # scalar, differentiable w.r.t. student inputs: sum(weights * per_token)
     per_token: torch.Tensor  # (N,) detached per-token loss (after clipping); 0 where weights == 0 (not computed)
     # Means over the tokens with weight != 0: kl (exact forward KL), teacher_entropy, student_entropy,
-    # topk_mass (teacher mass on the top-k support), tokens; and on a fixed random subset of up to
-    # `metric_sample_tokens` tokens: topk_gap (mean |topk estimate - exact|), topk_gap_rel (sum gap / sum exact).
+    # topk_mass (teacher mass on the top-k support), tokens; and, only when `metric_sample_tokens` > 0, on a
+    # fixed random subset of that many tokens: topk_gap (mean |topk estimate - exact|), topk_gap_rel
+    # (sum gap / sum exact).
     metrics: dict[str, float]
 
 
 def _check_loss_inputs(student_hidden, teacher_hidden, student_weight, teacher_weight, weights, response_ids,
-                       estimator: str, divergence: str, beta: float) -> None:
+                       spec: LossSpec) -> None:
     """Shape and option checks, raised before any (N, V) work."""
     if student_hidden.dim() != 2 or student_hidden.shape != teacher_hidden.shape:
         raise ValueError(
@@ -147,14 +191,8 @@ def _check_loss_inputs(student_hidden, teacher_hidden, student_weight, teacher_w
             raise ValueError(f"{name} {tuple(weight.shape)} must be (V, H) with H = {student_hidden.shape[1]}.")
     if weights.shape != student_hidden.shape[:1]:
         raise ValueError(f"weights {tuple(weights.shape)} must be (N,) = ({student_hidden.shape[0]},).")
-    if estimator == "sampled":
-        if response_ids is None or response_ids.shape != weights.shape:
-            raise ValueError("estimator='sampled' needs response_ids (N,): the sampled token at each position.")
-        if not (divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0)):
-            raise ValueError(
-                f"estimator='sampled' estimates reverse KL only (tokens are sampled from the student), got "
-                f"divergence={divergence!r}; set loss.divergence='reverse_kl' or use estimator 'full'/'topk'."
-            )
+    if spec.estimator == "sampled" and (response_ids is None or response_ids.shape != weights.shape):
+        raise ValueError("estimator='sampled' needs response_ids (N,): the sampled token at each position.")
 
 
 def hidden_state_distillation_loss(
@@ -174,7 +212,7 @@ def hidden_state_distillation_loss(
     topk_tail: Literal["renorm", "tail_bucket"] = "tail_bucket",
     token_clip: float = 0.0,
     chunk_tokens: int = 1024,
-    metric_sample_tokens: int = 32,
+    metric_sample_tokens: int = 0,
 ) -> LossOutput:
     """Memory-bounded loss from hidden states: never holds (N, V) logits for teacher and student at once.
 
@@ -186,18 +224,9 @@ def hidden_state_distillation_loss(
     skipped entirely. Peak extra memory is O(chunk_tokens * V); gradients are exact (computed per chunk).
     """
     teacher_weight = student_weight if teacher_weight is None else teacher_weight
-    _check_divergence_options(divergence, beta, temperature)
-    _check_choice("estimator", estimator, ESTIMATORS)
-    _check_choice("topk_source", topk_source, ("teacher", "student"))
-    _check_choice("topk_tail", topk_tail, ("renorm", "tail_bucket"))
-    for name, value, minimum in (("topk", topk, 1), ("chunk_tokens", chunk_tokens, 1),
-                                 ("metric_sample_tokens", metric_sample_tokens, 0), ("token_clip", token_clip, 0)):
-        if value < minimum:
-            raise ValueError(f"{name} ({value}) must be >= {minimum}.")
-    _check_loss_inputs(student_hidden, teacher_hidden, student_weight, teacher_weight, weights, response_ids,
-                       estimator, divergence, beta)
     spec = LossSpec(divergence, beta, temperature, estimator, topk, topk_source, topk_tail, token_clip,
                     chunk_tokens, metric_sample_tokens)
+    _check_loss_inputs(student_hidden, teacher_hidden, student_weight, teacher_weight, weights, response_ids, spec)
     loss, per_token, metrics = chunked_distillation_loss(
         student_hidden, teacher_hidden, student_weight, teacher_weight, weights, response_ids, spec
     )

@@ -4,7 +4,9 @@
         --set train.lr=1e-5 --set train.total_training_steps=8
 
 `--set section.field=value` overrides a config field (repeatable); values are parsed as YAML scalars
-(`1e-5`, `true`, `8`). Metrics are printed as one JSON line per step on stdout (`--metrics-jsonl` also
+(`1e-5`, `true`, `8`), by the same parser as the flow's `--set`. `--check` validates the preset with its
+overrides, prints the resolved config and exits (any preset of `configs/` loads; a sweep preset's grid is
+the flow's business, so the engine trains the base config). Metrics are printed as one JSON line per step on stdout (`--metrics-jsonl` also
 writes them to a file). The final checkpoint folder is printed on the last line.
 """
 
@@ -16,30 +18,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pcsd_core.config import PCSDConfig
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise ValueError(f"--set {item!r} must look like section.field=value, e.g. --set train.lr=1e-5.")
-        parsed = yaml.safe_load(value) if value else ""
-        # YAML reads 1e-5 as a string (no dot in the mantissa); let the config's coercion parse numbers.
-        overrides[key.strip()] = parsed
-    return overrides
+from pcsd_core.config import load_preset, parse_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pcsd_core.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/cpu_smollm2.yaml")
-    parser.add_argument("--train-parquet", required=True, help="train split written by pcsd_core.data.prepare_dataset")
+    parser.add_argument("--train-parquet", help="train split written by pcsd_core.data.prepare_dataset")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field (repeatable)")
     parser.add_argument("--metrics-jsonl", default="", help="also append each step's metrics to this file")
+    parser.add_argument("--check", action="store_true", help="validate the config, print it resolved, and exit")
     return parser
 
 
@@ -48,11 +37,19 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        cfg = PCSDConfig.from_yaml(args.config, overrides=parse_overrides(args.overrides))
+        preset = load_preset(args.config)
+        cfg = preset.config(parse_overrides(args.overrides))
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not Path(args.train_parquet).is_file():
+    if preset.sweep:
+        print(f"note: {args.config} holds a sweep grid ({', '.join(preset.sweep)}); the engine CLI trains one "
+              "config, the preset's base. Run the flow for the sweep: python flows/pcsd_flow.py --config config "
+              f"{args.config} run", file=sys.stderr)
+    if args.check:
+        print(cfg.to_yaml(), end="")
+        return 0
+    if not args.train_parquet or not Path(args.train_parquet).is_file():
         print(f"error: --train-parquet {args.train_parquet!r} does not exist; prepare it with "
               "pcsd_core.data.prepare_dataset (or the flow's preprocess step).", file=sys.stderr)
         return 2

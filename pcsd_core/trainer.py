@@ -13,8 +13,9 @@ One training step, top to bottom (`_train_step`):
   5. weight sync: the actor's full weights go into the rollout engine, so step 2 stays on-policy;
   6. metrics through `log_metrics(metrics, step)`, a few per-token samples, a checkpoint every K steps.
 
-With `train.use_ray` the actor is N Ray workers holding FSDP2 shards (`workers.py`), called explicitly
-below; without it the same `Actor` runs in this process. The rollout engine always lives in this process:
+The actor sits behind `workers.TrainWorkers`: with `train.use_ray` N Ray workers holding FSDP2 shards
+(`RayWorkers`, whose Ray calls are written out there), without it the same `Actor` in this process
+(`InProcessWorkers`); the loop below reads the same either way. The rollout engine always lives in this process:
 on the actor's device when `rollout.placement` is colocated (it sleeps while the actor trains), on the
 GPUs after the actor's when split. On CPU both placements share the machine, so split only moves nothing.
 """
@@ -31,14 +32,13 @@ import numpy as np
 import torch
 
 from pcsd_core import checkpoint as ckpt
-from pcsd_core.actor import Actor, lr_factor
-from pcsd_core.batch import RolloutBatch, TeacherOutputs, UpdateStats
+from pcsd_core.batch import RolloutBatch, UpdateStats
 from pcsd_core.config import PCSDConfig
 from pcsd_core.models import load_tokenizer, resolve_device, resolve_model
 from pcsd_core.prompts import build_prompt_pair
 from pcsd_core.rollout import create_rollout_engine
 from pcsd_core.rollout.base import SamplingParams
-from pcsd_core.workers import peak_memory_mb
+from pcsd_core.workers import TrainWorkers, build_train_workers, peak_memory_mb
 
 SAMPLES_PER_STEP = 4  # responses written to samples/step_*.jsonl
 
@@ -75,8 +75,7 @@ class Distiller:
         self.train_parquet = Path(train_parquet)
         self.log_metrics = log_metrics
         self.output_dir = Path(cfg.train.output_dir)
-        self.actor: Actor | None = None
-        self.worker_group = None
+        self.workers: TrainWorkers | None = None
         self.engine = None
         self.start_step = 0
 
@@ -99,22 +98,11 @@ class Distiller:
             raise ValueError(f"train parquet {str(self.train_parquet)!r} holds no prompts.")
         self._prompt_pairs: dict[int, Any] = {}
         model_path = str(resume) if resume else self.base_model_path
-        self._build_actor(model_path)
+        # Frozen and EMA teachers start from the run's initial weights, not from a resumed checkpoint.
+        self.workers = build_train_workers(cfg, model_path, device=self.device, teacher_path=self.base_model_path)
         self.engine = create_rollout_engine(self.cfg, model_path)
         if resume:
             self._resume(resume)
-
-    def _build_actor(self, model_path: str) -> None:
-        # Frozen and EMA teachers start from the run's initial weights, not from a resumed checkpoint.
-        teacher_path = self.base_model_path
-        if self.cfg.train.use_ray:
-            from pcsd_core.workers import launch_train_workers
-
-            device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-            self.worker_group = launch_train_workers(self.cfg, model_path, device_type=device_type,
-                                                     teacher_path=teacher_path)
-        else:
-            self.actor = Actor(self.cfg, model_path, device=self.device, teacher_path=teacher_path)
 
     def _resume(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path)
@@ -125,13 +113,7 @@ class Distiller:
                 f"{state.trainer_state.get('seed')}, but this run has {len(self.records)} prompts and seed "
                 f"{self.cfg.train.seed}; the data order would differ. Use the same train parquet and train.seed."
             )
-        if self.worker_group:
-            import ray
-
-            ray.get([w.load_training_state.remote(state.training_state, state.teacher_state)
-                     for w in self.worker_group.workers])
-        else:
-            self.actor.load_training_state(state.training_state, state.teacher_state)
+        self.workers.load_training_state(state.training_state, state.teacher_state)
         self.start_step = state.step
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -162,11 +144,11 @@ class Distiller:
         timings["time/rollout_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        teacher_outputs = self._compute_distributions(batch)
+        teacher_outputs = self.workers.compute_distributions(batch)
         timings["time/teacher_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        stats = self._update(batch, teacher_outputs)
+        stats = self.workers.update(batch, teacher_outputs)
         timings["time/update_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -202,35 +184,9 @@ class Distiller:
                 self.tokenizer, record.student_messages, record.privileged_context, self.cfg.data.teacher_template)
         return self._prompt_pairs[record_index]
 
-    def _compute_distributions(self, batch: RolloutBatch) -> TeacherOutputs:
-        if self.worker_group is None:
-            return self.actor.compute_distributions(batch)
-        import ray
-
-        batch_ref = ray.put(batch)
-        parts = ray.get([w.compute_distributions.remote(batch_ref) for w in self.worker_group.workers])
-        return TeacherOutputs(hidden=[hidden for part in parts for hidden in part.hidden])  # rank order = row order
-
-    def _update(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats:
-        if self.worker_group is None:
-            return self.actor.update_policy_with_distillation(batch, teacher_outputs)
-        import ray
-
-        batch_ref, teacher_ref = ray.put(batch), ray.put(teacher_outputs)
-        parts = ray.get([w.update_policy_with_distillation.remote(batch_ref, teacher_ref)
-                         for w in self.worker_group.workers])
-        return _merge_stats(parts)
-
     def _sync_weights(self) -> None:
         self.engine.wake()
-        self.engine.update_weights(self._gather_state_dict("student").items())
-
-    def _gather_state_dict(self, which: str) -> dict[str, torch.Tensor]:
-        if self.worker_group is None:
-            return self.actor.full_state_dict(which)
-        import ray
-
-        return ray.get([w.full_state_dict.remote(which) for w in self.worker_group.workers])[0]  # collective
+        self.engine.update_weights(self.workers.full_state_dict("student").items())
 
     # ---- metrics and samples -----------------------------------------------------------------------
 
@@ -251,9 +207,7 @@ class Distiller:
             "train/response_len": float(np.mean(lengths)),
             "train/truncated_frac": float(np.mean([not finished for finished in batch.finished])),
             "train/grad_norm": float(np.mean(stats.grad_norms)),
-            "train/lr": cfg.train.lr * lr_factor(step, warmup_steps=cfg.train.warmup_steps,
-                                                 total_steps=cfg.train.total_training_steps,
-                                                 schedule=cfg.train.lr_schedule),
+            "train/lr": stats.lr,
             "rollout/accuracy": float(np.mean(correct)),
             # Response tokens sampled and trained on per second of the whole step.
             "perf/tokens_per_s": sum(lengths) / timings["time/step_s"],
@@ -262,12 +216,7 @@ class Distiller:
         }
 
     def _peak_memory_mb(self) -> float:
-        controller = peak_memory_mb(torch.device(self.device))
-        if self.worker_group is None:
-            return controller
-        import ray
-
-        return controller + sum(ray.get([w.peak_memory_mb.remote() for w in self.worker_group.workers]))
+        return peak_memory_mb(torch.device(self.device)) + self.workers.peak_memory_mb()
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -301,17 +250,12 @@ class Distiller:
 
     def save_checkpoint(self, step: int) -> Path:
         """HF model + tokenizer + optimizer/scheduler/RNG/data-order state under checkpoints/step_<step>."""
-        if self.worker_group is None:
-            training_state = self.actor.training_state()
-        else:
-            import ray
-
-            training_state = ray.get([w.training_state.remote() for w in self.worker_group.workers])[0]
-        teacher_state = self._gather_state_dict("teacher") if self.cfg.train.teacher_mode == "ema" else None
+        training_state = self.workers.training_state()
+        teacher_state = self.workers.full_state_dict("teacher") if self.cfg.train.teacher_mode == "ema" else None
         trainer_state = {"seed": self.cfg.train.seed, "num_records": len(self.records),
                          "prompts_per_step": self.cfg.train.prompts_per_step, "base_model": self.base_model_path}
         return ckpt.save_checkpoint(self.output_dir, step, model_source=self.base_model_path,
-                                    model_state=self._gather_state_dict("student"), tokenizer=self.tokenizer,
+                                    model_state=self.workers.full_state_dict("student"), tokenizer=self.tokenizer,
                                     training_state=training_state, trainer_state=trainer_state,
                                     teacher_state=teacher_state)
 
@@ -320,19 +264,6 @@ class Distiller:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
-        if self.worker_group is not None:
-            self.worker_group.shutdown()  # also shuts Ray down when the group started it
-            self.worker_group = None
-        self.actor = None
-
-
-def _merge_stats(parts: list[UpdateStats]) -> UpdateStats:
-    merged = UpdateStats(grad_norms=parts[0].grad_norms)  # the global norm, identical on every rank
-    for part in parts:
-        merged.loss_sum += part.loss_sum
-        merged.kl_sum += part.kl_sum
-        merged.teacher_entropy_sum += part.teacher_entropy_sum
-        merged.student_entropy_sum += part.student_entropy_sum
-        merged.num_tokens += part.num_tokens
-        merged.token_kl.update(part.token_kl)
-    return merged
+        if self.workers is not None:
+            self.workers.shutdown()  # Ray workers: also shuts Ray down when they started it
+            self.workers = None

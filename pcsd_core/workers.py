@@ -1,4 +1,9 @@
-"""Ray train workers: one process per FSDP2 shard of the policy.
+"""The train workers behind one interface: the actor in this process, or Ray workers holding FSDP2 shards.
+
+The trainer calls the same methods on either (`TrainWorkers`): `compute_distributions`, `update`,
+`full_state_dict`, `training_state`, `load_training_state`, `peak_memory_mb`, `shutdown`.
+`build_train_workers(cfg, ...)` picks `InProcessWorkers` (one device, no Ray: tests, profiling, the CPU
+default) or, with `train.use_ray`, `RayWorkers` from `launch_train_workers`.
 
 `launch_train_workers(cfg, model_path)` reserves a placement group with one bundle per worker (1 CPU, or
 1 CPU + 1 GPU), starts one `TrainWorker` in each bundle, and has them form a torch.distributed process group
@@ -17,7 +22,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -80,11 +85,95 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+class TrainWorkers(Protocol):
+    """What the trainer asks of its workers, wherever they run."""
+
+    def compute_distributions(self, batch: RolloutBatch) -> TeacherOutputs: ...
+
+    def update(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats: ...
+
+    def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]: ...
+
+    def training_state(self) -> dict[str, Any]: ...
+
+    def load_training_state(self, state: dict[str, Any], teacher_state: dict[str, torch.Tensor] | None) -> None: ...
+
+    def peak_memory_mb(self) -> float:
+        """Peak memory of the worker processes other than this one (0 when the actor runs here)."""
+        ...
+
+    def shutdown(self) -> None: ...
+
+
+class InProcessWorkers:
+    """The actor in this process, on one device."""
+
+    def __init__(self, actor: Actor):
+        self.actor = actor
+
+    def compute_distributions(self, batch: RolloutBatch) -> TeacherOutputs:
+        return self.actor.compute_distributions(batch)
+
+    def update(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats:
+        return self.actor.update_policy_with_distillation(batch, teacher_outputs)
+
+    def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]:
+        return self.actor.full_state_dict(which)
+
+    def training_state(self) -> dict[str, Any]:
+        return self.actor.training_state()
+
+    def load_training_state(self, state: dict[str, Any], teacher_state: dict[str, torch.Tensor] | None) -> None:
+        self.actor.load_training_state(state, teacher_state)
+
+    def peak_memory_mb(self) -> float:
+        return 0.0  # the actor lives in this process, which the controller measures itself
+
+    def shutdown(self) -> None:
+        self.actor = None
+
+
 @dataclass
-class WorkerGroup:
+class RayWorkers:
+    """FSDP2 ranks as Ray actors; every call goes to all ranks (the collectives need them all)."""
+
     workers: list[Any]  # Ray actor handles, rank order
     placement_group: Any
     owns_ray: bool = False  # this group started Ray, so shutting the group down also shuts Ray down
+
+    def compute_distributions(self, batch: RolloutBatch) -> TeacherOutputs:
+        import ray
+
+        batch_ref = ray.put(batch)
+        parts = ray.get([w.compute_distributions.remote(batch_ref) for w in self.workers])
+        return TeacherOutputs(hidden=[hidden for part in parts for hidden in part.hidden])  # rank order = row order
+
+    def update(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats:
+        import ray
+
+        batch_ref, teacher_ref = ray.put(batch), ray.put(teacher_outputs)
+        parts = ray.get([w.update_policy_with_distillation.remote(batch_ref, teacher_ref) for w in self.workers])
+        return UpdateStats.merged(parts)
+
+    def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]:
+        import ray
+
+        return ray.get([w.full_state_dict.remote(which) for w in self.workers])[0]  # collective; rank 0 has it
+
+    def training_state(self) -> dict[str, Any]:
+        import ray
+
+        return ray.get([w.training_state.remote() for w in self.workers])[0]  # collective; rank 0 has it
+
+    def load_training_state(self, state: dict[str, Any], teacher_state: dict[str, torch.Tensor] | None) -> None:
+        import ray
+
+        ray.get([w.load_training_state.remote(state, teacher_state) for w in self.workers])
+
+    def peak_memory_mb(self) -> float:
+        import ray
+
+        return sum(ray.get([w.peak_memory_mb.remote() for w in self.workers]))
 
     def shutdown(self) -> None:
         import ray
@@ -96,6 +185,14 @@ class WorkerGroup:
         remove_placement_group(self.placement_group)
         if self.owns_ray:
             ray.shutdown()
+
+
+def build_train_workers(cfg: PCSDConfig, model_path: str, *, device: str, teacher_path: str) -> TrainWorkers:
+    """Ray workers with `train.use_ray`, else the actor in this process on `device`."""
+    if cfg.train.use_ray:
+        device_type = "cuda" if device.startswith("cuda") else "cpu"
+        return launch_train_workers(cfg, model_path, device_type=device_type, teacher_path=teacher_path)
+    return InProcessWorkers(Actor(cfg, model_path, device=device, teacher_path=teacher_path))
 
 
 def free_port() -> int:
@@ -115,7 +212,7 @@ def ensure_ray() -> bool:
 
 
 def launch_train_workers(cfg: PCSDConfig, model_path: str, *, device_type: str,
-                         teacher_path: str | None = None) -> WorkerGroup:
+                         teacher_path: str | None = None) -> RayWorkers:
     """Placement group with one bundle per worker, one `TrainWorker` per bundle, one process group."""
     import ray
     from ray.util.placement_group import placement_group
@@ -138,4 +235,4 @@ def launch_train_workers(cfg: PCSDConfig, model_path: str, *, device_type: str,
         for rank in range(world_size)
     ]
     ray.get([worker.peak_memory_mb.remote() for worker in workers])  # wait until every rank is built
-    return WorkerGroup(workers=workers, placement_group=group, owns_ray=owns_ray)
+    return RayWorkers(workers=workers, placement_group=group, owns_ray=owns_ray)

@@ -11,14 +11,13 @@ then logs the per-token samples and a training-curve plot. Ray workers are shut 
 
 from __future__ import annotations
 
-import io
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from steps import tracking
-
-CURVE_METRICS = ("train/loss", "train/kl", "train/response_len", "rollout/accuracy")
+from steps.plan import Branch
 
 
 @dataclass
@@ -29,25 +28,29 @@ class DistillResult:
     steps: int
     history: list[dict[str, float]]  # per-step metrics, as the Distiller logged them
     curves_png: str  # training-curve plot (also an MLflow artifact)
+    wall_s: float = 0.0  # the whole training, model loading included
 
 
-def distill(branch: Any, *, parent_run_id: str, flow_run_id: str, pathspec: str) -> DistillResult:
-    """Train `branch` (a `steps.plan.Branch` with its train_path set) and log everything to a child run."""
+def distill(branch: Branch, *, parent_run_id: str, flow_run_id: str, pathspec: str) -> DistillResult:
+    """Train `branch` (its train_path set by the preprocess step) and log everything to a child run."""
     import mlflow
 
+    from dashboards.plots import training_curves_png
     from pcsd_core.trainer import Distiller
 
-    cfg = branch.pcsd_config()
+    cfg = branch.config
     run_id = tracking.start_child_run(parent_run_id, branch.label, flow_run_id, pathspec, cfg.to_flat_dict())
     with tracking.open_run(run_id):
         mlflow.log_text(cfg.to_yaml(), "config/resolved_config.yaml")
         mlflow.log_dict(branch.data_stats, "data/stats.json")
         distiller = Distiller(cfg, branch.train_path, log_metrics=tracking.metric_logger(run_id))
+        started = time.perf_counter()
         try:
             distiller.setup()
             result = distiller.train()
         finally:
             distiller.close()  # shuts Ray down even when training raised
+        wall_s = time.perf_counter() - started
         history = [_plain_metrics(row) for row in result.history]
         output_dir = Path(cfg.train.output_dir)
         curves_png = output_dir / "plots" / "training_curves.png"
@@ -64,29 +67,8 @@ def distill(branch: Any, *, parent_run_id: str, flow_run_id: str, pathspec: str)
         steps=result.steps,
         history=history,
         curves_png=str(curves_png),
+        wall_s=wall_s,
     )
-
-
-def training_curves_png(history: list[dict[str, float]], title: str = "", metrics: tuple[str, ...] = CURVE_METRICS) -> bytes:
-    """One small panel per metric over training steps, as PNG bytes (for cards and MLflow)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display in flow tasks and CI
-    import matplotlib.pyplot as plt
-
-    present = [name for name in metrics if any(name in row for row in history)] or [metrics[0]]
-    fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 2.6), squeeze=False)
-    for axis, name in zip(axes[0], present):
-        points = [(row.get("step", index + 1), row[name]) for index, row in enumerate(history) if name in row]
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o")
-        axis.set_title(name, fontsize=9)
-        axis.set_xlabel("step", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def _plain_metrics(row: dict[str, Any]) -> dict[str, float]:

@@ -3,7 +3,8 @@
 Greedy decoding of the student prompt (question only) through the same rollout engine the trainer uses,
 on the first `eval.num_examples` test questions. Answers are scored with `pcsd_core.scoring`: strict needs
 the "#### <number>" format, flexible takes the last number. Every branch reports its delta against the base
-model; the base model is evaluated once per distinct (model, data, eval) setting and shared by branches.
+model; the base model is evaluated once per distinct (model, data, eval) setting, in the flow's
+`evaluate_base` step (`evaluate_base_models`), and shared by branches.
 
     from steps.evaluate import evaluate
     result = evaluate("smollm2-135m", "outputs/data/test.parquet", cfg)
@@ -19,8 +20,10 @@ from typing import Any
 
 from pcsd_core.config import PCSDConfig
 from pcsd_core.rollout.base import RolloutEngine, SamplingParams
+from pcsd_core.tracking_contract import ACCURACY_METRICS, eval_metric
+from steps import tracking
+from steps.plan import Branch
 
-METRIC_NAMES = ("gsm8k_accuracy_strict", "gsm8k_accuracy_flexible")
 TABLE_COLUMNS = (
     "index", "question", "response", "extracted_strict", "extracted_flexible", "ground_truth", "correct_strict",
     "correct_flexible",
@@ -37,10 +40,8 @@ class EvalResult:
 
     def metrics(self, phase: str) -> dict[str, float]:
         """{'eval/<phase>/gsm8k_accuracy_strict': ..., 'eval/<phase>/gsm8k_accuracy_flexible': ...}"""
-        return {
-            f"eval/{phase}/gsm8k_accuracy_strict": self.accuracy_strict,
-            f"eval/{phase}/gsm8k_accuracy_flexible": self.accuracy_flexible,
-        }
+        strict, flexible = ACCURACY_METRICS
+        return {eval_metric(phase, strict): self.accuracy_strict, eval_metric(phase, flexible): self.accuracy_flexible}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -89,27 +90,33 @@ def log_evaluation(run_id: str, result: EvalResult, phase: str) -> None:
     """Log `eval/<phase>/...` metrics and the per-example table `eval/<phase>_examples.json` to a run."""
     import mlflow
 
-    from steps import tracking
-
     mlflow.set_tracking_uri(tracking.tracking_uri())
     tracking.log_metrics(run_id, result.metrics(phase))
     table = {column: [row[column] for row in result.examples] for column in TABLE_COLUMNS}
     mlflow.log_table(data=table, artifact_file=f"eval/{phase}_examples.json", run_id=run_id)
 
 
-def evaluate_baselines(branches: list, parent_run_id: str, output_root: str | Path) -> dict[str, dict[str, Any]]:
-    """Evaluate each distinct base model once; {baseline_key: {"path": json file, "metrics": {...}}}."""
-    baselines: dict[str, dict[str, Any]] = {}
+@dataclass(frozen=True)
+class BaseModelEvaluation:
+    """The base model's evaluation, shared by the branches with the same model, data and eval settings."""
+
+    result_path: str  # EvalResult JSON (per-example table included)
+    metrics: dict[str, float]  # eval/before/*
+
+
+def evaluate_base_models(branches: list[Branch], parent_run_id: str, output_root: str | Path) -> dict[str, BaseModelEvaluation]:
+    """Evaluate each distinct base model once; {Branch.base_model_key: its evaluation}."""
+    evaluations: dict[str, BaseModelEvaluation] = {}
     for branch in branches:
-        if branch.baseline_key in baselines:
+        if branch.base_model_key in evaluations:
             continue
-        cfg = branch.pcsd_config()
+        cfg = branch.config
         result = evaluate(cfg.model.name, branch.test_path, cfg)
-        path = result.save(Path(output_root) / "baselines" / f"{branch.baseline_key}.json")
-        if not baselines:  # the parent run shows the first branch's base model
+        path = result.save(Path(output_root) / "base_model_eval" / f"{branch.base_model_key}.json")
+        if not evaluations:  # the parent run shows the first branch's base model
             log_evaluation(parent_run_id, result, "before")
-        baselines[branch.baseline_key] = {"path": str(path), "metrics": result.metrics("before")}
-    return baselines
+        evaluations[branch.base_model_key] = BaseModelEvaluation(result_path=str(path), metrics=result.metrics("before"))
+    return evaluations
 
 
 @dataclass
@@ -118,23 +125,22 @@ class BranchEvaluation:
     run_id: str
     checkpoint_dir: str
     metrics: dict[str, float]  # eval/before/*, eval/after/*, eval/delta/* and the headline eval/*
+    num_examples: int = 0  # test questions scored
 
 
-def evaluate_branch(branch, checkpoint_dir: str | Path, run_id: str, baseline: dict[str, Any]) -> BranchEvaluation:
+def evaluate_branch(branch: Branch, checkpoint_dir: str | Path, run_id: str, base: BaseModelEvaluation) -> BranchEvaluation:
     """Evaluate a branch's distilled checkpoint and log before, after, delta and both tables to its run."""
-    cfg = branch.pcsd_config()
-    before = EvalResult.load(baseline["path"])
-    after = evaluate(str(checkpoint_dir), branch.test_path, cfg)
+    before = EvalResult.load(base.result_path)
+    after = evaluate(str(checkpoint_dir), branch.test_path, branch.config)
     metrics = {**before.metrics("before"), **after.metrics("after")}
-    for name in METRIC_NAMES:
-        metrics[f"eval/delta/{name}"] = metrics[f"eval/after/{name}"] - metrics[f"eval/before/{name}"]
-        metrics[f"eval/{name}"] = metrics[f"eval/after/{name}"]
+    for name in ACCURACY_METRICS:
+        metrics[eval_metric("delta", name)] = metrics[eval_metric("after", name)] - metrics[eval_metric("before", name)]
+        metrics[eval_metric("", name)] = metrics[eval_metric("after", name)]
     log_evaluation(run_id, before, "before")
     log_evaluation(run_id, after, "after")
-    from steps import tracking
-
     tracking.log_metrics(run_id, metrics)
-    return BranchEvaluation(label=branch.label, run_id=run_id, checkpoint_dir=str(checkpoint_dir), metrics=metrics)
+    return BranchEvaluation(label=branch.label, run_id=run_id, checkpoint_dir=str(checkpoint_dir), metrics=metrics,
+                            num_examples=after.num_examples)
 
 
 def _score(record: Any, response: str) -> dict[str, Any]:

@@ -1,32 +1,67 @@
-"""End step: close the flow's parent MLflow run with its summary and report, and say where to look.
+"""End step: close the flow's parent MLflow run with its summary and report, and print the results.
 
 The parent run gets the best branch's evaluation metrics (`best/...`), the number of failed branches, the
 registered model version as tags, and the HTML sweep report (`report/`). It is marked FAILED when every
-branch failed, so a broken sweep stands out in the MLflow UI.
+branch failed, so a broken sweep stands out in the MLflow UI. The terminal gets the headline results
+(accuracy before -> after, steps, time, the registered version) and the commands that show more.
+
+    python -m steps.finish        # only the "where to look" commands (`make run` prints them after the flow)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from mlflow.tracking import MlflowClient
+
+from pcsd_core import tracking_contract as contract
 from steps import tracking
+from steps.join import SweepSummary
+from steps.register import RegisterResult
 
 
-def finish(parent_run_id: str, summary: Any, registration: Any, pathspec: str) -> str:
-    """Log the sweep summary and report to the parent run, close it, print where to look; returns the report path."""
+def finish(parent_run_id: str, summary: SweepSummary, registration: RegisterResult | None, pathspec: str) -> str:
+    """Log the sweep summary and report to the parent run, close it, print the results; returns the report path."""
     client = tracking.client()
     metrics = {"sweep/failed_branches": float(len(summary.failed)), "sweep/branches": float(len(summary.outcomes))}
     if summary.best is not None:
         metrics.update({f"best/{name}": value for name, value in summary.best.evaluation.metrics.items()})
-        client.set_tag(parent_run_id, "pcsd.best_branch", summary.best.label)
+        client.set_tag(parent_run_id, contract.TAG_BEST_BRANCH, summary.best.label)
     if registration is not None:
-        client.set_tag(parent_run_id, "pcsd.registered_model", registration.model_uri)
+        client.set_tag(parent_run_id, contract.TAG_REGISTERED_MODEL, registration.model_uri)
     tracking.log_metrics(parent_run_id, metrics)
     report_path = _log_report(parent_run_id)
     tracking.finish_run(parent_run_id, "FINISHED" if summary.best is not None else "FAILED")
+    print(results_summary(summary, registration))
     print(where_to_look(pathspec))
     return report_path
+
+
+def results_summary(summary: SweepSummary, registration: RegisterResult | None) -> str:
+    """The headline results of a flow run, one line per branch, for the terminal."""
+    strict, flexible = contract.ACCURACY_METRICS
+    lines = ["Results (GSM8K accuracy of the base model -> the distilled model, greedy):"]
+    for outcome in summary.outcomes:
+        if not outcome.succeeded:
+            lines.append(f"  {outcome.label}: FAILED ({outcome.error[:120]})")
+            continue
+        metrics = outcome.evaluation.metrics
+        cells = [f"{mode} {_fraction(metrics, 'before', name, outcome)} -> {_fraction(metrics, 'after', name, outcome)}"
+                 for mode, name in (("strict", strict), ("flexible", flexible))]
+        star = "  <- best" if summary.best is not None and outcome.label == summary.best.label else ""
+        lines.append(f"  {outcome.label}: {', '.join(cells)}; {outcome.steps} steps in {outcome.train_s:.0f} s, "
+                     f"final train KL {outcome.final_kl:.4f}{star}")
+    if registration is not None:
+        holder = f"holds alias '{registration.alias}'" if registration.is_champion else \
+            f"did not beat the holder of alias '{registration.alias}'"
+        lines.append(f"  registered {registration.model_uri} ({holder})")
+    return "\n".join(lines)
+
+
+def _fraction(metrics: dict[str, float], phase: str, name: str, outcome) -> str:
+    value = metrics[contract.eval_metric(phase, name)]
+    count = outcome.evaluation.num_examples
+    return f"{round(value * count)}/{count} ({value:.1%})" if count else f"{value:.3f}"
 
 
 def where_to_look(pathspec: str = "") -> str:
@@ -41,11 +76,19 @@ def where_to_look(pathspec: str = "") -> str:
     ])  # fmt: skip
 
 
+def log_report_to_mlflow(parent_run_id: str, html_path: str | Path, tracking_uri: str | None = None) -> str:
+    """Upload `html_path` to `report/<file name>` of run `parent_run_id`; returns that artifact path."""
+    path = Path(html_path)
+    if not path.is_file():
+        raise ValueError(f"html_path ({str(path)!r}) is not a file; build it first with dashboards.report.build_report.")
+    MlflowClient(tracking_uri=tracking_uri).log_artifact(parent_run_id, str(path), artifact_path="report")
+    return f"report/{path.name}"
+
+
 def _log_report(parent_run_id: str) -> str:
     """The dashboards' HTML sweep report, logged under `report/` of the parent run ("" if it cannot be built)."""
     try:
         from dashboards.report import build_report
-        from steps.report import log_report_to_mlflow
 
         path = build_report(tracking_uri=tracking.tracking_uri(), parent_run_id=parent_run_id)
         log_report_to_mlflow(parent_run_id, path, tracking_uri=tracking.tracking_uri())
@@ -53,3 +96,7 @@ def _log_report(parent_run_id: str) -> str:
         print(f"warning: sweep report not built: {error}")
         return ""
     return str(Path(path).resolve())  # the card and the Metaflow artifact outlive the task's cwd
+
+
+if __name__ == "__main__":
+    print(where_to_look())

@@ -1,8 +1,8 @@
 """Join step: collect the sweep branches' outcomes, skip the failed ones and name the best.
 
 A branch fails when its distill or evaluate task raised (Metaflow's `@catch` stores the exception); the
-others' results are kept. The best branch has the highest headline metric (strict GSM8K accuracy after
-distillation), ties broken by the flexible accuracy, then by label order.
+others' results are kept. The best branch follows the tracking contract's rule
+(`pcsd_core.tracking_contract.best_branch`), the same one the HTML report applies.
 """
 
 from __future__ import annotations
@@ -10,17 +10,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-HEADLINE_METRIC = "eval/gsm8k_accuracy_strict"
-TIEBREAK_METRIC = "eval/gsm8k_accuracy_flexible"
+from pcsd_core import tracking_contract as contract
+from steps.distill import DistillResult
+from steps.evaluate import BranchEvaluation
+from steps.plan import Branch
+
+_STRICT, _FLEXIBLE = contract.ACCURACY_METRICS
+TABLE_METRICS = (
+    contract.eval_metric("before", _STRICT), contract.eval_metric("after", _STRICT),
+    contract.eval_metric("delta", _STRICT), contract.eval_metric("after", _FLEXIBLE),
+)  # fmt: skip
+TABLE_HEADERS = ["branch", "strict before", "strict after", "strict delta", "flexible after", "status"]
 
 
 @dataclass
 class BranchOutcome:
     label: str
     run_id: str  # the branch's child MLflow run ("" when it failed before creating one)
-    evaluation: Any = None  # steps.evaluate.BranchEvaluation, None when the branch failed
+    evaluation: BranchEvaluation | None = None  # None when the branch failed
     error: str = ""
     curves_png: str = ""  # the branch's training-curve plot, when it trained
+    config: Any = None  # the branch's PCSDConfig, when known
+    steps: int = 0  # training steps run
+    train_s: float = 0.0  # wall time of the training
+    final_kl: float = float("nan")  # train/kl of the last step
 
     @property
     def succeeded(self) -> bool:
@@ -34,41 +47,41 @@ class SweepSummary:
     failed: list[str] = field(default_factory=list)
 
     def table(self) -> list[list[str]]:
-        """Rows for cards and logs: label, strict before/after/delta, status."""
+        """Rows for cards and logs: label, strict before/after/delta, flexible after, status."""
         rows = []
         for outcome in self.outcomes:
             metrics = outcome.evaluation.metrics if outcome.succeeded else {}
-            cells = [f"{metrics[name]:.3f}" if name in metrics else "-" for name in (
-                "eval/before/gsm8k_accuracy_strict", "eval/after/gsm8k_accuracy_strict",
-                "eval/delta/gsm8k_accuracy_strict", "eval/after/gsm8k_accuracy_flexible")]  # fmt: skip
+            cells = [f"{metrics[name]:.3f}" if name in metrics else "-" for name in TABLE_METRICS]
             best = self.best is not None and outcome.label == self.best.label
             status = "best" if best else ("ok" if outcome.succeeded else f"failed: {outcome.error[:80]}")
             rows.append([outcome.label, *cells, status])
         return rows
 
 
-TABLE_HEADERS = ["branch", "strict before", "strict after", "strict delta", "flexible after", "status"]
-
-
 def summarize_sweep(outcomes: list[BranchOutcome]) -> SweepSummary:
     """Keep every outcome, name the best successful one (None when all failed)."""
-    succeeded = [outcome for outcome in outcomes if outcome.succeeded]
-    best = None
-    if succeeded:
-        best = max(
-            succeeded,
-            key=lambda o: (o.evaluation.metrics[HEADLINE_METRIC], o.evaluation.metrics[TIEBREAK_METRIC]),
-        )
+    best = contract.best_branch(
+        [outcome for outcome in outcomes if outcome.succeeded],
+        metrics_of=lambda outcome: outcome.evaluation.metrics,
+        label_of=lambda outcome: outcome.label,
+    )
     return SweepSummary(outcomes=outcomes, best=best, failed=[o.label for o in outcomes if not o.succeeded])
 
 
-def outcome_of(branch: Any, trained: Any, evaluation: Any, failures: list[Any]) -> BranchOutcome:
+def outcome_of(branch: Branch | None, trained: DistillResult | None, evaluation: BranchEvaluation | None,
+               failures: list[Any]) -> BranchOutcome:
     """One branch's outcome from what its tasks stored (any of them may be missing after a failure)."""
     errors = [str(failure) for failure in failures if failure is not None]
-    return BranchOutcome(
-        label=getattr(branch, "label", "unknown"),
-        run_id=getattr(trained, "run_id", ""),
+    outcome = BranchOutcome(
+        label=branch.label if branch is not None else "unknown",
+        run_id="",
         evaluation=None if errors else evaluation,
         error="; ".join(errors),
-        curves_png=getattr(trained, "curves_png", ""),
+        config=branch.config if branch is not None else None,
     )
+    if trained is not None:
+        outcome.run_id, outcome.curves_png = trained.run_id, trained.curves_png
+        outcome.steps, outcome.train_s = trained.steps, trained.wall_s
+        if trained.history:
+            outcome.final_kl = trained.history[-1].get("train/kl", float("nan"))
+    return outcome

@@ -1,7 +1,8 @@
 """Preprocess step: GSM8K (hub or local folder) -> train/test parquet with privileged context, plus stats.
 
-    from steps.preprocess import preprocess
+    from steps.preprocess import preprocess, preprocess_branches
     result = preprocess(cfg, "outputs/data")          # PreprocessResult(train_path, test_path, stats)
+    branches = preprocess_branches(plan, parent_run_id)   # the flow's step: once per distinct data section
 
 or from a shell:
 
@@ -21,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pcsd_core.config import PCSDConfig
 from pcsd_core.data import prepare_dataset
 from pcsd_core.models import load_tokenizer
-from steps.plan import SWEEP_KEY
+from steps import tracking
+from steps.plan import Branch, RunPlan
 
 STATS_ARTIFACT = "data/stats.json"
 
@@ -44,6 +44,23 @@ def preprocess(cfg: PCSDConfig, output_dir: str | Path) -> PreprocessResult:
     prepared = prepare_dataset(cfg.data, output_dir, tokenizer=tokenizer)
     _log_stats_to_active_run(prepared.stats)
     return PreprocessResult(prepared.train_path, prepared.test_path, prepared.stats)
+
+
+def preprocess_branches(plan: RunPlan, parent_run_id: str) -> list[Branch]:
+    """Preprocess once per distinct data section and point every branch at its parquet files."""
+    prepared: dict[str, PreprocessResult] = {}
+    for branch in plan.branches:
+        if branch.data_key not in prepared:
+            output_dir = Path(plan.output_root) / "data" / branch.data_key
+            if not prepared:  # the parent run shows the first dataset's stats (one set of params per run)
+                with tracking.open_run(parent_run_id, system_metrics=False):
+                    prepared[branch.data_key] = preprocess(branch.config, output_dir)
+            else:
+                prepared[branch.data_key] = preprocess(branch.config, output_dir)
+        result = prepared[branch.data_key]
+        branch.train_path, branch.test_path = str(result.train_path), str(result.test_path)
+        branch.data_stats = dict(result.stats)
+    return plan.branches
 
 
 def _log_stats_to_active_run(stats: dict[str, Any]) -> None:
@@ -65,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-path", default=None, help="local GSM8K-style folder (overrides data.path)")
     args = parser.parse_args(argv)
     overrides = {} if args.data_path is None else {"data.path": args.data_path}
-    raw = yaml.safe_load(Path(args.config).read_text()) or {}
-    raw.pop(SWEEP_KEY, None)  # a preset's sweep grid belongs to the flow; one config is prepared here
-    cfg = PCSDConfig.from_dict(raw, overrides=overrides)
+    cfg = PCSDConfig.from_yaml(args.config, overrides)  # a sweep preset prepares its base config's data
     result = preprocess(cfg, args.output_dir)
     print(json.dumps({"train_path": str(result.train_path), "test_path": str(result.test_path), **result.stats}, indent=1))
     return 0

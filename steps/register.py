@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from pcsd_core.tracking_contract import (HEADLINE_METRIC, TAG_BRANCH, TAG_EVAL_METRIC, TAG_EVAL_VALUE,
+                                         TAG_FLOW_RUN_ID)
 from steps import tracking
+from steps.join import BranchOutcome
+from steps.plan import slug
 
 CHAMPION_ALIAS = "champion"
-DEFAULT_METRIC = "eval/gsm8k_accuracy_strict"
-TAG_METRIC_NAME = "pcsd.eval_metric"
-TAG_METRIC_VALUE = "pcsd.eval_value"
 
 
 @dataclass
@@ -38,12 +37,13 @@ class RegisterResult:
     is_champion: bool  # True when this version holds the alias after the call
     already_registered: bool  # True when a retried step found this flow run's version
     model_uri: str
+    alias: str = CHAMPION_ALIAS
 
 
 def registered_model_name(model: str, dataset: str) -> str:
     """'pcsd-<model>-<dataset>' in lower-case slug form: ('smollm2-135m', 'openai/gsm8k') -> 'pcsd-smollm2-135m-gsm8k'."""
-    model_part = _slug(Path(model.rstrip("/")).name or model)
-    dataset_part = _slug(Path(dataset.rstrip("/")).name or dataset) if dataset else "data"
+    model_part = slug(Path(model.rstrip("/")).name or model)
+    dataset_part = slug(Path(dataset.rstrip("/")).name or dataset) if dataset else "data"
     return f"pcsd-{model_part}-{dataset_part}"
 
 
@@ -56,7 +56,7 @@ def register(
     flow_run_id: str,
     source_run_id: str,
     branch: str = "",
-    metric_name: str = DEFAULT_METRIC,
+    metric_name: str = HEADLINE_METRIC,
     alias: str = CHAMPION_ALIAS,
 ) -> RegisterResult:
     """Register `checkpoint_dir` once per flow run; move `alias` to it if `metric_value` beats the holder's."""
@@ -68,10 +68,10 @@ def register(
     existing = _version_of_flow_run(client, name, flow_run_id)
     if existing is None:
         tags = {
-            tracking.TAG_FLOW_RUN_ID: str(flow_run_id),
-            tracking.TAG_BRANCH: branch,
-            TAG_METRIC_NAME: metric_name,
-            TAG_METRIC_VALUE: repr(float(metric_value)),
+            TAG_FLOW_RUN_ID: str(flow_run_id),
+            TAG_BRANCH: branch,
+            TAG_EVAL_METRIC: metric_name,
+            TAG_EVAL_VALUE: repr(float(metric_value)),
         }
         version = _log_and_register(checkpoint_dir, name, source_run_id, tags)
     else:
@@ -83,6 +83,7 @@ def register(
         is_champion=is_champion,
         already_registered=existing is not None,
         model_uri=f"models:/{name}/{version.version}",
+        alias=alias,
     )
 
 
@@ -134,7 +135,7 @@ def _version_of_flow_run(client, name: str, flow_run_id: str):
     except MlflowException:
         return None
     for version in versions:
-        if version.tags.get(tracking.TAG_FLOW_RUN_ID) == str(flow_run_id):
+        if version.tags.get(TAG_FLOW_RUN_ID) == str(flow_run_id):
             return version
     return None
 
@@ -149,7 +150,7 @@ def _maybe_promote(client, name: str, version, metric_value: float, alias: str) 
         holder = None
     if holder is not None and str(holder.version) == str(version.version):
         return True
-    holder_value = float(holder.tags.get(TAG_METRIC_VALUE, "-inf")) if holder is not None else None
+    holder_value = float(holder.tags.get(TAG_EVAL_VALUE, "-inf")) if holder is not None else None
     if holder_value is not None and metric_value <= holder_value:
         return False
     client.set_registered_model_alias(name, alias, str(version.version))
@@ -163,21 +164,16 @@ def _pip_requirements() -> list[str]:
     return [f"{package}=={version(package)}" for package in ("torch", "transformers", "accelerate")]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "model"
-
-
-def register_best(best: Any, branch_config: dict[str, dict[str, Any]], flow_run_id: str) -> RegisterResult | None:
-    """Register the sweep's best branch (a `steps.join.BranchOutcome`); None when every branch failed."""
+def register_best(best: BranchOutcome | None, flow_run_id: str) -> RegisterResult | None:
+    """Register the sweep's best branch; None when every branch failed."""
     if best is None:
         return None
-    data = branch_config["data"]
-    dataset = data["path"] or data["hub_name"]
+    data = best.config.data
     return register(
         best.evaluation.checkpoint_dir,
-        model=branch_config["model"]["name"],
-        dataset=dataset,
-        metric_value=best.evaluation.metrics[DEFAULT_METRIC],
+        model=best.config.model.name,
+        dataset=data.path or data.hub_name,
+        metric_value=best.evaluation.metrics[HEADLINE_METRIC],
         flow_run_id=flow_run_id,
         source_run_id=best.run_id,
         branch=best.label,

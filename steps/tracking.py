@@ -4,8 +4,8 @@ Layout (DESIGN.md "Tracking contract"): one parent run per flow run, named `pcsd
 nested child run per sweep branch, named after the branch label. Runs are created and reopened by id, so
 every Metaflow task (a separate process, possibly another working directory) logs into the same runs.
 
-The default store is a SQLite file at the repository root, as an absolute URI so that tasks started in
-another working directory agree; `MLFLOW_TRACKING_URI` (a server, another file) overrides it unchanged.
+Names (tags, metrics, the default store `sqlite:///<repo>/mlflow.db`) come from the tracking contract,
+`pcsd_core.tracking_contract`, which the dashboards read by too.
 """
 
 from __future__ import annotations
@@ -14,24 +14,16 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_EXPERIMENT = "pcsd"
+from pcsd_core.tracking_contract import (DEFAULT_EXPERIMENT, TAG_BRANCH, TAG_FLOW_RUN_ID, TAG_PARENT_RUN,
+                                         TAG_PATHSPEC, TAG_RUN_NAME, tracking_uri)
+
 MAX_PARAM_CHARS = 6000  # MLflow rejects longer param values
-TAG_FLOW_RUN_ID = "pcsd.flow_run_id"
-TAG_PATHSPEC = "pcsd.metaflow_pathspec"
-TAG_BRANCH = "pcsd.branch"
-
-
-def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` when set, else `sqlite:///<repo>/mlflow.db` (absolute)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 
 
 def setup_tracking(experiment: str = DEFAULT_EXPERIMENT) -> str:
@@ -53,7 +45,7 @@ def flatten_params(params: dict[str, Any]) -> dict[str, str]:
 def start_parent_run(flow_run_id: str, pathspec: str, params: dict[str, Any], experiment: str = DEFAULT_EXPERIMENT) -> str:
     """Create the flow run's parent run (left open until `finish_run`); return its id."""
     experiment_id = setup_tracking(experiment)
-    tags = {TAG_FLOW_RUN_ID: str(flow_run_id), TAG_PATHSPEC: pathspec, "mlflow.runName": f"pcsd-{flow_run_id}"}
+    tags = {TAG_FLOW_RUN_ID: str(flow_run_id), TAG_PATHSPEC: pathspec, TAG_RUN_NAME: f"pcsd-{flow_run_id}"}
     run = client().create_run(experiment_id, run_name=f"pcsd-{flow_run_id}", tags=tags)
     _log_params(run.info.run_id, params)
     return run.info.run_id
@@ -63,7 +55,7 @@ def start_child_run(parent_run_id: str, label: str, flow_run_id: str, pathspec: 
     """Create the nested run of one sweep branch under `parent_run_id`; return its id."""
     parent = client().get_run(parent_run_id)
     tags = {
-        "mlflow.parentRunId": parent_run_id,
+        TAG_PARENT_RUN: parent_run_id,
         TAG_BRANCH: label,
         TAG_FLOW_RUN_ID: str(flow_run_id),
         TAG_PATHSPEC: pathspec,

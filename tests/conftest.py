@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,10 +112,15 @@ def tiny_flow_run(tmp_path_factory, tiny_model_dir, gsm8k_dir) -> TinyFlowRun:
     }
     for variable in ("MODEL_PATH", "DATA_PATH", "TOTAL_STEPS", "ACTOR_NUM_GPUS", "ROLLOUT_NUM_GPUS"):
         env.pop(variable, None)
-    command = [sys.executable, str(REPO_ROOT / "flows" / "pcsd_flow.py"), "--no-pylint",
-               "--config", "config", str(root / "tiny.yaml"), "run", "--run-id-file", str(root / "run_id")]
-    completed = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    (root / "flow.log").write_text(completed.stdout + completed.stderr)  # kept for debugging
-    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
-    assert "mlflow ui --backend-store-uri" in completed.stdout + completed.stderr
-    return TinyFlowRun(root, (root / "run_id").read_text().strip(), datastore, tracking_uri)
+    from metaflow import Runner
+
+    # Metaflow's own Runner API: a real `run` subprocess, as `python flows/pcsd_flow.py --config config ... run`.
+    with Runner(str(REPO_ROOT / "flows" / "pcsd_flow.py"), show_output=False, env=env, cwd=str(root), pylint=False,
+                config=[("config", str(root / "tiny.yaml"))]) as runner:
+        result = runner.run()
+        output = result.stdout + result.stderr
+        (root / "flow.log").write_text(output)  # kept for debugging
+        assert result.status == "successful", output[-8000:]
+        run_id = result.run.id
+    assert "mlflow ui --backend-store-uri" in output
+    return TinyFlowRun(root, run_id, datastore, tracking_uri)

@@ -33,7 +33,7 @@ from pcsd_core.rollout.sampling import next_tokens
 
 
 class HFRolloutEngine:
-    """Rollout with `transformers.generate`; implements `rollout.base.RolloutEngine`."""
+    """Rollout with our own batched decode loop over a transformers model; implements `rollout.base.RolloutEngine`."""
 
     def __init__(
         self,

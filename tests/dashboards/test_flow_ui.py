@@ -20,6 +20,9 @@ from browser import (
     running_mlflow_server,
 )
 
+# A real `mlflow server` and headless Chromium: `pytest -m "not ui"` skips them locally; CI runs them.
+pytestmark = pytest.mark.ui
+
 BRANCH_NAMES = ["lr=0.0001", "lr=0.001"]
 CURVE_METRICS = ("train/loss", "train/kl", "train/teacher_entropy", "train/response_len", "perf/tokens_per_s")
 EVAL_METRICS = ("eval/before/gsm8k_accuracy_strict", "eval/after/gsm8k_accuracy_flexible")

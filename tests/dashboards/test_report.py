@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from dashboards.report import build_report
 from dashboards.runs import find_varying_params, load_sweep
-from steps.report import log_report_to_mlflow
+from steps.finish import log_report_to_mlflow
 from dashboard_store import BRANCHES, EVAL, FLOW_RUN_ID, SAMPLE_KL, SAMPLE_TOKENS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -23,6 +23,9 @@ from dashboard_store import BRANCHES, EVAL, FLOW_RUN_ID
 
 from dashboards.report import build_report
 
+# A real `mlflow server` and headless Chromium: `pytest -m "not ui"` skips them locally; CI runs them.
+pytestmark = pytest.mark.ui
+
 
 @pytest.fixture(scope="module")
 def mlflow_server(filled_store, tmp_path_factory):

@@ -145,10 +145,10 @@ def test_learning_signal_on_smollm2(smollm2_path, gsm8k_dir, tmp_path):
         distiller = Distiller(cfg, prepared.train_path)
         distiller.setup()
         held_out = held_out_batch(distiller, prepared.test_path)
-        before = held_out_kl(distiller.actor, held_out)
-        assert held_out_kl(distiller.actor, held_out) == pytest.approx(before, abs=1e-6)  # scoring is deterministic
+        before = held_out_kl(distiller.workers.actor, held_out)
+        assert held_out_kl(distiller.workers.actor, held_out) == pytest.approx(before, abs=1e-6)  # scoring is deterministic
         distiller.train()
-        drops.append((before, before - held_out_kl(distiller.actor, held_out)))
+        drops.append((before, before - held_out_kl(distiller.workers.actor, held_out)))
         distiller.close()
     (before, drop), (_, other_drop) = drops
     noise = abs(drop - other_drop)

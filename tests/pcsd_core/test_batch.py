@@ -72,6 +72,7 @@ def response_states(model, inputs):
 def test_packed_states_and_gradients_equal_padded(tiny_model_dir, attn_implementation):
     """Same response states and the same parameter gradients as one padded row per response (float64)."""
     from pcsd_core.actor import DistillationModule
+    from pcsd_core.losses import LossSpec
     from pcsd_core.models import load_model
 
     prompts, responses = grouped_rows()
@@ -80,7 +81,7 @@ def test_packed_states_and_gradients_equal_padded(tiny_model_dir, attn_implement
     results = {}
     for name, layout in (("padded", pad_rows), ("packed", pack_prompt_groups)):
         module = DistillationModule(load_model(str(tiny_model_dir), dtype="float32", device="cpu",
-                                               attn_implementation=attn_implementation).double(), loss_kwargs={})
+                                               attn_implementation=attn_implementation).double(), LossSpec())
         inputs = layout(prompts, responses, PAD)
         states = module(inputs.input_ids, inputs.attention_mask, inputs.position_ids, inputs.response_positions)
         (states * probe).sum().backward()

@@ -1,4 +1,5 @@
-"""PCSDConfig: defaults and every preset are valid, unknown keys raise, rules give the documented messages."""
+"""PCSDConfig and its one preset loader: every preset loads (also through the engine CLI), unknown keys raise,
+rules give the documented messages, the loss options are checked by the loss module alone."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from pcsd_core.config import PCSDConfig
+from pcsd_core.config import PCSDConfig, load_preset, parse_overrides
+from pcsd_core.losses import hidden_state_distillation_loss
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = sorted(CONFIGS_DIR.glob("*.yaml"))
-SWEEP_KEY = "sweep"  # a preset's sweep grid belongs to the flow plan (steps/plan.py), not to PCSDConfig
 
 
 def test_defaults_are_valid_and_round_trip():
@@ -27,12 +29,47 @@ def test_defaults_are_valid_and_round_trip():
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda path: path.name)
 def test_every_preset_loads_with_every_sweep_point(preset):
-    raw = yaml.safe_load(preset.read_text()) or {}
-    grid = raw.pop(SWEEP_KEY, None) or {}
-    base = PCSDConfig.from_dict(raw)
-    assert isinstance(base, PCSDConfig)
-    for values in itertools.product(*grid.values()):
-        PCSDConfig.from_dict(raw, overrides=dict(zip(grid, values)))
+    loaded = load_preset(preset)
+    raw = yaml.safe_load(preset.read_text())
+    assert loaded.sweep == (raw.get("sweep") or {})
+    base = loaded.config()
+    for section, values in raw.items():  # every value written in the preset is what the config holds
+        if section != "sweep":
+            assert {key: getattr(getattr(base, section), key) for key in values} == values, section
+    for values in itertools.product(*loaded.sweep.values()):
+        point = dict(zip(loaded.sweep, values))
+        config = loaded.config(point)
+        assert {key: config.to_flat_dict()[key] for key in point} == point
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda path: path.name)
+def test_every_preset_loads_through_the_engine_cli(preset, capsys):
+    """`python -m pcsd_core.train --config <preset>` once failed on a sweep preset's `sweep:` key."""
+    from pcsd_core.train import main
+
+    assert main(["--config", str(preset), "--check", "--set", "train.seed=7"]) == 0
+    captured = capsys.readouterr()
+    resolved = yaml.safe_load(captured.out)
+    assert resolved == load_preset(preset).config({"train.seed": 7}).to_dict()
+    assert ("holds a sweep grid" in captured.err) == bool(load_preset(preset).sweep)
+    assert PCSDConfig.from_yaml(preset).to_dict() == load_preset(preset).config().to_dict()
+
+
+def test_overrides_parse_from_a_list_or_one_command_line():
+    expected = {"train.lr": "1e-5", "rollout.n": 4, "train.use_ray": True, "data.teacher_template": "{question} {context}"}
+    items = ["train.lr=1e-5", "rollout.n=4", "train.use_ray=true", "data.teacher_template={question} {context}"]
+    assert parse_overrides(items) == expected
+    assert parse_overrides("train.lr=1e-5 rollout.n=4 train.use_ray=true 'data.teacher_template={question} {context}'") == expected
+    assert parse_overrides("") == {}
+    with pytest.raises(ValueError, match=re.escape("override 'lr=1e-5' must look like section.field=value")):
+        parse_overrides("lr=1e-5")
+
+
+def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  lr: 1e-5\n  seed: [1, 2\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: line 4: invalid YAML")):
+        load_preset(path)
 
 
 def test_from_yaml_reads_a_file_and_applies_overrides(tmp_path):
@@ -95,10 +132,33 @@ def test_divisible_batches_are_accepted():
     assert cfg.responses_per_step == 12
 
 
-def test_sampled_estimator_needs_reverse_kl():
-    with pytest.raises(ValueError, match=r"loss.estimator 'sampled' .* needs loss.divergence 'reverse_kl' \(got 'forward_kl'\)"):
+def test_loss_options_follow_one_rule_in_the_config_and_the_loss_api():
+    """The config delegates to the loss module's LossSpec, so both accept and refuse the same options."""
+    hidden, weight = torch.randn(3, 8), torch.randn(16, 8)
+    ids, weights = torch.tensor([1, 2, 3]), torch.full((3,), 1 / 3)
+    cases = [  # (options, accepted)
+        ({"estimator": "sampled", "divergence": "forward_kl"}, False),
+        ({"estimator": "sampled", "divergence": "jsd", "beta": 0.5}, False),
+        ({"estimator": "sampled", "divergence": "jsd", "beta": 1.0}, True),  # JSD at beta 1 is reverse KL exactly
+        ({"estimator": "sampled", "divergence": "reverse_kl"}, True),
+        ({"temperature": float("inf")}, False),
+        ({"topk": 0}, False),
+    ]
+    for options, accepted in cases:
+        config_error = api_error = None
+        try:
+            PCSDConfig.from_dict({"loss": options})
+        except ValueError as error:
+            config_error = str(error)
+        try:
+            hidden_state_distillation_loss(hidden, hidden, weight, weights, response_ids=ids, **options)
+        except ValueError as error:
+            api_error = str(error)
+        assert (config_error is None, api_error is None) == (accepted, accepted), options
+        if not accepted:
+            assert config_error == f"loss.{api_error}"  # the same message, with the config's field name
+    with pytest.raises(ValueError, match=r"^loss.estimator 'sampled' .* needs divergence 'reverse_kl' \(got 'forward_kl'"):
         PCSDConfig.from_dict({"loss": {"estimator": "sampled"}})
-    assert PCSDConfig.from_dict({"loss": {"estimator": "sampled", "divergence": "reverse_kl"}}).loss.estimator == "sampled"
 
 
 def test_shared_prompt_prefix_needs_an_attention_that_takes_a_4d_mask():

@@ -359,7 +359,7 @@ def test_student_topk_and_sampled_match_trl_sdft(tail, divergence, alpha):
 # ----------------------------------------------------------------------------- input validation
 def test_bad_inputs_raise_clear_errors():
     student_hidden, teacher_hidden, weight, weights, _ = _random_problem()
-    with pytest.raises(ValueError, match="reverse KL only"):
+    with pytest.raises(ValueError, match="needs divergence .reverse_kl."):
         hidden_state_distillation_loss(student_hidden, teacher_hidden, weight, weights, estimator="sampled",
                                        response_ids=torch.zeros(12, dtype=torch.long))
     with pytest.raises(ValueError, match="response_ids"):
@@ -389,3 +389,14 @@ def test_fused_forward_kl_matches_autograd_below_the_logprob_floor():
                          torch.autograd.grad(plain, (student_hidden, weight))):
         assert torch.isfinite(ours).all()
         torch.testing.assert_close(ours, ref)
+
+
+def test_topk_gap_diagnostic_is_opt_in():
+    """The top-k gap costs an extra exact and top-k pass; by default it is not computed nor reported."""
+    student_hidden, teacher_hidden, weight, weights, _ = _random_problem(seed=11, vocab=64)
+    default = hidden_state_distillation_loss(student_hidden, teacher_hidden, weight, weights, topk=8)
+    assert "topk_gap" not in default.metrics and "topk_gap_rel" not in default.metrics
+    asked = hidden_state_distillation_loss(student_hidden, teacher_hidden, weight, weights, topk=8,
+                                           metric_sample_tokens=4)
+    assert asked.metrics["topk_gap"] > 0
+    torch.testing.assert_close(asked.loss, default.loss)  # a diagnostic only

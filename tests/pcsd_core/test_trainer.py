@@ -60,7 +60,7 @@ def test_training_writes_checkpoint_metrics_and_samples(tiny_model_dir, train_pa
             assert metrics["train/kl"] > 0 and metrics["train/loss"] > 0
         # Weight sync: the rollout engine now generates from the trained weights, bit for bit the actor's.
         ids = torch.tensor([[1, 400, 2000, 30, 77, 9]])
-        actor_logits = distiller.actor.student.lm(ids).logits
+        actor_logits = distiller.workers.actor.student.lm(ids).logits
         engine_logits = distiller.engine.model(ids).logits
         torch.testing.assert_close(engine_logits, actor_logits, rtol=0, atol=1e-6)
     finally:
@@ -126,7 +126,8 @@ def test_setup_errors_are_clear_and_early(tiny_model_dir, train_parquet, tmp_pat
 
 
 def test_cli_reports_bad_arguments(tmp_path, capsys, train_parquet):
-    from pcsd_core.train import main, parse_overrides
+    from pcsd_core.config import parse_overrides
+    from pcsd_core.train import main
 
     config = tmp_path / "c.yaml"
     config.write_text("train:\n  device: cpu\n")

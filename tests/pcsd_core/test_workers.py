@@ -11,7 +11,6 @@ import torch
 from pcsd_core.actor import Actor
 from pcsd_core.batch import RolloutBatch, TeacherOutputs
 from pcsd_core.config import PCSDConfig
-from pcsd_core.trainer import _merge_stats
 
 ray = pytest.importorskip("ray")
 
@@ -58,11 +57,10 @@ def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session
 
     group = launch_train_workers(config(use_ray=True, num_workers=2), str(tiny_model_dir), device_type="cpu")
     try:
-        parts = ray.get([w.compute_distributions.remote(batch) for w in group.workers])
-        teacher = TeacherOutputs(hidden=[h for part in parts for h in part.hidden])
-        for got, want in zip(teacher.hidden, single_teacher.hidden):
+        teacher = group.compute_distributions(batch)  # the trainer's calls: rows gathered in rank order
+        for got, want in zip(teacher.hidden, single_teacher.hidden, strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-        stats = _merge_stats(ray.get([w.update_policy_with_distillation.remote(batch, teacher) for w in group.workers]))
+        stats = group.update(batch, teacher)
         states = ray.get([w.full_state_dict.remote() for w in group.workers])
         optimizer_states = ray.get([w.training_state.remote() for w in group.workers])
     finally:

@@ -8,7 +8,8 @@ from mlflow.tracking import MlflowClient
 
 from pcsd_core.data import prepare_dataset
 from steps import tracking
-from steps.distill import distill, training_curves_png
+from dashboards.plots import training_curves_png
+from steps.distill import distill
 from steps.plan import plan_run
 
 STEPS = 2
@@ -24,7 +25,7 @@ def branch(tmp_path, tiny_model_dir, gsm8k_dir):
                   "lr": 1e-3, "device": "cpu", "output_dir": str(tmp_path / "outputs")},
     }  # fmt: skip
     branch = plan_run(preset, flow_run_id="42", env={}).branches[0]
-    prepared = prepare_dataset(branch.pcsd_config().data, tmp_path / "data")
+    prepared = prepare_dataset(branch.config.data, tmp_path / "data")
     branch.train_path, branch.test_path, branch.data_stats = str(prepared.train_path), str(prepared.test_path), prepared.stats
     return branch
 
@@ -42,7 +43,7 @@ def test_distill_logs_a_nested_run_with_per_step_metrics_and_artifacts(branch, t
     assert child.data.tags["pcsd.metaflow_pathspec"] == "PCSDFlow/42/distill/3"
     assert child.info.status == "FINISHED"
     assert child.data.params["train.total_training_steps"] == str(STEPS)
-    assert child.data.params["model.name"] == branch.config["model"]["name"]
+    assert child.data.params["model.name"] == branch.config.model.name
 
     history = client.get_metric_history(result.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2]
@@ -58,7 +59,7 @@ def test_distill_logs_a_nested_run_with_per_step_metrics_and_artifacts(branch, t
 
     local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="config/resolved_config.yaml")
     logged_config = yaml.safe_load(open(local).read())
-    assert logged_config == branch.config
+    assert logged_config == branch.config.to_dict()
 
     from transformers import AutoModelForCausalLM
 

@@ -1,21 +1,28 @@
-"""Join step: failed branches are kept but skipped, the best is the highest strict accuracy after training."""
+"""Join step: failed branches are kept but skipped; the best follows the tracking contract, as the report does."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import random
 
+from dashboards.report import best_branch as report_best_branch
+from dashboards.runs import Branch as ReportBranch
+from pcsd_core.config import PCSDConfig
+from steps.distill import DistillResult
 from steps.evaluate import BranchEvaluation
 from steps.join import outcome_of, summarize_sweep
+from steps.plan import Branch
 
 
-def _evaluation(label: str, strict: float, flexible: float) -> BranchEvaluation:
-    metrics = {"eval/gsm8k_accuracy_strict": strict, "eval/gsm8k_accuracy_flexible": flexible}
-    return BranchEvaluation(label=label, run_id=f"run-{label}", checkpoint_dir="/ckpt", metrics=metrics)
+def _metrics(strict: float, flexible: float) -> dict[str, float]:
+    return {"eval/gsm8k_accuracy_strict": strict, "eval/gsm8k_accuracy_flexible": flexible,
+            "eval/after/gsm8k_accuracy_strict": strict, "eval/after/gsm8k_accuracy_flexible": flexible}
 
 
 def _outcome(label, strict=None, flexible=0.0, failure=None):
-    branch, trained = SimpleNamespace(label=label), SimpleNamespace(run_id=f"run-{label}", curves_png="")
-    evaluation = None if strict is None else _evaluation(label, strict, flexible)
+    branch = Branch(label=label, overrides={}, config=PCSDConfig())
+    trained = DistillResult(label=label, run_id=f"run-{label}", checkpoint_dir="/ckpt", steps=2,
+                            history=[{"train/kl": 0.5}, {"train/kl": 0.25}], curves_png="", wall_s=3.0)
+    evaluation = None if strict is None else BranchEvaluation(label, f"run-{label}", "/ckpt", _metrics(strict, flexible))
     return outcome_of(branch, trained, evaluation, [failure, None])
 
 
@@ -29,6 +36,7 @@ def test_best_is_highest_strict_then_flexible_and_failures_are_skipped():
     ]
     summary = summarize_sweep(outcomes)
     assert summary.best.label == "c" and summary.best.run_id == "run-c"
+    assert (summary.best.steps, summary.best.train_s, summary.best.final_kl) == (2, 3.0, 0.25)
     assert summary.failed == ["d", "unknown"]
     rows = {row[0]: row for row in summary.table()}
     assert rows["c"][-1] == "best" and rows["a"][-1] == "ok" and rows["d"][-1].startswith("failed: evaluate crashed")
@@ -37,3 +45,22 @@ def test_best_is_highest_strict_then_flexible_and_failures_are_skipped():
 def test_all_failed_means_no_best():
     summary = summarize_sweep([_outcome("a", failure=ValueError("bad"))])
     assert summary.best is None and summary.failed == ["a"]
+
+
+def test_card_and_report_name_the_same_best_branch_on_a_tie():
+    """The join orders branches as the foreach did, the report by MLflow start time; a tie must not depend on it.
+
+    Once the join took the first of the tied branches in foreach order and the report the first in start-time
+    order, so the card and the HTML report could crown different champions.
+    """
+    scores = {"lr=3e-05": (0.5, 0.75), "lr=1e-05": (0.5, 0.75), "lr=1e-06": (0.5, 0.5), "lr=1e-04": (0.25, 0.9)}
+    expected = "lr=1e-05"  # tied on both accuracies with lr=3e-05; the label breaks the tie
+    generator = random.Random(0)
+    for _ in range(10):
+        labels = list(scores)
+        generator.shuffle(labels)
+        join_best = summarize_sweep([_outcome(label, *scores[label]) for label in labels]).best.label
+        generator.shuffle(labels)
+        report_branches = [ReportBranch(run_id=label, name=label, status="FINISHED", params={},
+                                        metrics=_metrics(*scores[label]), curves={}) for label in labels]
+        assert join_best == report_best_branch(report_branches).name == expected

@@ -1,4 +1,4 @@
-"""Run planning: preset parsing, CLI > env > preset precedence, sweep grid expansion, labels and errors."""
+"""Run planning: preset parsing, knobs > --set > env > preset precedence, sweep grid expansion, labels, errors."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pcsd_core.config import PCSDConfig
-from steps.plan import branch_label, expand_grid, parse_preset, parse_sweep, plan_run, resolve_overrides
+from pcsd_core.config import load_preset, parse_sweep
+from steps.plan import branch_label, expand_grid, parse_preset, plan_run, resolve_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -17,12 +17,19 @@ PRESETS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 def test_every_preset_parses_and_plans(preset):
     raw = parse_preset(preset.read_text())
     plan = plan_run(raw, flow_run_id="1", env={})
-    assert plan.branches and all(isinstance(b.pcsd_config(), PCSDConfig) for b in plan.branches)
+    loaded = load_preset(preset)
+    assert [b.overrides for b in plan.branches] == expand_grid(loaded.sweep)
+    for branch in plan.branches:  # each branch is the preset's config with its point applied
+        expected = loaded.config(branch.overrides).to_flat_dict()
+        got = branch.config.to_flat_dict()
+        for key in ("train.output_dir", "data.path", "model.name"):  # made absolute / per branch by the plan
+            expected.pop(key), got.pop(key)
+        assert got == expected
 
 
 def test_gpu_preset_mirrors_the_reference_script():
     raw = parse_preset((REPO_ROOT / "configs" / "gpu_gsm8k_7b.yaml").read_text())
-    cfg = plan_run(raw, flow_run_id="1", env={}).branches[0].pcsd_config()
+    cfg = plan_run(raw, flow_run_id="1", env={}).branches[0].config
     assert cfg.model.name == "deepseek-math-7b-base" and cfg.rollout.engine == "sglang"
     assert (cfg.train.lr, cfg.train.mini_batch_size, cfg.rollout.temperature, cfg.train.ppo_epochs) == (1e-6, 16, 1.0, 1)
 
@@ -75,16 +82,29 @@ def test_precedence_is_cli_over_env_over_preset(tmp_path):
     raw = parse_preset((REPO_ROOT / "configs" / "cpu_smollm2.yaml").read_text())
     env = {"MODEL_PATH": "qwen2.5-1.5b-instruct", "TOTAL_STEPS": "7", "DATA_PATH": str(tmp_path), "ROLLOUT_NUM_GPUS": ""}
     from_env = plan_run(raw, flow_run_id="1", env=env).base_config
-    assert (from_env["model"]["name"], from_env["train"]["total_training_steps"]) == ("qwen2.5-1.5b-instruct", 7)
-    assert from_env["data"]["path"] == str(tmp_path)
-    assert from_env["rollout"]["num_gpus"] == 0  # empty variables are ignored
+    assert (from_env.model.name, from_env.train.total_training_steps) == ("qwen2.5-1.5b-instruct", 7)
+    assert from_env.data.path == str(tmp_path)
+    assert from_env.rollout.num_gpus == 0  # empty variables are ignored
     cli = plan_run(raw, flow_run_id="1", env=env, model="smollm2-135m", total_steps=2, lr=3e-5, data_path="hub")
-    assert cli.base_config["model"]["name"] == "smollm2-135m"
-    assert (cli.base_config["train"]["total_training_steps"], cli.base_config["train"]["lr"]) == (2, 3e-5)
-    assert cli.base_config["data"]["path"] == ""  # 'hub' means the hub dataset even with DATA_PATH set
+    assert cli.base_config.model.name == "smollm2-135m"
+    assert (cli.base_config.train.total_training_steps, cli.base_config.train.lr) == (2, 3e-5)
+    assert cli.base_config.data.path == ""  # 'hub' means the hub dataset even with DATA_PATH set
     assert resolve_overrides(env={"DATA_PATH": ""}) == {"data.path": ""}  # DATA_PATH= selects the hub
     preset_only = plan_run(raw, flow_run_id="1", env={}).base_config
-    assert preset_only["train"]["total_training_steps"] == 4
+    assert preset_only.train.total_training_steps == 4
+    # --set sits between the environment and the knobs.
+    with_set = plan_run(raw, flow_run_id="1", env=env, overrides="train.total_training_steps=5 rollout.n=4 train.mini_batch_size=8")
+    assert (with_set.base_config.train.total_training_steps, with_set.base_config.rollout.n) == (5, 4)
+    knob_wins = plan_run(raw, flow_run_id="1", env=env, overrides="train.total_training_steps=5", total_steps=3)
+    assert knob_wins.base_config.train.total_training_steps == 3
+    with pytest.raises(ValueError, match="unknown flow knob"):
+        resolve_overrides(env={}, steps=3)
+
+
+def test_duplicate_sweep_points_are_refused_before_they_share_a_folder():
+    raw = parse_preset((REPO_ROOT / "configs" / "cpu_smollm2.yaml").read_text())
+    with pytest.raises(ValueError, match=r"sweep branches 'lr=1e-05' and 'lr=1e-05' are the same point"):
+        plan_run(raw, flow_run_id="1", env={}, sweep='{"train.lr": [1e-5, 0.00001]}')
 
 
 def test_cli_sweep_replaces_the_preset_sweep_and_branches_get_own_output_dirs():
@@ -92,7 +112,7 @@ def test_cli_sweep_replaces_the_preset_sweep_and_branches_get_own_output_dirs():
     assert len(plan_run(raw, flow_run_id="5", env={}).branches) == 4
     plan = plan_run(raw, flow_run_id="5", env={}, sweep='{"loss.divergence": ["forward_kl", "jsd"]}')
     assert [b.label for b in plan.branches] == ["divergence=forward_kl", "divergence=jsd"]
-    output_dirs = {b.config["train"]["output_dir"] for b in plan.branches}
+    output_dirs = {b.config.train.output_dir for b in plan.branches}
     assert len(output_dirs) == 2 and all(Path(d).is_absolute() and "/5/" in d for d in output_dirs)
     assert plan.branches[0].data_key == plan.branches[1].data_key  # one preprocessed dataset
-    assert plan.branches[0].baseline_key == plan.branches[1].baseline_key  # one base-model evaluation
+    assert plan.branches[0].base_model_key == plan.branches[1].base_model_key  # one base-model evaluation
