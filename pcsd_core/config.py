@@ -11,6 +11,8 @@ Every knob is declared once, here, with its meaning and range. YAML presets in `
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
@@ -24,9 +26,37 @@ DEFAULT_TEACHER_TEMPLATE = (
 GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
 
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (and libraries built on it) take 32-bit seeds
+LARGE_LR = 1e-2  # above this, full fine-tuning of a pretrained LM usually diverges
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _check_field_types(section: Any, section_name: str) -> None:
+    """Apply the loader's type rules to a section built directly in Python (the loader already applied them).
+
+    Ints stay ints, floats are finite, enums hold one of their choices, strings are strings; the checked
+    value (an int widened to float for a float field) is stored back.
+    """
+    hints = get_type_hints(type(section))
+    for item in dataclasses.fields(section):
+        name = item.name
+        setattr(section, name, _coerce(f"{section_name}.{name}", hints[name], getattr(section, name)))
+
+
+def _require_text(name: str, value: str, *, allow_empty: bool = False) -> None:
+    """A path, id or column name: not blank (unless empty is allowed), no surrounding spaces, no NUL byte."""
+    if allow_empty and value == "":
+        return
+    _require(value.strip() != "", f"{name} ({value!r}) must not be empty.")
+    _require(
+        value == value.strip() and "\x00" not in value,
+        f"{name} ({value!r}) has surrounding whitespace or a NUL byte; remove it (a stray space from copy-paste?).",
+    )
 
 
 @dataclass
@@ -35,12 +65,23 @@ class ModelConfig:
     name: str = "smollm2-135m"
     # Parameter dtype for training and rollout: "float32", "bfloat16" or "float16".
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # transformers attention implementation ("sdpa", "eager", "flash_attention_2").
+    # transformers attention implementation: one of ATTN_IMPLEMENTATIONS ("sdpa", "eager",
+    # "flash_attention_2", ...) or a kernels-hub repository "owner/name".
     attn_implementation: str = "sdpa"
     # Allow models whose repository ships its own Python code.
     trust_remote_code: bool = False
     # Recompute activations in the backward pass to save memory (GPU runs of large models).
     gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "model")
+        _require_text("model.name", self.name)
+        attn = self.attn_implementation
+        _require(
+            attn in ATTN_IMPLEMENTATIONS or (attn.count("/") == 1 and all(attn.split("/"))),
+            f"model.attn_implementation ({attn!r}) must be one of {list(ATTN_IMPLEMENTATIONS)} (or a kernels-hub "
+            "repository 'owner/name'); 'sdpa' works everywhere.",
+        )
 
 
 @dataclass
@@ -69,6 +110,14 @@ class DataConfig:
     data_source: str = "openai/gsm8k"
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "data")
+        _require_text("data.path", self.path, allow_empty=True)
+        _require_text("data.hub_name", self.hub_name)
+        _require_text("data.hub_config", self.hub_config, allow_empty=True)
+        _require_text("data.question_column", self.question_column)
+        _require_text("data.answer_column", self.answer_column)
+        _require_text("data.id_column", self.id_column, allow_empty=True)
+        _require_text("data.data_source", self.data_source)
         ctx = self.privileged_context
         _require(
             ctx in ("solution", "answer_only") or (ctx.startswith("column:") and len(ctx) > 7),
@@ -104,6 +153,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "rollout")  # also refuses inf/nan, e.g. temperature .inf
         _require(self.n >= 1, f"rollout.n ({self.n}) must be >= 1.")
         _require(self.temperature > 0, f"rollout.temperature ({self.temperature}) must be > 0.")
         _require(0 < self.top_p <= 1, f"rollout.top_p ({self.top_p}) must be in (0, 1].")
@@ -113,6 +163,7 @@ class RolloutConfig:
             0 < self.gpu_memory_utilization < 1,
             f"rollout.gpu_memory_utilization ({self.gpu_memory_utilization}) must be in (0, 1).",
         )
+        _require(self.num_gpus >= 0, f"rollout.num_gpus ({self.num_gpus}) must be >= 0 (0 = share the actor's devices).")
         _require(
             self.placement == "colocated" or self.num_gpus >= 1,
             f"rollout.placement 'split' needs rollout.num_gpus >= 1 (got {self.num_gpus}); "
@@ -198,12 +249,23 @@ class TrainConfig:
     resume_from: str = ""
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "train")  # also refuses inf/nan, e.g. lr inf
         _require(self.total_training_steps >= 1, f"train.total_training_steps ({self.total_training_steps}) must be >= 1.")
         _require(self.prompts_per_step >= 1, f"train.prompts_per_step ({self.prompts_per_step}) must be >= 1.")
         _require(self.ppo_epochs >= 1, f"train.ppo_epochs ({self.ppo_epochs}) must be >= 1.")
+        _require(self.mini_batch_size >= 1, f"train.mini_batch_size ({self.mini_batch_size}) must be >= 1.")
+        _require(self.micro_batch_size >= 1, f"train.micro_batch_size ({self.micro_batch_size}) must be >= 1.")
         _require(self.lr > 0, f"train.lr ({self.lr}) must be > 0.")
+        if self.lr > LARGE_LR:
+            warnings.warn(
+                f"train.lr ({self.lr}) is above {LARGE_LR}; fine-tuning a pretrained model at this rate usually "
+                "diverges (the presets use 1e-6 to 1e-5). Check the exponent.",
+                stacklevel=2,
+            )
         _require(self.warmup_steps >= 0, f"train.warmup_steps ({self.warmup_steps}) must be >= 0.")
+        _require(self.weight_decay >= 0, f"train.weight_decay ({self.weight_decay}) must be >= 0 (0 disables it).")
         _require(self.grad_clip >= 0, f"train.grad_clip ({self.grad_clip}) must be >= 0 (0 disables it).")
+        _require(0 <= self.seed <= MAX_SEED, f"train.seed ({self.seed}) must be in [0, {MAX_SEED}].")
         _require(0 < self.ema_rate <= 1, f"train.ema_rate ({self.ema_rate}) must be in (0, 1].")
         _require(self.num_workers >= 1, f"train.num_workers ({self.num_workers}) must be >= 1.")
         _require(
@@ -211,11 +273,18 @@ class TrainConfig:
             f"train.num_workers ({self.num_workers}) > 1 needs train.use_ray: true.",
         )
         _require(
-            self.micro_batch_size >= 1 and self.mini_batch_size % self.micro_batch_size == 0,
+            self.mini_batch_size % self.micro_batch_size == 0,
             f"train.mini_batch_size ({self.mini_batch_size}) must be a multiple of train.micro_batch_size "
             f"({self.micro_batch_size}); change one of them.",
         )
         _require(self.device in ("auto", "cpu", "cuda"), f"train.device ({self.device!r}) must be auto, cpu or cuda.")
+        _require(
+            self.checkpoint_every >= 0,
+            f"train.checkpoint_every ({self.checkpoint_every}) must be >= 0 (0 = only at the end).",
+        )
+        _require_text("train.output_dir", self.output_dir)
+        # Whether resume_from holds a complete checkpoint is checked at setup (pcsd_core.checkpoint), not here.
+        _require_text("train.resume_from", self.resume_from, allow_empty=True)
 
 
 @dataclass
@@ -226,9 +295,44 @@ class EvalConfig:
     batch_size: int = 16
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "eval")
         _require(self.num_examples >= 0, f"eval.num_examples ({self.num_examples}) must be >= 0.")
         _require(self.max_new_tokens >= 1, f"eval.max_new_tokens ({self.max_new_tokens}) must be >= 1.")
         _require(self.batch_size >= 1, f"eval.batch_size ({self.batch_size}) must be >= 1.")
+
+
+def read_preset_yaml(path: str | Path) -> dict[str, Any]:
+    """The sections of a YAML preset as plain dicts, with YAML and shape errors turned into clear ValueErrors.
+
+    A syntax error names the file and the line; the top level and every section must be mappings (an empty
+    section is an empty dict). Which sections and keys are valid is the loader's business, not this function's.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist; presets live in configs/.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8.") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown line"
+        problem = getattr(error, "problem", None) or str(error)
+        raise ValueError(f"{path}: YAML syntax error at {where}: {problem}. Fix the YAML (indentation, quotes, "
+                         "a missing ':').") from None
+    if raw is None:
+        return {}
+    _require(isinstance(raw, dict), f"{path}: the top level must be a mapping of sections (model:, train:, ...), "
+             f"got a {type(raw).__name__}.")
+    sections = {}
+    for name, values in raw.items():
+        _require(
+            values is None or isinstance(values, dict),
+            f"{path}: section {name!r} must be a mapping of 'key: value' lines, got a {type(values).__name__} "
+            f"({repr(values)[:60]}); indent its keys under '{name}:'.",
+        )
+        sections[name] = dict(values or {})
+    return sections
 
 
 @dataclass
@@ -316,7 +420,12 @@ def _build_section(section_cls: type, section_name: str, values: dict[str, Any])
 
 
 def _coerce(name: str, annotation: Any, value: Any) -> Any:
-    """Check a YAML/CLI value against the field's type; ints may widen to floats, strings of numbers parse."""
+    """Check a YAML/CLI value against the field's type and return it typed.
+
+    Ints stay ints: a float (2.0) or a decimal string ("2.0") for an int field is refused rather than silently
+    truncated. A float field takes ints and numeric strings ("1e-5": YAML reads it as a string). Floats must be
+    finite: inf and nan are refused for every float field.
+    """
     choices = get_args(annotation) if getattr(annotation, "__origin__", None) is Literal else None
     if choices:
         _require(value in choices, f"{name} ({value!r}) must be one of {list(choices)}.")
@@ -326,20 +435,39 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
             return value.lower() in ("true", "1")
         _require(isinstance(value, bool), f"{name} ({value!r}) must be true or false.")
         return value
-    if annotation in (int, float):
-        if isinstance(value, str):
-            try:
-                value = annotation(float(value)) if annotation is int and float(value).is_integer() else annotation(value)
-            except ValueError:
-                raise ValueError(f"{name} ({value!r}) must be a number.") from None
-        _require(
-            isinstance(value, (int, float)) and not isinstance(value, bool),
-            f"{name} ({value!r}) must be a number.",
-        )
-        if annotation is int:
-            _require(float(value).is_integer(), f"{name} ({value!r}) must be a whole number.")
-            return int(value)
-        return float(value)
+    if annotation is int:
+        return _coerce_int(name, value)
+    if annotation is float:
+        return _coerce_float(name, value)
     if annotation is str:
         _require(isinstance(value, str), f"{name} ({value!r}) must be a string.")
     return value
+
+
+def _coerce_int(name: str, value: Any) -> int:
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    whole = isinstance(value, float) and value.is_integer()
+    if not whole and isinstance(value, str):
+        try:
+            whole, value = float(value).is_integer(), float(value)
+        except ValueError:
+            raise ValueError(f"{name} ({value!r}) must be a whole number.") from None
+    fix = f"; write {int(value)}" if whole else ""
+    raise ValueError(f"{name} ({value!r}) must be a whole number, written without a decimal point or exponent{fix}.")
+
+
+def _coerce_float(name: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name} ({value!r}) must be a number.") from None
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name} ({value!r}) must be a number.")
+    _require(math.isfinite(value), f"{name} ({value!r}) must be a finite number (inf and nan are not allowed).")
+    return float(value)

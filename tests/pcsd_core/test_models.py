@@ -79,3 +79,24 @@ def test_model_not_found_is_a_file_not_found_error_and_bad_dtype_is_rejected(tin
     assert issubclass(ModelNotFoundError, FileNotFoundError)
     with pytest.raises(ValueError, match=re.escape("model dtype 'fp8' must be one of ['bfloat16', 'float16', 'float32']")):
         load_model(str(tiny_model_dir), dtype="fp8")
+
+
+def test_generation_lengths_beyond_the_context_are_refused(tiny_model_dir):
+    """The tiny model's config says max_position_embeddings=1024 (conftest); lengths are checked against it."""
+    from transformers import AutoConfig
+
+    from pcsd_core.config import PCSDConfig
+    from pcsd_core.models import check_context_length
+
+    model_config = AutoConfig.from_pretrained(tiny_model_dir)
+    assert model_config.max_position_embeddings == 1024
+    fits = PCSDConfig.from_dict({}, {"rollout.max_response_tokens": 1024, "eval.max_new_tokens": 1000})
+    check_context_length(fits, model_config)  # no prompt length known: the response alone fits
+    check_context_length(fits, model_config, max_prompt_tokens=24)  # eval 1000 + 24 = 1024 still fits
+    with pytest.raises(ValueError, match=re.escape(
+            "rollout.max_response_tokens (1024): the longest prompt (1 tokens) + 1024 new tokens exceed the model's "
+            "context of max_position_embeddings=1024 tokens; lower rollout.max_response_tokens to at most 1023.")):
+        check_context_length(fits, model_config, max_prompt_tokens=1)
+    too_long_eval = PCSDConfig.from_dict({}, {"rollout.max_response_tokens": 8, "eval.max_new_tokens": 100_000})
+    with pytest.raises(ValueError, match=r"^eval.max_new_tokens \(100000\): .*max_position_embeddings=1024"):
+        check_context_length(too_long_eval, model_config)
