@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def open_metrics_file(path: Path, resumed_step: int):
+    """Open the metrics file for appending; on a resume first drop the lines of steps after the checkpoint.
+
+    A run killed after its step-2 checkpoint may have logged step 3; the resumed run logs step 3 again, so the
+    old line goes (the file is rewritten to a temporary name and renamed: a kill now loses nothing).
+    """
+    if resumed_step and path.is_file():
+        lines = path.read_text().splitlines()
+        kept = [line + "\n" for line in lines if _step_of(line, default=resumed_step + 1) <= resumed_step]
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text("".join(kept))
+        os.replace(temporary, path)
+    return open(path, "a")
+
+
+def _step_of(line: str, default: int) -> int:
+    """The step of a metrics line; `default` for a blank line or one torn by the kill."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return default
+
+
 def main(argv: list[str] | None = None) -> int:
     from pcsd_core.trainer import Distiller
 
@@ -56,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --train-parquet {args.train_parquet!r} does not exist; prepare it with "
               "pcsd_core.data.prepare_dataset (or the flow's preprocess step).", file=sys.stderr)
         return 2
-    metrics_file = open(args.metrics_jsonl, "a") if args.metrics_jsonl else None
+    metrics_file = None
 
     def log_metrics(metrics: dict[str, float], step: int) -> None:
         line = json.dumps({"step": step, **metrics})
@@ -68,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     distiller = Distiller(cfg, args.train_parquet, log_metrics=log_metrics)
     try:
         distiller.setup()
+        if args.metrics_jsonl:
+            metrics_file = open_metrics_file(Path(args.metrics_jsonl), resumed_step=distiller.start_step)
         result = distiller.train()
     finally:
         distiller.close()

@@ -153,8 +153,8 @@ def test_cli_values_keep_their_types():
                           ("rollout.temperature=.nan", "rollout.temperature (nan) must be a finite number")]:
         with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
             PCSDConfig.from_dict({}, parse_overrides([item]))
-    direct = TrainConfig(lr=1, weight_decay=0)  # direct construction widens ints for float fields, as YAML does
-    assert type(direct.lr) is float and type(direct.weight_decay) is float
+    direct = TrainConfig(grad_clip=1, weight_decay=0)  # direct construction widens ints for float fields, as YAML does
+    assert type(direct.grad_clip) is float and type(direct.weight_decay) is float
 
 
 def test_a_large_learning_rate_warns_but_loads():
