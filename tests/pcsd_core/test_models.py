@@ -90,13 +90,16 @@ def test_generation_lengths_beyond_the_context_are_refused(tiny_model_dir):
 
     model_config = AutoConfig.from_pretrained(tiny_model_dir)
     assert model_config.max_position_embeddings == 1024
-    fits = PCSDConfig.from_dict({}, {"rollout.max_response_tokens": 1024, "eval.max_new_tokens": 1000})
-    check_context_length(fits, model_config)  # no prompt length known: the response alone fits
-    check_context_length(fits, model_config, max_prompt_tokens=24)  # eval 1000 + 24 = 1024 still fits
-    with pytest.raises(ValueError, match=re.escape(
-            "rollout.max_response_tokens (1024): the longest prompt (1 tokens) + 1024 new tokens exceed the model's "
-            "context of max_position_embeddings=1024 tokens; lower rollout.max_response_tokens to at most 1023.")):
-        check_context_length(fits, model_config, max_prompt_tokens=1)
-    too_long_eval = PCSDConfig.from_dict({}, {"rollout.max_response_tokens": 8, "eval.max_new_tokens": 100_000})
-    with pytest.raises(ValueError, match=r"^eval.max_new_tokens \(100000\): .*max_position_embeddings=1024"):
+    fits = PCSDConfig.from_dict({}, {"rollout.max_response_tokens": 1000, "eval.max_new_tokens": 1000})
+    check_context_length(fits, model_config)
+    check_context_length(fits, model_config, max_prompt_tokens=24)  # 24 + 1000 = 1024: exactly fits
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "rollout.max_response_tokens (1000): the longest prompt (25 tokens) + 1000 new tokens exceed the model's "
+            "context of max_position_embeddings=1024 tokens; lower rollout.max_response_tokens to at most 999.")):
+        check_context_length(fits, model_config, max_prompt_tokens=25)
+    the_issue = PCSDConfig.from_dict({}, {"rollout.max_response_tokens": 100_000})  # accepted by the config alone
+    with pytest.raises(ValueError, match=r"^rollout.max_response_tokens \(100000\): 100000 new tokens exceed"):
+        check_context_length(the_issue, model_config)
+    too_long_eval = PCSDConfig.from_dict({}, {"rollout.max_response_tokens": 8, "eval.max_new_tokens": 1025})
+    with pytest.raises(ValueError, match=r"^eval.max_new_tokens \(1025\): .*max_position_embeddings=1024"):
         check_context_length(too_long_eval, model_config)
