@@ -142,6 +142,8 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     # Longest response in tokens; longer samples are truncated and counted in `rollout/truncated_frac`.
+    # Prompt + response must fit the model's context, which the config alone cannot know: checked by
+    # models.check_context_length once the model's config is loaded (trainer setup), as eval.max_new_tokens.
     max_response_tokens: int = 256
     # Prompts generated together in one engine call (HF engine memory bound).
     batch_size: int = 16
