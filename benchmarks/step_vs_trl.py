@@ -149,7 +149,8 @@ def main() -> None:
                         help="override a setting of our engine (repeatable), e.g. train.share_prompt_prefix=false")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from pcsd_core.config import PCSDConfig, parse_overrides
+    from pcsd_core.config import PCSDConfig
+    from pcsd_core.presets import parse_overrides
 
     overrides = parse_overrides(args.ours_set)
     PCSDConfig.from_dict({}, overrides)  # an unknown key or bad value fails here, before any run

@@ -1,27 +1,20 @@
 """The one typed, validated configuration of a PCSD run.
 
-Every knob is declared once, here, with its meaning and range. This module is also the one
-place that reads presets and overrides:
+Every knob is declared once, here, with its meaning and range, and checked in `__post_init__` (also when a
+section is built directly in Python). YAML presets and `key=value` overrides are read by `pcsd_core.presets`
+(`load_preset`, `parse_overrides`); `PCSDConfig.from_yaml(path)` is the config of a preset. Unknown keys
+raise. Derived values are computed in `__post_init__` and nowhere else. The flattened form (`to_flat_dict`)
+is what MLflow records as params.
 
-- `load_preset(path)` reads a YAML preset of `configs/` into a `Preset`: its config sections and its optional
-  `sweep:` grid (`parse_sweep`). `PCSDConfig.from_yaml(path)` is the config of a preset, sweep grid ignored.
-- `parse_overrides(["train.lr=1e-5", ...])` parses `key=value` overrides (values as YAML scalars); the engine
-  CLI's `--set` and the flow's `--set` both use it.
-
-Unknown keys raise. Derived values are computed in `__post_init__` and nowhere else. The flattened form
-(`to_flat_dict`) is what MLflow records as params.
-
-    from pcsd_core.config import PCSDConfig, load_preset
+    from pcsd_core.config import PCSDConfig
     cfg = PCSDConfig.from_yaml("configs/cpu_smollm2.yaml", overrides={"train.total_training_steps": 4})
-    preset = load_preset("configs/sweep_cpu_smollm2.yaml")    # preset.sweep == {"train.lr": [...], ...}
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import shlex
-from collections.abc import Mapping
+import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_type_hints
@@ -38,9 +31,37 @@ DEFAULT_TEACHER_TEMPLATE = (
 GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
 
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (and libraries built on it) take 32-bit seeds
+LARGE_LR = 1e-2  # above this, full fine-tuning of a pretrained LM usually diverges
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _check_field_types(section: Any, section_name: str) -> None:
+    """Apply the loader's type rules to a section built directly in Python (the loader already applied them).
+
+    Ints stay ints, floats are finite, enums hold one of their choices, strings are strings; the checked
+    value (an int widened to float for a float field) is stored back.
+    """
+    hints = get_type_hints(type(section))
+    for item in dataclasses.fields(section):
+        name = item.name
+        setattr(section, name, _coerce(f"{section_name}.{name}", hints[name], getattr(section, name)))
+
+
+def _require_text(name: str, value: str, *, allow_empty: bool = False) -> None:
+    """A path, id or column name: not blank (unless empty is allowed), no surrounding spaces, no NUL byte."""
+    if allow_empty and value == "":
+        return
+    _require(value.strip() != "", f"{name} ({value!r}) must not be empty.")
+    _require(
+        value == value.strip() and "\x00" not in value,
+        f"{name} ({value!r}) has surrounding whitespace or a NUL byte; remove it (a stray space from copy-paste?).",
+    )
 
 
 @dataclass
@@ -49,12 +70,23 @@ class ModelConfig:
     name: str = "smollm2-135m"
     # Parameter dtype for training and rollout: "float32", "bfloat16" or "float16".
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # transformers attention implementation ("sdpa", "eager", "flash_attention_2").
+    # transformers attention implementation: one of ATTN_IMPLEMENTATIONS ("sdpa", "eager",
+    # "flash_attention_2", ...) or a kernels-hub repository "owner/name".
     attn_implementation: str = "sdpa"
     # Allow models whose repository ships its own Python code.
     trust_remote_code: bool = False
     # Recompute activations in the backward pass to save memory (GPU runs of large models).
     gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "model")
+        _require_text("model.name", self.name)
+        attn = self.attn_implementation
+        _require(
+            attn in ATTN_IMPLEMENTATIONS or (attn.count("/") == 1 and all(attn.split("/"))),
+            f"model.attn_implementation ({attn!r}) must be one of {list(ATTN_IMPLEMENTATIONS)} (or a kernels-hub "
+            "repository 'owner/name'); 'sdpa' works everywhere.",
+        )
 
 
 @dataclass
@@ -83,6 +115,14 @@ class DataConfig:
     data_source: str = "openai/gsm8k"
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "data")
+        _require_text("data.path", self.path, allow_empty=True)
+        _require_text("data.hub_name", self.hub_name)
+        _require_text("data.hub_config", self.hub_config, allow_empty=True)
+        _require_text("data.question_column", self.question_column)
+        _require_text("data.answer_column", self.answer_column)
+        _require_text("data.id_column", self.id_column, allow_empty=True)
+        _require_text("data.data_source", self.data_source)
         ctx = self.privileged_context
         _require(
             ctx in ("solution", "answer_only") or (ctx.startswith("column:") and len(ctx) > 7),
@@ -107,6 +147,8 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     # Longest response in tokens; longer samples are truncated and counted in `rollout/truncated_frac`.
+    # Prompt + response must fit the model's context, which the config alone cannot know: checked by
+    # models.check_context_length once the model's config is loaded (trainer setup), as eval.max_new_tokens.
     max_response_tokens: int = 256
     # Prompts generated together in one engine call (HF engine memory bound).
     batch_size: int = 16
@@ -118,6 +160,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "rollout")  # also refuses inf/nan, e.g. temperature .inf
         _require(self.n >= 1, f"rollout.n ({self.n}) must be >= 1.")
         _require(self.temperature > 0, f"rollout.temperature ({self.temperature}) must be > 0.")
         _require(0 < self.top_p <= 1, f"rollout.top_p ({self.top_p}) must be in (0, 1].")
@@ -127,6 +170,7 @@ class RolloutConfig:
             0 < self.gpu_memory_utilization < 1,
             f"rollout.gpu_memory_utilization ({self.gpu_memory_utilization}) must be in (0, 1).",
         )
+        _require(self.num_gpus >= 0, f"rollout.num_gpus ({self.num_gpus}) must be >= 0 (0 = share the actor's devices).")
         _require(
             self.placement == "colocated" or self.num_gpus >= 1,
             f"rollout.placement 'split' needs rollout.num_gpus >= 1 (got {self.num_gpus}); "
@@ -214,12 +258,23 @@ class TrainConfig:
     resume_from: str = ""
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "train")  # also refuses inf/nan, e.g. lr inf
         _require(self.total_training_steps >= 1, f"train.total_training_steps ({self.total_training_steps}) must be >= 1.")
         _require(self.prompts_per_step >= 1, f"train.prompts_per_step ({self.prompts_per_step}) must be >= 1.")
         _require(self.ppo_epochs >= 1, f"train.ppo_epochs ({self.ppo_epochs}) must be >= 1.")
+        _require(self.mini_batch_size >= 1, f"train.mini_batch_size ({self.mini_batch_size}) must be >= 1.")
+        _require(self.micro_batch_size >= 1, f"train.micro_batch_size ({self.micro_batch_size}) must be >= 1.")
         _require(self.lr > 0, f"train.lr ({self.lr}) must be > 0.")
+        if self.lr > LARGE_LR:
+            warnings.warn(
+                f"train.lr ({self.lr}) is above {LARGE_LR}; fine-tuning a pretrained model at this rate usually "
+                "diverges (the presets use 1e-6 to 1e-5). Check the exponent.",
+                stacklevel=2,
+            )
         _require(self.warmup_steps >= 0, f"train.warmup_steps ({self.warmup_steps}) must be >= 0.")
+        _require(self.weight_decay >= 0, f"train.weight_decay ({self.weight_decay}) must be >= 0 (0 disables it).")
         _require(self.grad_clip >= 0, f"train.grad_clip ({self.grad_clip}) must be >= 0 (0 disables it).")
+        _require(0 <= self.seed <= MAX_SEED, f"train.seed ({self.seed}) must be in [0, {MAX_SEED}].")
         _require(0 < self.ema_rate <= 1, f"train.ema_rate ({self.ema_rate}) must be in (0, 1].")
         _require(self.num_workers >= 1, f"train.num_workers ({self.num_workers}) must be >= 1.")
         _require(
@@ -227,11 +282,18 @@ class TrainConfig:
             f"train.num_workers ({self.num_workers}) > 1 needs train.use_ray: true.",
         )
         _require(
-            self.micro_batch_size >= 1 and self.mini_batch_size % self.micro_batch_size == 0,
+            self.mini_batch_size % self.micro_batch_size == 0,
             f"train.mini_batch_size ({self.mini_batch_size}) must be a multiple of train.micro_batch_size "
             f"({self.micro_batch_size}); change one of them.",
         )
         _require(self.device in ("auto", "cpu", "cuda"), f"train.device ({self.device!r}) must be auto, cpu or cuda.")
+        _require(
+            self.checkpoint_every >= 0,
+            f"train.checkpoint_every ({self.checkpoint_every}) must be >= 0 (0 = only at the end).",
+        )
+        _require_text("train.output_dir", self.output_dir)
+        # Whether resume_from holds a complete checkpoint is checked at setup (pcsd_core.checkpoint), not here.
+        _require_text("train.resume_from", self.resume_from, allow_empty=True)
 
 
 @dataclass
@@ -242,6 +304,7 @@ class EvalConfig:
     batch_size: int = 16
 
     def __post_init__(self) -> None:
+        _check_field_types(self, "eval")
         _require(self.num_examples >= 0, f"eval.num_examples ({self.num_examples}) must be >= 0.")
         _require(self.max_new_tokens >= 1, f"eval.max_new_tokens ({self.max_new_tokens}) must be >= 1.")
         _require(self.batch_size >= 1, f"eval.batch_size ({self.batch_size}) must be >= 1.")
@@ -306,6 +369,8 @@ class PCSDConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> PCSDConfig:
         """The config of the preset at `path` (its `sweep:` grid, if any, belongs to the flow and is ignored)."""
+        from pcsd_core.presets import load_preset
+
         return load_preset(path).config(overrides)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -328,7 +393,12 @@ def _build_section(section_cls: type, section_name: str, values: dict[str, Any])
 
 
 def _coerce(name: str, annotation: Any, value: Any) -> Any:
-    """Check a YAML/CLI value against the field's type; ints may widen to floats, strings of numbers parse."""
+    """Check a YAML/CLI value against the field's type and return it typed.
+
+    Ints stay ints: a float (2.0) or a decimal string ("2.0") for an int field is refused rather than silently
+    truncated. A float field takes ints and numeric strings ("1e-5": YAML reads it as a string). Floats must be
+    finite: inf and nan are refused for every float field.
+    """
     choices = get_args(annotation) if getattr(annotation, "__origin__", None) is Literal else None
     if choices:
         _require(value in choices, f"{name} ({value!r}) must be one of {list(choices)}.")
@@ -338,121 +408,39 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
             return value.lower() in ("true", "1")
         _require(isinstance(value, bool), f"{name} ({value!r}) must be true or false.")
         return value
-    if annotation in (int, float):
-        if isinstance(value, str):
-            try:
-                value = annotation(float(value)) if annotation is int and float(value).is_integer() else annotation(value)
-            except ValueError:
-                raise ValueError(f"{name} ({value!r}) must be a number.") from None
-        _require(
-            isinstance(value, (int, float)) and not isinstance(value, bool),
-            f"{name} ({value!r}) must be a number.",
-        )
-        if annotation is int:
-            _require(float(value).is_integer(), f"{name} ({value!r}) must be a whole number.")
-            return int(value)
-        return float(value)
+    if annotation is int:
+        return _coerce_int(name, value)
+    if annotation is float:
+        return _coerce_float(name, value)
     if annotation is str:
         _require(isinstance(value, str), f"{name} ({value!r}) must be a string.")
     return value
 
 
-# ---- presets and overrides ----------------------------------------------------------------------------
-
-SWEEP_KEY = "sweep"  # a preset's optional top-level sweep grid (not a PCSDConfig section)
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A YAML preset: the config sections and the optional sweep grid (dotted key -> list of values)."""
-
-    sections: dict[str, Any]
-    sweep: dict[str, list[Any]]
-
-    def config(self, overrides: dict[str, Any] | None = None) -> PCSDConfig:
-        return PCSDConfig.from_dict(self.sections, overrides)
-
-
-def load_preset(source: str | Path | Any) -> Preset:
-    """Read and validate a preset: a YAML file path, or the already parsed YAML (bad presets fail here)."""
-    if not isinstance(source, (str, Path)):
-        raw, where = _plain(source), "config preset"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist; presets live in configs/.")
-        raw, where = read_preset_text(path.read_text(), where=str(path)), str(path)
-    _require(isinstance(raw, dict), f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}.")
-    sections = {key: value for key, value in raw.items() if key != SWEEP_KEY}
-    preset = Preset(sections=sections, sweep=parse_sweep(raw.get(SWEEP_KEY)))
-    preset.config()  # validate now, before any work
-    return preset
-
-
-def read_preset_text(text: str, where: str = "config preset") -> Any:
-    """The YAML of a preset, parsed; a syntax error names `where` and the line."""
-    try:
-        return yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise ValueError(f"{where}:{line}: invalid YAML ({problem}); fix the preset's syntax.") from None
-
-
-def parse_sweep(spec: str | Mapping[str, Any] | None) -> dict[str, list[Any]]:
-    """A sweep grid from JSON text or a mapping; empty/None means no sweep. Keys look like 'train.lr'."""
-    if spec is None or (isinstance(spec, str) and not spec.strip()):
-        return {}
-    if isinstance(spec, str):
+def _coerce_int(name: str, value: Any) -> int:
+    if isinstance(value, str):
         try:
-            spec = json.loads(spec)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"--sweep {spec!r} is not valid JSON ({error.msg}); write e.g. "
-                '\'{"train.lr": [1e-5, 3e-5], "loss.divergence": ["forward_kl", "jsd"]}\'.'
-            ) from None
-    _require(isinstance(spec, Mapping), f"sweep must map config keys to lists of values, got {type(spec).__name__}: {spec!r}.")
-    grid: dict[str, list[Any]] = {}
-    for key, values in spec.items():
-        _require(isinstance(key, str) and key.count(".") == 1,
-                 f"sweep key {key!r} must look like 'section.field', e.g. 'train.lr'.")
-        _require(isinstance(values, list) and bool(values),
-                 f"sweep values for {key!r} must be a non-empty list, got {values!r}; write [{values!r}].")
-        grid[key] = list(values)
-    return grid
+            return int(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    whole = isinstance(value, float) and value.is_integer()
+    if not whole and isinstance(value, str):
+        try:
+            whole, value = float(value).is_integer(), float(value)
+        except ValueError:
+            raise ValueError(f"{name} ({value!r}) must be a whole number.") from None
+    fix = f"; write {int(value)}" if whole else ""
+    raise ValueError(f"{name} ({value!r}) must be a whole number, written without a decimal point or exponent{fix}.")
 
 
-def parse_overrides(items: str | list[str]) -> dict[str, Any]:
-    """`key=value` overrides -> {dotted key: value}. A string is split like a shell command line.
-
-    Values are YAML scalars (`1e-5`, `true`, `8`), anything else stays text; the config's coercion checks
-    them against the field types, so `train.lr=1e-5` (which YAML reads as a string) still becomes a float.
-    """
-    if isinstance(items, str):
-        items = shlex.split(items)
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        _require(bool(sep) and key.count(".") == 1,
-                 f"override {item!r} must look like section.field=value, e.g. train.lr=1e-5.")
-        overrides[key.strip()] = _scalar(value)
-    return overrides
-
-
-def _scalar(text: str) -> Any:
-    """A YAML scalar (`8`, `true`, `1.0e-5`); text that is not one (`{question} ...`, `a: b`) stays text."""
-    try:
-        value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
-        return text
-    return text if isinstance(value, (dict, list)) else value
-
-
-def _plain(value: Any) -> Any:
-    """Read-only mappings (Metaflow's ConfigValue) as plain dicts and lists."""
-    if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
+def _coerce_float(name: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name} ({value!r}) must be a number.") from None
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name} ({value!r}) must be a number.")
+    _require(math.isfinite(value), f"{name} ({value!r}) must be a finite number (inf and nan are not allowed).")
+    return float(value)

@@ -35,6 +35,8 @@ import json
 import os
 import re
 import tempfile
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,7 +144,10 @@ def _read_local_split(folder: Path, split: str) -> RawSplit:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # Split the bytes on newlines and decode each line: a bad byte is reported with its line, and a raw
+    # U+2028 inside a JSON string (valid JSON) does not split a row as str.splitlines would.
+    for line_number, raw_line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        line = _decode_line(raw_line.removeprefix(b"\xef\xbb\xbf") if line_number == 1 else raw_line, path, line_number)
         if not line.strip():
             continue
         try:
@@ -153,6 +158,17 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             raise DataValidationError(f"{path}: line {line_number} must be a JSON object, got {type(row).__name__}.")
         rows.append(row)
     return rows
+
+
+def _decode_line(raw_line: bytes, path: Path, line_number: int) -> str:
+    try:
+        return raw_line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        bad = raw_line[error.start:error.start + 1].hex()
+        raise DataValidationError(
+            f"{path}: line {line_number} is not valid UTF-8 (byte 0x{bad} at byte {error.start} of the line); "
+            f"re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed.jsonl`."
+        ) from None
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
@@ -181,7 +197,23 @@ def build_rows(raw: RawSplit, split: str, data_cfg: DataConfig, max_rows: int = 
             )
         first_row_of_id[row_id] = index
         rows.append(row)
+    _warn_about_duplicate_questions(rows, raw.source, split)
     return rows
+
+
+def _warn_about_duplicate_questions(rows: list[dict[str, Any]], source: str, split: str) -> None:
+    """Repeated questions are kept (a dataset may repeat on purpose) but never silently: they weigh more."""
+    counts = Counter(row["extra_info"]["question"] for row in rows)
+    repeats = {question: count for question, count in counts.items() if count > 1}
+    if repeats:
+        extra_rows = sum(count - 1 for count in repeats.values())
+        example = next(iter(repeats))
+        warnings.warn(
+            f"{source}: {extra_rows} of the {len(rows)} {split} rows repeat an earlier question "
+            f"({len(repeats)} questions appear more than once, e.g. {example[:60]!r} x{repeats[example]}); they are "
+            "kept and weigh more in training. Remove the duplicates if that is not intended.",
+            stacklevel=3,
+        )
 
 
 def _build_row(raw_row: dict[str, Any], index: int, source: str, split: str, cfg: DataConfig) -> dict[str, Any]:
@@ -225,6 +257,13 @@ def _text_field(raw_row: dict[str, Any], column: str, where: str, config_key: st
             "that holds it."
         )
     value = raw_row[column]
+    if isinstance(value, bytes):  # a parquet binary column
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataValidationError(
+                f"{where} field {column!r} holds bytes that are not UTF-8 text; re-encode the column as UTF-8 strings."
+            ) from None
     return "" if value is None else str(value).strip()
 
 
@@ -308,27 +347,60 @@ def _prompt_record(row: dict[str, Any], path: Path, index: int) -> PromptRecord:
 
 
 def compute_stats(rows_by_split: dict[str, list[dict[str, Any]]], data_cfg: DataConfig, tokenizer: Any = None) -> dict[str, Any]:
-    """Rows per split and, with a tokenizer, token-length percentiles of student and teacher prompts.
+    """Rows per split, repeated questions and, with a tokenizer, token-length percentiles of the prompts.
 
-    Keys: `source`, `privileged_context`, `<split>/rows`, `<split>/<student|teacher>_prompt_tokens_<p50|p90|p99|max>`.
+    Keys: `source`, `privileged_context`, `<split>/rows`, `<split>/duplicate_questions` (rows that repeat an
+    earlier question of their split), `test/questions_in_train` (test rows whose question is also a train
+    question: a contaminated evaluation, also warned about) and, with a tokenizer,
+    `<split>/<student|teacher>_prompt_tokens_<p50|p90|p99|max>`, `<split>/max_prompt_tokens` (the longest
+    prompt, a teacher prompt: what the model's context must hold besides the response) and
+    `<split>/prompts_over_tokenizer_limit` (prompts longer than the tokenizer's `model_max_length`, warned
+    about). Whether prompt + response fit the model is checked at train time (models.check_context_length).
     """
     stats: dict[str, Any] = {
         "source": data_cfg.path or f"{data_cfg.hub_name}:{data_cfg.hub_config}",
         "privileged_context": data_cfg.privileged_context,
     }
+    questions = {split: [row["extra_info"]["question"] for row in rows] for split, rows in rows_by_split.items()}
     for split, rows in rows_by_split.items():
         stats[f"{split}/rows"] = len(rows)
+        stats[f"{split}/duplicate_questions"] = len(rows) - len(set(questions[split]))
+    if "train" in questions and "test" in questions:
+        train_questions = set(questions["train"])
+        stats["test/questions_in_train"] = overlap = sum(question in train_questions for question in questions["test"])
+        if overlap:
+            warnings.warn(f"{overlap} of the {len(questions['test'])} test questions are also train questions; the "
+                          "evaluation measures memorisation for those. Remove them from one split.", stacklevel=2)
     if tokenizer is None:
         return stats
     for split, rows in rows_by_split.items():
-        lengths: dict[str, list[int]] = {"student": [], "teacher": []}
-        for row in rows:
-            pair = build_prompt_pair(
-                tokenizer, row["prompt"], row["extra_info"]["privileged_context"], data_cfg.teacher_template
-            )
-            lengths["student"].append(len(pair.student_ids))
-            lengths["teacher"].append(len(pair.teacher_ids))
-        for side, values in lengths.items():
-            for name, percentile in PERCENTILES.items():
-                stats[f"{split}/{side}_prompt_tokens_{name}"] = float(np.percentile(values, percentile))
+        stats.update(_prompt_length_stats(rows, split, data_cfg, tokenizer))
+    return stats
+
+
+def _prompt_length_stats(rows: list[dict[str, Any]], split: str, data_cfg: DataConfig, tokenizer: Any) -> dict[str, Any]:
+    stats: dict[str, Any] = {}
+    lengths: dict[str, list[int]] = {"student": [], "teacher": []}
+    for row in rows:
+        pair = build_prompt_pair(
+            tokenizer, row["prompt"], row["extra_info"]["privileged_context"], data_cfg.teacher_template
+        )
+        lengths["student"].append(len(pair.student_ids))
+        lengths["teacher"].append(len(pair.teacher_ids))
+    for side, values in lengths.items():
+        for name, percentile in PERCENTILES.items():
+            stats[f"{split}/{side}_prompt_tokens_{name}"] = float(np.percentile(values, percentile))
+    longest = [max(pair) for pair in zip(lengths["student"], lengths["teacher"])]
+    stats[f"{split}/max_prompt_tokens"] = max(longest)
+    limit = getattr(tokenizer, "model_max_length", None)
+    known_limit = isinstance(limit, int) and 0 < limit < 10**9  # unset limits are a huge sentinel (1e30)
+    over = [index for index, length in enumerate(longest) if known_limit and length > limit]
+    stats[f"{split}/prompts_over_tokenizer_limit"] = len(over)
+    if over:
+        warnings.warn(
+            f"{len(over)} {split} prompts are longer than the tokenizer's limit of {limit} tokens (model_max_length), "
+            f"e.g. row {over[0]} with {longest[over[0]]} tokens; they cannot be trained on as they are. Drop or shorten "
+            "them.",
+            stacklevel=3,
+        )
     return stats

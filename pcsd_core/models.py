@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from importlib import util as importlib_util
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -104,6 +105,26 @@ def load_model(
     except OSError as error:
         raise _not_found(name, source, error) from error
     return model.to(device)
+
+
+def check_context_length(cfg: Any, model_config: Any, max_prompt_tokens: int = 0) -> None:
+    """Refuse generation lengths the model cannot hold: prompt + new tokens must fit `max_position_embeddings`.
+
+    The config alone cannot know the model's context, so the trainer calls this once the model's config is
+    loaded (before any weights are). `max_prompt_tokens` is the longest prompt (the data stats' teacher max);
+    0 means unknown, and then only the response itself must fit. A config without the attribute is not checked.
+    """
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    for name, new_tokens in (("rollout.max_response_tokens", cfg.rollout.max_response_tokens),
+                             ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
+        if max_prompt_tokens + new_tokens > limit:
+            prompt = f"the longest prompt ({max_prompt_tokens} tokens) + " if max_prompt_tokens else ""
+            raise ValueError(
+                f"{name} ({new_tokens}): {prompt}{new_tokens} new tokens exceed the model's context of "
+                f"max_position_embeddings={limit} tokens; lower {name} to at most {limit - max_prompt_tokens}."
+            )
 
 
 def _not_found(name: str, source: str, error: Exception) -> ModelNotFoundError:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from pcsd_core.config import load_preset, parse_overrides
+from pcsd_core.presets import load_preset, parse_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-jsonl", default="", help="also append each step's metrics to this file")
     parser.add_argument("--check", action="store_true", help="validate the config, print it resolved, and exit")
     return parser
+
+
+def open_metrics_file(path: Path, resumed_step: int):
+    """Open the metrics file for appending; on a resume first drop the lines of steps after the checkpoint.
+
+    A run killed after its step-2 checkpoint may have logged step 3; the resumed run logs step 3 again, so the
+    old line goes (the file is rewritten to a temporary name and renamed: a kill now loses nothing).
+    """
+    if resumed_step and path.is_file():
+        lines = path.read_text().splitlines()
+        kept = [line + "\n" for line in lines if _step_of(line, default=resumed_step + 1) <= resumed_step]
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text("".join(kept))
+        os.replace(temporary, path)
+    return open(path, "a")
+
+
+def _step_of(line: str, default: int) -> int:
+    """The step of a metrics line; `default` for a blank line or one torn by the kill."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return default
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --train-parquet {args.train_parquet!r} does not exist; prepare it with "
               "pcsd_core.data.prepare_dataset (or the flow's preprocess step).", file=sys.stderr)
         return 2
-    metrics_file = open(args.metrics_jsonl, "a") if args.metrics_jsonl else None
+    metrics_file = None
 
     def log_metrics(metrics: dict[str, float], step: int) -> None:
         line = json.dumps({"step": step, **metrics})
@@ -65,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     distiller = Distiller(cfg, args.train_parquet, log_metrics=log_metrics)
     try:
         distiller.setup()
+        if args.metrics_jsonl:
+            metrics_file = open_metrics_file(Path(args.metrics_jsonl), resumed_step=distiller.start_step)
         result = distiller.train()
     finally:
         distiller.close()

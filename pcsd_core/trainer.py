@@ -34,7 +34,7 @@ import torch
 from pcsd_core import checkpoint as ckpt
 from pcsd_core.batch import RolloutBatch, UpdateStats
 from pcsd_core.config import PCSDConfig
-from pcsd_core.models import load_tokenizer, resolve_device, resolve_model
+from pcsd_core.models import check_context_length, load_tokenizer, resolve_device, resolve_model
 from pcsd_core.prompts import build_prompt_pair
 from pcsd_core.rollout import create_rollout_engine
 from pcsd_core.rollout.base import SamplingParams
@@ -97,12 +97,21 @@ class Distiller:
         if not self.records:
             raise ValueError(f"train parquet {str(self.train_parquet)!r} holds no prompts.")
         self._prompt_pairs: dict[int, Any] = {}
+        self._check_lengths_fit_the_model()
         model_path = str(resume) if resume else self.base_model_path
         # Frozen and EMA teachers start from the run's initial weights, not from a resumed checkpoint.
         self.workers = build_train_workers(cfg, model_path, device=self.device, teacher_path=self.base_model_path)
         self.engine = create_rollout_engine(self.cfg, model_path)
         if resume:
             self._resume(resume)
+
+    def _check_lengths_fit_the_model(self) -> None:
+        """Longest teacher prompt + rollout.max_response_tokens must fit the model's context (before any load)."""
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(self.base_model_path, trust_remote_code=self.cfg.model.trust_remote_code)
+        longest = max(len(self._prompt_pair(index).teacher_ids) for index in range(len(self.records)))
+        check_context_length(self.cfg, model_config, max_prompt_tokens=longest)
 
     def _resume(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pcsd_core.config import PCSDConfig, Preset, load_preset, parse_overrides, parse_sweep, read_preset_text
+from pcsd_core.config import PCSDConfig
+from pcsd_core.presets import Preset, load_preset, parse_overrides, parse_sweep, read_preset_text
 
 HUB_DATA = "hub"  # `--data-path hub` loads the hub dataset even when DATA_PATH is set
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from pcsd_core.config import PCSDConfig, load_preset, parse_overrides
+from pcsd_core.config import PCSDConfig
+from pcsd_core.presets import load_preset, parse_overrides
 from pcsd_core.losses import hidden_state_distillation_loss
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -63,13 +64,6 @@ def test_overrides_parse_from_a_list_or_one_command_line():
     assert parse_overrides("") == {}
     with pytest.raises(ValueError, match=re.escape("override 'lr=1e-5' must look like section.field=value")):
         parse_overrides("lr=1e-5")
-
-
-def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
-    path = tmp_path / "broken.yaml"
-    path.write_text("train:\n  lr: 1e-5\n  seed: [1, 2\n")
-    with pytest.raises(ValueError, match=re.escape(f"{path}: line 4: invalid YAML")):
-        load_preset(path)
 
 
 def test_from_yaml_reads_a_file_and_applies_overrides(tmp_path):
@@ -141,7 +135,7 @@ def test_loss_options_follow_one_rule_in_the_config_and_the_loss_api():
         ({"estimator": "sampled", "divergence": "jsd", "beta": 0.5}, False),
         ({"estimator": "sampled", "divergence": "jsd", "beta": 1.0}, True),  # JSD at beta 1 is reverse KL exactly
         ({"estimator": "sampled", "divergence": "reverse_kl"}, True),
-        ({"temperature": float("inf")}, False),
+        ({"temperature": 0.0}, False),
         ({"topk": 0}, False),
     ]
     for options, accepted in cases:

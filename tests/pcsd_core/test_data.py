@@ -306,3 +306,68 @@ def test_failure_while_writing_leaves_no_partial_file(small_dir, tmp_path, monke
     with pytest.raises(OSError, match="disk full"):
         prepare_dataset(DataConfig(path=str(small_dir)), out)
     assert {path.name: path.read_bytes() for path in out.iterdir()} == good
+
+
+# ---- encoding, repeated questions, prompt lengths ---------------------------------------------------
+
+
+def test_non_utf8_byte_names_file_line_and_fix(small_dir, tmp_path):
+    good = json.dumps(gsm8k_rows(1)[0]).encode()
+    (small_dir / "train.jsonl").write_bytes(good + b"\n" + '{"question": "Caf\u00e9?", "answer": "#### 1"}'.encode("latin-1") + b"\n")
+    expected = matches(f"{small_dir / 'train.jsonl'}: line 2 is not valid UTF-8 (byte 0xe9 at byte 17 of the line); "
+                       "re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 train.jsonl > fixed.jsonl`.")
+    with pytest.raises(DataValidationError, match=expected):
+        prepare_dataset(DataConfig(path=str(small_dir)), tmp_path / "out")
+
+
+def test_bom_crlf_and_line_separator_inside_a_question_are_read(small_dir, tmp_path):
+    rows = [{"question": "First\u2028line?", "answer": "#### 1"}, {"question": "Two?", "answer": "#### 2"}]
+    text = "\r\n".join(json.dumps(row, ensure_ascii=False) for row in rows)  # U+2028 raw in a JSON string
+    (small_dir / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    prepared = prepare_dataset(DataConfig(path=str(small_dir)), tmp_path / "out")
+    assert [r.question for r in load_prompt_records(prepared.train_path)] == ["First\u2028line?", "Two?"]
+
+
+def test_non_utf8_bytes_in_a_parquet_column(small_dir, tmp_path):
+    (small_dir / "train.jsonl").unlink()
+    pq.write_table(pa.table({"question": pa.array([b"ok?", b"caf\xe9?"], pa.binary()), "answer": ["#### 1", "#### 2"]}),
+                   small_dir / "train.parquet")
+    with pytest.raises(DataValidationError, match=matches(f"{small_dir / 'train.parquet'}: row 1 field 'question' "
+                                                          "holds bytes that are not UTF-8 text; re-encode")):
+        prepare_dataset(DataConfig(path=str(small_dir)), tmp_path / "out")
+
+
+def test_repeated_questions_are_counted_and_warned_about(small_dir, tmp_path):
+    rows = gsm8k_rows(4)
+    rows = rows + [rows[1], rows[1], rows[3]]  # 3 extra rows, 2 questions repeated
+    write_split(small_dir, "train", rows)
+    write_split(small_dir, "test", [rows[3], {"question": "New?", "answer": "#### 5"}])
+    with pytest.warns(UserWarning) as caught:
+        prepared = prepare_dataset(DataConfig(path=str(small_dir)), tmp_path / "out")
+    messages = [str(w.message) for w in caught]
+    assert any(re.match(matches(f"{small_dir / 'train.jsonl'}: 3 of the 7 train rows repeat an earlier question "
+                                "(2 questions appear more than once"), m) for m in messages), messages
+    assert any(m.startswith("1 of the 2 test questions are also train questions") for m in messages), messages
+    assert len({r["question"] for r in rows}) == 4
+    assert prepared.stats["train/duplicate_questions"] == 7 - 4 and prepared.stats["test/duplicate_questions"] == 0
+    assert prepared.stats["test/questions_in_train"] == 1
+
+
+def test_prompts_over_the_tokenizer_limit_are_counted_and_warned_about(gsm8k_dir, tmp_path, smollm2_tokenizer):
+    import copy
+
+    cfg = DataConfig(path=str(gsm8k_dir), max_train_rows=12, max_test_rows=3)
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    prepared = prepare_dataset(cfg, tmp_path / "full", tokenizer=tokenizer)
+    records = load_prompt_records(prepared.train_path)
+    longest = [len(build_prompt_pair(tokenizer, r.student_messages, r.privileged_context, cfg.teacher_template).teacher_ids)
+               for r in records]  # the teacher prompt adds the solution: always the longer one
+    assert prepared.stats["train/max_prompt_tokens"] == max(longest)
+    assert prepared.stats["train/prompts_over_tokenizer_limit"] == 0
+    tokenizer.model_max_length = sorted(longest)[6]  # the longest prompts are now over it
+    over = sum(length > tokenizer.model_max_length for length in longest)
+    assert over >= 1
+    with pytest.warns(UserWarning, match=rf"^{over} train prompts are longer than the tokenizer's limit of "
+                                         rf"{tokenizer.model_max_length} tokens \(model_max_length\), e.g. row \d+"):
+        limited = prepare_dataset(cfg, tmp_path / "limited", tokenizer=tokenizer)
+    assert limited.stats["train/prompts_over_tokenizer_limit"] == over

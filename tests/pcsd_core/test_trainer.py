@@ -126,7 +126,7 @@ def test_setup_errors_are_clear_and_early(tiny_model_dir, train_parquet, tmp_pat
 
 
 def test_cli_reports_bad_arguments(tmp_path, capsys, train_parquet):
-    from pcsd_core.config import parse_overrides
+    from pcsd_core.presets import parse_overrides
     from pcsd_core.train import main
 
     config = tmp_path / "c.yaml"

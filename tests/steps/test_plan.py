@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pcsd_core.config import load_preset, parse_sweep
+from pcsd_core.presets import load_preset, parse_sweep
 from steps.plan import branch_label, expand_grid, parse_preset, plan_run, resolve_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
