@@ -137,7 +137,12 @@ def test_installed_sglang_is_the_pinned_release(sglang_dir):
         f"sglang {installed} is installed but pyproject.toml pins {PIN}; rerun `make setup`, or, when upgrading "
         "the pin, re-check these contract tests, the Makefile's SGLANG_TORCH_SPEC and the README's GPU section."
     )
-    assert f"sglang=={PIN}" in (REPO_ROOT / "Makefile").read_text()
+    makefile, readme = (REPO_ROOT / "Makefile").read_text(), (REPO_ROOT / "README.md").read_text()
+    assert f"sglang=={PIN}" in makefile and f"sglang=={PIN}" in readme
+    # The torch a GPU host gets is the one this release pins; the Makefile and README must name it.
+    torch_pin = next(re.fullmatch(r"torch==(\S+)", requirement).group(1) for requirement in
+                     importlib.metadata.requires("sglang") if re.fullmatch(r"torch==\S+", requirement))
+    assert f"SGLANG_TORCH_SPEC ?= torch=={torch_pin}\n" in makefile and f"torch {torch_pin}" in readme
 
 
 def test_engine_is_constructed_with_server_args_fields_only(sglang_dir, recorded_calls):
