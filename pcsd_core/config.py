@@ -344,6 +344,11 @@ class PCSDConfig:
             self.rollout.engine != "sglang" or self.train.device != "cpu",
             "rollout.engine 'sglang' needs a GPU; use rollout.engine 'hf' with train.device 'cpu'.",
         )
+        _require(
+            self.rollout.engine != "sglang" or self.model.dtype != "float32",
+            "rollout.engine 'sglang' with model.dtype 'float32' is refused: SGLang's GPU attention backends run "
+            "bfloat16/float16 only; set model.dtype: bfloat16 (or use rollout.engine 'hf').",
+        )
 
     @property
     def responses_per_step(self) -> int:

@@ -4,13 +4,17 @@ The trainer only talks to this interface: `generate` samples responses as token 
 pushes the actor's current weights into the engine, and `sleep` / `wake` free and restore accelerator
 memory when the engine shares devices with the actor (colocated placement). Engines without such memory
 (the CPU HF engine) implement them as no-ops.
+
+Both engines stop a response at the same EOS set (`merge_eos_token_ids`), so `Generation.finished` means
+the same whichever engine sampled it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -56,7 +60,43 @@ class RolloutEngine(Protocol):
         ...
 
     def wake(self) -> None:
-        """Restore what `sleep` released, before `update_weights` / `generate`."""
+        """Restore what `sleep` released; call `update_weights` next (SGLang drops released weights)."""
         ...
 
     def close(self) -> None: ...
+
+
+def merge_eos_token_ids(config_eos: Any, generation_eos: Any) -> list[int]:
+    """The EOS set every engine stops on: config.json's eos_token_id ∪ generation_config.json's (sorted).
+
+    This is the set SGLang builds itself (`ModelConfig._get_hf_eos_token_id`); each argument may be None,
+    one id or a list of ids.
+    """
+    merged: set[int] = set()
+    for eos in (config_eos, generation_eos):
+        if eos is not None:
+            merged |= {int(eos)} if isinstance(eos, int) else {int(token) for token in eos}
+    if not merged:
+        raise ValueError(
+            "the rollout model defines no eos_token_id (generation_config.json / config.json); responses "
+            "could never finish. Set eos_token_id in the checkpoint's generation_config.json."
+        )
+    return sorted(merged)
+
+
+def load_eos_token_ids(model_path: str) -> list[int]:
+    """`merge_eos_token_ids` read from a checkpoint's config.json and generation_config.json (if present)."""
+    from transformers.utils import cached_file
+
+    from pcsd_core.models import resolve_model
+
+    path = resolve_model(model_path)
+    found = []
+    for name in ("config.json", "generation_config.json"):
+        file = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+        if file is None:
+            found.append(None)
+            continue
+        with open(file) as handle:
+            found.append(json.load(handle).get("eos_token_id"))
+    return merge_eos_token_ids(*found)

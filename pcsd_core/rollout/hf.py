@@ -28,7 +28,7 @@ from collections.abc import Iterable
 import torch
 
 from pcsd_core.models import DTYPES, load_model
-from pcsd_core.rollout.base import Generation, SamplingParams
+from pcsd_core.rollout.base import Generation, SamplingParams, merge_eos_token_ids
 from pcsd_core.rollout.sampling import next_tokens
 
 
@@ -60,7 +60,10 @@ class HFRolloutEngine:
         )
         self.model.eval()
         self.model.requires_grad_(False)
-        self.eos_token_ids = _eos_token_ids(self.model)
+        # config.json ∪ generation_config.json, the set SGLang stops on too.
+        self.eos_token_ids = merge_eos_token_ids(
+            getattr(self.model.config, "eos_token_id", None), self.model.generation_config.eos_token_id
+        )
         self.pad_token_id = _pad_token_id(self.model, self.eos_token_ids)
         self._asleep = False
 
@@ -221,18 +224,6 @@ def _trim_at_eos(tokens: list[int], eos_token_ids: list[int]) -> tuple[list[int]
         if token in eos_token_ids:
             return tokens[: position + 1], True
     return tokens, False
-
-
-def _eos_token_ids(model) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = model.config.eos_token_id
-    if eos is None:
-        raise ValueError(
-            "the rollout model defines no eos_token_id (generation_config.json / config.json); responses "
-            "could never finish. Set eos_token_id in the checkpoint's generation_config.json."
-        )
-    return [eos] if isinstance(eos, int) else list(eos)
 
 
 def _pad_token_id(model, eos_token_ids: list[int]) -> int:

@@ -1,58 +1,82 @@
 """The SGLang rollout engine (GPU): `sglang.Engine` in this process, weights synced from the actor.
 
-Written against the offline Engine API of `sglang/srt/entrypoints/engine.py`; sglang is imported only
-when an engine is launched, so this module imports (and is tested against a fake) on CPU machines.
+Written against the offline Engine API of the pinned SGLang release (`sglang/srt/entrypoints/engine.py`;
+the pin is the `sglang` extra in pyproject.toml). sglang is imported only when an engine is launched, so
+this module imports (and is tested against a fake) on CPU machines; tests/pcsd_core/rollout/
+test_sglang_contract.py checks what it sends against the installed package's source.
 
     engine = SGLangRolloutEngine("/path/to/model", placement="colocated", mem_fraction_static=0.5)
 
 Placement decides how weights move and whether the engine sleeps:
 
-- "colocated": actor and rollout share GPUs. `sleep()` -> `Engine.release_memory_occupation()` frees
-  weights and KV cache while the actor trains (needs `enable_memory_saver=True` at launch);
-  `wake()` -> `resume_memory_occupation()`; `update_weights` -> `update_weights_from_tensor`, which
-  takes a plain list of (name, tensor) and serialises it itself (CUDA tensors travel as IPC handles):
-  `Engine.update_weights_from_tensor(named_tensors: List[Tuple[str, Tensor]], load_format=None,
-  flush_cache=True)`.
-- "split": the rollout owns its own GPUs (`base_gpu_id`, `tp_size`) and never sleeps. At start the
-  engine's TP ranks (ranks 1..tp_size) and this process (rank 0) form an NCCL group with
-  `Engine.init_weights_update_group(master_address, master_port, rank_offset=1, world_size, group_name,
-  backend)`; `update_weights` then announces each bucket with `Engine.update_weights_from_distributed(
-  names, dtypes, shapes, group_name, flush_cache)` while rank 0 broadcasts the same tensors in the same
-  order. Both calls block until every rank joins, so the engine call runs in a helper thread while
-  this thread broadcasts (the pattern of SGLang's own tests and verl's SGLang sync).
+- "colocated": actor and rollout share GPUs (`enable_memory_saver=True` at launch). `sleep()` releases
+  the KV cache and CUDA graphs, then the weights, measuring what each phase frees. `wake()` frees this
+  process's cached torch blocks and resumes the weights only; `update_weights` loads the actor's
+  tensors with `update_weights_from_tensor` and only then resumes the KV cache and CUDA graphs (verl's
+  order: the big KV pool comes back last, after the weight-update staging memory is gone). SGLang
+  leaves released weights undefined, so `generate` after `wake()` needs an `update_weights` first.
+  Before each resume the free GPU memory is compared with what that phase needs; a shortfall (the
+  actor's optimizer state did not exist when `mem_fraction_static` was chosen) raises with the numbers
+  instead of letting the resume kill the process tree. The first such check runs after the actor's
+  first optimizer step, so it measures the real budget.
+- "split": the rollout owns its own GPUs (`base_gpu_id`, `tp_size`) and never sleeps. On the first
+  `update_weights` the engine's TP ranks (ranks 1..tp_size) and this process (rank 0) form an NCCL
+  group (`init_weights_update_group`) under a name unique to this engine, so several engines can live
+  in one process; `update_weights` then announces each bucket with `update_weights_from_distributed`
+  while rank 0 broadcasts the same tensors in the same order. Both sides block until every rank joins,
+  so the engine call runs in a helper thread while this thread broadcasts (SGLang's own tests and
+  verl do the same). `close()` destroys the group on both sides.
 
 The rank-0 side is a `WeightBroadcaster`; the default one joins the group in this process with
 SGLang's `init_custom_process_group` (the actor's full tensors must be on a GPU of this process).
-Pass another broadcaster (e.g. one living in the rank-0 train worker) to sync from elsewhere.
 """
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterable
+import itertools
+import os
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import torch
 
-from pcsd_core.rollout.base import Generation, SamplingParams
+from pcsd_core.rollout.base import Generation, SamplingParams, load_eos_token_ids
 
 SGLANG_INSTALL_HINT = (
-    "rollout.engine 'sglang' needs the `sglang` package, which is not installed. Run "
-    "`pip install '.[sglang]'` on a CUDA machine, or use rollout.engine 'hf'."
+    "rollout.engine 'sglang' needs the `sglang` package with its CUDA dependencies ({error}). Run "
+    "`pip install -e '.[sglang]'` on a CUDA machine (README, GPU hosts), or use rollout.engine 'hf'."
 )
 PLACEMENTS = ("colocated", "split")
 DEFAULT_BUCKET_BYTES = 512 << 20  # tensors per weight-sync call; bounds the staging memory SGLang needs
+# SGLang's memory tags (sglang/srt/constants.py GPU_MEMORY_TYPE_*), in the order they come back on wake.
+WEIGHTS_TAGS = ["weights"]
+CACHE_TAGS = ["kv_cache", "cuda_graph"]
+# Sent with every request so neither SGLang's defaults nor a checkpoint's generation_config shape the
+# distribution: the HF engine samples from temperature and top_p alone (values = "off" in SamplingParams).
+NEUTRAL_SAMPLING = {
+    "top_k": -1,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "min_new_tokens": 0,
+    "ignore_eos": False,
+    "skip_special_tokens": False,  # keep special tokens so response ids round-trip
+}
+_GROUP_NUMBERS = itertools.count()  # unique weight-sync group names within this process
 
 
 class WeightBroadcaster(Protocol):
-    """Rank 0 of the weight-sync group: joins it, then broadcasts full tensors to the rollout ranks."""
+    """Rank 0 of the weight-sync group: joins it, broadcasts full tensors to the rollout ranks, leaves it."""
 
     def connect(
         self, *, master_address: str, master_port: int, world_size: int, group_name: str, backend: str
     ) -> None: ...
 
     def broadcast(self, tensor: torch.Tensor) -> None: ...
+
+    def disconnect(self) -> None: ...
 
 
 class NcclWeightBroadcaster:
@@ -78,6 +102,11 @@ class NcclWeightBroadcaster:
     def broadcast(self, tensor: torch.Tensor) -> None:
         torch.distributed.broadcast(tensor.to(self.device).contiguous(), src=0, group=self.group)
 
+    def disconnect(self) -> None:
+        if self.group is not None:
+            torch.distributed.destroy_process_group(self.group)
+            self.group = None
+
 
 class SGLangRolloutEngine:
     """Rollout with `sglang.Engine`; implements `rollout.base.RolloutEngine`."""
@@ -93,29 +122,38 @@ class SGLangRolloutEngine:
         dtype: str = "bfloat16",
         seed: int = 0,
         engine: Any = None,
+        eos_token_ids: Iterable[int] | None = None,
         broadcaster: WeightBroadcaster | None = None,
         master_address: str = "127.0.0.1",
         master_port: int | None = None,
-        group_name: str = "pcsd_weight_sync",
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         rendezvous_timeout_s: float = 600.0,
+        gpu_memory_probe: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         _check_options(placement, tp_size, base_gpu_id, mem_fraction_static, bucket_bytes)
         self.placement = placement
         self.tp_size = tp_size
-        self.group_name = group_name
+        self.mem_fraction_static = mem_fraction_static
         self.bucket_bytes = bucket_bytes
         self.rendezvous_timeout_s = rendezvous_timeout_s
-        self._released = False
+        self.master_address, self.master_port = master_address, master_port
+        self.group_name = f"pcsd_weight_sync_{os.getpid()}_{next(_GROUP_NUMBERS)}"
+        self._group_connected = False
+        # "resident" (ready), "weights_only" (woken, weights not yet re-sent), "released" (asleep).
+        self._memory = "resident"
+        self._released_bytes = {"cache": 0, "weights": 0}  # what each sleep phase freed on the first GPU
+        self._probe = gpu_memory_probe if gpu_memory_probe is not None else _cuda_memory_probe(base_gpu_id)
         # One helper thread runs the blocking engine side of every rendezvous / broadcast.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang-weight-sync")
+        sglang = _import_sglang() if engine is None else None  # the install hint before any file is read
+        self.eos_token_ids = set(eos_token_ids) if eos_token_ids is not None else set(load_eos_token_ids(model_path))
         if engine is None:
-            engine = _launch_engine(model_path, placement, tp_size, base_gpu_id, mem_fraction_static, dtype, seed)
+            kwargs = engine_kwargs(model_path, placement, tp_size, base_gpu_id, mem_fraction_static, dtype, seed)
+            engine = sglang.Engine(**kwargs)
         self.engine = engine
         self.broadcaster = None
         if placement == "split":
             self.broadcaster = broadcaster if broadcaster is not None else NcclWeightBroadcaster()
-            self._connect_weight_sync(master_address, master_port or _free_port())
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -123,7 +161,13 @@ class SGLangRolloutEngine:
         """Sample `n` responses per prompt; prompt-major order: [p0 r0, p0 r1, ..., p1 r0, ...]."""
         if n < 1:
             raise ValueError(f"generate: n ({n}) must be >= 1 responses per prompt.")
-        self._require_awake("generate")
+        if self._memory == "released":
+            raise RuntimeError("SGLangRolloutEngine.generate called after sleep(); call wake() first.")
+        if self._memory == "weights_only":
+            raise RuntimeError(
+                "SGLangRolloutEngine.generate called after wake() without update_weights(): SGLang leaves "
+                "released weights undefined; push the actor's weights with update_weights() first."
+            )
         # Each prompt is repeated n times (prompt-major) rather than using SGLang's `n`, so the output
         # order is explicit; the radix cache shares the repeated prompt's KV anyway.
         input_ids = [list(ids) for ids in prompt_ids for _ in range(n)]
@@ -131,16 +175,19 @@ class SGLangRolloutEngine:
         outputs = self.engine.generate(input_ids=input_ids, sampling_params=sampling_params)
         if len(outputs) != len(input_ids):
             raise RuntimeError(f"sglang returned {len(outputs)} outputs for {len(input_ids)} requests.")
-        return [parse_output(output, prompt_index=row // n) for row, output in enumerate(outputs)]
+        return [parse_output(output, row // n, self.eos_token_ids) for row, output in enumerate(outputs)]
 
     # ---- weight sync and memory ---------------------------------------------------------------
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push the actor's full weights (HF names) into the engine, bucket by bucket."""
-        self._require_awake("update_weights")
+        if self._memory == "released":
+            raise RuntimeError("SGLangRolloutEngine.update_weights called after sleep(); call wake() first.")
         buckets = list(_buckets(named_tensors, self.bucket_bytes))
         if not buckets:
             raise ValueError("update_weights got no tensors; pass the actor's full state dict as (name, tensor) pairs.")
+        if self.placement == "split" and not self._group_connected:
+            self._connect_weight_sync()
         for number, bucket in enumerate(buckets):
             # Flush the prefix cache once, after the last bucket: cached KV was computed with old weights.
             flush_cache = number == len(buckets) - 1
@@ -149,32 +196,62 @@ class SGLangRolloutEngine:
             else:
                 result = self._broadcast_bucket(bucket, flush_cache)
             _check_result("update_weights", result)
+        if self._memory == "weights_only":  # last wake phase: the KV cache and CUDA graphs come back
+            self._resume(CACHE_TAGS, self._released_bytes["cache"], "its KV cache and CUDA graphs")
+            self._memory = "resident"
 
     def sleep(self) -> None:
-        """Colocated: free weights and KV cache while the actor trains. Split: nothing to free."""
-        if self.placement == "colocated" and not self._released:
-            _check_result("release_memory_occupation", self.engine.release_memory_occupation())
-            self._released = True
+        """Colocated: free the KV cache and CUDA graphs, then the weights. Split: nothing to free."""
+        if self.placement != "colocated" or self._memory == "released":
+            return
+        if self._memory == "resident":
+            self._released_bytes["cache"] = self._release(CACHE_TAGS)
+        self._released_bytes["weights"] = self._release(WEIGHTS_TAGS)
+        self._memory = "released"
 
     def wake(self) -> None:
-        """Colocated: re-allocate what `sleep` freed; call before `update_weights` and `generate`."""
-        if self.placement == "colocated" and self._released:
-            _check_result("resume_memory_occupation", self.engine.resume_memory_occupation())
-            self._released = False
+        """Colocated: resume the weights (the KV cache follows in `update_weights`); call `update_weights` next."""
+        if self.placement != "colocated" or self._memory != "released":
+            return
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand this process's cached-but-unused blocks back before SGLang asks
+        self._resume(WEIGHTS_TAGS, self._released_bytes["weights"], "its weights")
+        self._memory = "weights_only"
 
     def close(self) -> None:
+        if self._group_connected:
+            engine_side = self._pool.submit(self.engine.destroy_weights_update_group, group_name=self.group_name)
+            self.broadcaster.disconnect()
+            engine_side.result(timeout=self.rendezvous_timeout_s)
+            self._group_connected = False
         self._pool.shutdown(wait=False)
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
 
+    # ---- colocated: memory phases ----------------------------------------------------------------
+
+    def _release(self, tags: list[str]) -> int:
+        """Release `tags`; returns the bytes that came free on the first GPU (0 without a probe)."""
+        free_before = self._probe()[0] if self._probe else 0
+        _check_result("release_memory_occupation", self.engine.release_memory_occupation(tags=tags))
+        return max(0, self._probe()[0] - free_before) if self._probe else 0
+
+    def _resume(self, tags: list[str], needed_bytes: int, what: str) -> None:
+        if self._probe is not None and needed_bytes > 0:
+            _check_memory_budget(self._probe(), needed_bytes, what, self.mem_fraction_static)
+        _check_result("resume_memory_occupation", self.engine.resume_memory_occupation(tags=tags))
+
     # ---- split placement: the NCCL path -------------------------------------------------------
 
-    def _connect_weight_sync(self, master_address: str, master_port: int) -> None:
+    def _connect_weight_sync(self) -> None:
+        from pcsd_core.workers import free_port
+
+        master_port = self.master_port or free_port()
         world_size = 1 + self.tp_size  # rank 0 = this process, ranks 1..tp_size = the engine's TP workers
         engine_side = self._pool.submit(
             self.engine.init_weights_update_group,
-            master_address=master_address,
+            master_address=self.master_address,
             master_port=master_port,
             rank_offset=1,
             world_size=world_size,
@@ -182,13 +259,14 @@ class SGLangRolloutEngine:
             backend="nccl",
         )
         self.broadcaster.connect(
-            master_address=master_address,
+            master_address=self.master_address,
             master_port=master_port,
             world_size=world_size,
             group_name=self.group_name,
             backend="nccl",
         )
         _check_result("init_weights_update_group", engine_side.result(timeout=self.rendezvous_timeout_s))
+        self._group_connected = True
 
     def _broadcast_bucket(self, bucket: list[tuple[str, torch.Tensor]], flush_cache: bool) -> Any:
         engine_side = self._pool.submit(
@@ -203,36 +281,53 @@ class SGLangRolloutEngine:
             self.broadcaster.broadcast(tensor)
         return engine_side.result(timeout=self.rendezvous_timeout_s)
 
-    def _require_awake(self, operation: str) -> None:
-        if self._released:
-            raise RuntimeError(f"SGLangRolloutEngine.{operation} called after sleep(); call wake() first.")
-
 
 # ---- translation to and from SGLang's formats ------------------------------------------------
 
 
-def to_sglang_sampling_params(sampling: SamplingParams, num_requests: int) -> dict | list[dict]:
-    """Our SamplingParams -> SGLang's sampling_params (docs: basic_usage/sampling_params).
+def engine_kwargs(model_path, placement, tp_size, base_gpu_id, mem_fraction_static, dtype, seed) -> dict:
+    """The keyword arguments of `sglang.Engine(...)` (each a `ServerArgs` field of the pinned release)."""
+    from pcsd_core.models import resolve_model
 
-    temperature 0 is SGLang's greedy (it maps to top_k=1); top_k is left at SGLang's default (whole
-    vocabulary) so sampling matches the HF engine. Special tokens are kept so response ids round-trip.
-    With a seed, each request gets its own `sampling_seed` (seed + row); SGLang added that key in its
-    0.5 series and honours it only with deterministic inference enabled, so SGLang rollouts are not
-    bit-reproducible the way the HF engine's are.
+    return {
+        "model_path": resolve_model(model_path),
+        "dtype": dtype,
+        "tp_size": tp_size,
+        "base_gpu_id": base_gpu_id,
+        "mem_fraction_static": mem_fraction_static,
+        # torch_memory_saver makes release/resume_memory_occupation possible (colocated sleep/wake).
+        "enable_memory_saver": placement == "colocated",
+        # We send and receive token ids only; the engine needs no tokenizer of its own.
+        "skip_tokenizer_init": True,
+        "random_seed": seed,
+    }
+
+
+def to_sglang_sampling_params(sampling: SamplingParams, num_requests: int) -> dict | list[dict]:
+    """Our SamplingParams -> SGLang's sampling_params (keys of `sglang.srt.sampling.SamplingParams`).
+
+    temperature 0 is SGLang's greedy (it maps to top_k=1). With a seed, each request gets its own
+    `sampling_seed` (seed + row); SGLang honours it only with deterministic inference enabled, so
+    SGLang rollouts are not bit-reproducible the way the HF engine's are.
     """
     params = {
+        **NEUTRAL_SAMPLING,
         "temperature": float(sampling.temperature),
         "top_p": 1.0 if sampling.temperature == 0 else float(sampling.top_p),
         "max_new_tokens": int(sampling.max_new_tokens),
-        "skip_special_tokens": False,
     }
     if sampling.seed is None:
         return params
     return [{**params, "sampling_seed": sampling.seed + row} for row in range(num_requests)]
 
 
-def parse_output(output: dict, prompt_index: int) -> Generation:
-    """One SGLang output dict -> Generation. finish_reason {"type": "stop", "matched": id} = EOS, "length" = cut."""
+def parse_output(output: dict, prompt_index: int, eos_token_ids: set[int]) -> Generation:
+    """One SGLang output dict -> Generation.
+
+    finish_reason {"type": "stop", "matched": id} = EOS, "length" = cut at max_new_tokens. SGLang checks
+    the length limit before EOS, so an EOS sampled as the last allowed token reports "length"; the
+    response still ended with EOS and counts as finished, as in the HF engine.
+    """
     response_ids = [int(token) for token in output["output_ids"]]
     finish_reason = output.get("meta_info", {}).get("finish_reason") or {}
     kind = finish_reason.get("type")
@@ -243,7 +338,8 @@ def parse_output(output: dict, prompt_index: int) -> Generation:
     matched = finish_reason.get("matched")
     if kind == "stop" and isinstance(matched, int) and (not response_ids or response_ids[-1] != matched):
         response_ids.append(matched)  # the contract: a finished response ends with its EOS token
-    return Generation(prompt_index=prompt_index, response_ids=response_ids, finished=kind == "stop")
+    finished = kind == "stop" or (bool(response_ids) and response_ids[-1] in eos_token_ids)
+    return Generation(prompt_index=prompt_index, response_ids=response_ids, finished=finished)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -253,25 +349,28 @@ def _import_sglang():
     try:
         import sglang
     except ImportError as error:
-        raise ImportError(SGLANG_INSTALL_HINT) from error
+        raise ImportError(SGLANG_INSTALL_HINT.format(error=error)) from error
     return sglang
 
 
-def _launch_engine(model_path, placement, tp_size, base_gpu_id, mem_fraction_static, dtype, seed):
-    sglang = _import_sglang()
-    from pcsd_core.models import resolve_model
+def _cuda_memory_probe(device_index: int) -> Callable[[], tuple[int, int]] | None:
+    """(free, total) bytes of the engine's first GPU as the driver sees them (all processes), or None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    return lambda: torch.cuda.mem_get_info(device_index)
 
-    return sglang.Engine(
-        model_path=resolve_model(model_path),
-        dtype=dtype,
-        tp_size=tp_size,
-        base_gpu_id=base_gpu_id,
-        mem_fraction_static=mem_fraction_static,
-        # torch_memory_saver makes release/resume_memory_occupation possible (colocated sleep/wake).
-        enable_memory_saver=placement == "colocated",
-        # We send and receive token ids only; the engine needs no tokenizer of its own.
-        skip_tokenizer_init=True,
-        random_seed=seed,
+
+def _check_memory_budget(probe_result: tuple[int, int], needed_bytes: int, what: str, mem_fraction: float) -> None:
+    free_bytes, total_bytes = probe_result
+    if free_bytes >= needed_bytes:
+        return
+    gib = 1 << 30
+    lower = max(0.05, int((mem_fraction - (needed_bytes - free_bytes) / total_bytes) * 20) / 20)
+    raise RuntimeError(
+        f"SGLang cannot resume {what}: it needs {needed_bytes / gib:.2f} GiB but only {free_bytes / gib:.2f} GiB "
+        f"of the GPU are free while the actor (parameters, gradients, optimizer state) is resident. "
+        f"rollout.gpu_memory_utilization ({mem_fraction}) was sized before the actor's optimizer state existed; "
+        f"lower it to about {lower:.2f}, or use rollout.placement 'split'."
     )
 
 
@@ -307,9 +406,3 @@ def _check_result(operation: str, result: Any) -> None:
     if isinstance(result, tuple) and len(result) >= 1 and result[0] is False:
         message = result[1] if len(result) > 1 else ""
         raise RuntimeError(f"sglang {operation} failed: {message}")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

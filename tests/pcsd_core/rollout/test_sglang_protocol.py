@@ -1,23 +1,27 @@
-"""SGLangRolloutEngine against a recording fake of `sglang.Engine`: the sleep/wake and weight-sync
-protocol (colocated and split), sampling-parameter translation, output parsing, the missing-import error."""
+"""SGLangRolloutEngine against a fake of `sglang.Engine` (fake_sglang.py): the phased sleep/wake and its
+memory budget, the lazy per-engine weight-sync group, sampling and finish-status translation, the EOS
+set shared with the HF engine, and the errors raised before any GPU work."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from pcsd_core.config import PCSDConfig
 from pcsd_core.rollout import create_rollout_engine
-from pcsd_core.rollout.base import SamplingParams
+from pcsd_core.rollout.base import SamplingParams, load_eos_token_ids
+from pcsd_core.rollout.hf import HFRolloutEngine
 from pcsd_core.rollout.sglang import SGLangRolloutEngine, parse_output, to_sglang_sampling_params
 
-from fake_sglang import FakeBroadcaster, FakeSGLangEngine, ProtocolError
+from fake_sglang import FakeBroadcaster, FakeSGLangEngine, ProtocolError, registered_group_names
 
 EOS = 2
 PROMPTS = [[5, 6, 7], [8, 9]]
+GIB = 1 << 30
 
 
 def _tiny_llama(seed: int) -> LlamaForCausalLM:
@@ -40,6 +44,11 @@ def rollout_and_actor():
     return rollout_weights, actor
 
 
+def _colocated(fake: FakeSGLangEngine, **options) -> SGLangRolloutEngine:
+    return SGLangRolloutEngine("unused", engine=fake, eos_token_ids=[EOS], gpu_memory_probe=fake.memory_probe,
+                               **options)
+
+
 def _assert_engine_holds(fake: FakeSGLangEngine, actor_state: dict[str, torch.Tensor]) -> None:
     assert set(fake.weights) == set(actor_state)
     for name, tensor in actor_state.items():
@@ -47,73 +56,138 @@ def _assert_engine_holds(fake: FakeSGLangEngine, actor_state: dict[str, torch.Te
         assert torch.equal(fake.weights[name], tensor), name
 
 
-def test_colocated_sleep_wake_update_generate(rollout_and_actor):
+def test_colocated_wake_is_phased_weights_then_update_then_cache(rollout_and_actor):
     rollout_weights, actor = rollout_and_actor
     fake = FakeSGLangEngine(rollout_weights, eos_token_id=EOS)
     # A small bucket forces several update calls, so cache flushing per bucket is visible.
-    engine = SGLangRolloutEngine("unused", placement="colocated", engine=fake, bucket_bytes=8_000)
+    engine = _colocated(fake, bucket_bytes=8_000)
     sampling = SamplingParams(temperature=1.0, max_new_tokens=8)
 
     before = engine.generate(PROMPTS, n=1, sampling=sampling)
     engine.sleep()
     engine.sleep()  # idempotent: the engine must not release twice
-    with pytest.raises(RuntimeError, match="wake\\(\\) first"):
-        engine.generate(PROMPTS, n=1, sampling=sampling)
-    with pytest.raises(RuntimeError, match="wake\\(\\) first"):
-        engine.update_weights(actor.state_dict().items())
+    for call in (lambda: engine.generate(PROMPTS, n=1, sampling=sampling),
+                 lambda: engine.update_weights(actor.state_dict().items())):
+        with pytest.raises(RuntimeError, match="after sleep\\(\\); call wake\\(\\) first"):
+            call()
     engine.wake()
+    engine.wake()  # idempotent too
+    with pytest.raises(RuntimeError, match="without update_weights\\(\\).*undefined"):
+        engine.generate(PROMPTS, n=1, sampling=sampling)
     engine.update_weights(actor.state_dict().items())
     after = engine.generate(PROMPTS, n=1, sampling=sampling)
 
-    methods = [method for method, _ in fake.calls]
     updates = [kwargs for method, kwargs in fake.calls if method == "update_weights_from_tensor"]
     assert len(updates) > 1
-    assert methods == ["generate", "release_memory_occupation", "resume_memory_occupation"] + [
-        "update_weights_from_tensor"
-    ] * len(updates) + ["generate"]
+    assert [(method, kwargs.get("tags")) for method, kwargs in fake.calls] == [
+        ("generate", None),
+        ("release_memory_occupation", ["kv_cache", "cuda_graph"]),
+        ("release_memory_occupation", ["weights"]),
+        ("resume_memory_occupation", ["weights"]),
+    ] + [("update_weights_from_tensor", None)] * len(updates) + [
+        ("resume_memory_occupation", ["kv_cache", "cuda_graph"]),  # only after the last weight bucket
+        ("generate", None),
+    ]
     assert [update["flush_cache"] for update in updates] == [False] * (len(updates) - 1) + [True]
     assert [name for update in updates for name in update["names"]] == list(actor.state_dict())
     _assert_engine_holds(fake, actor.state_dict())
     assert [g.response_ids for g in after] != [g.response_ids for g in before]  # new weights, new samples
 
 
-def test_split_syncs_over_the_weight_group_in_bf16(rollout_and_actor):
+def test_fake_poisons_released_weights_until_they_are_resent(rollout_and_actor):
+    """Why the adapter refuses generate after wake(): SGLang's resumed weights are garbage."""
+    fake = FakeSGLangEngine(rollout_and_actor[0], eos_token_id=EOS)
+    fake.release_memory_occupation(tags=None)
+    fake.resume_memory_occupation(tags=None)
+    with pytest.raises(ProtocolError, match="undefined"):
+        fake.generate(input_ids=[[1, 2]], sampling_params={"max_new_tokens": 8})
+    fake.update_weights_from_tensor(list(rollout_and_actor[1].state_dict().items()))
+    assert fake.generate(input_ids=[[1, 2]], sampling_params={"max_new_tokens": 8})[0]["output_ids"][-1] == EOS
+    with pytest.raises(ProtocolError, match="only \\[\\] are released"):
+        fake.resume_memory_occupation(tags=["kv_cache"])  # SGLang's offload_tags.remove raises
+
+
+def test_wake_refuses_a_resume_that_no_longer_fits_after_the_optimizer_step(rollout_and_actor):
+    rollout_weights, actor = rollout_and_actor
+    fake = FakeSGLangEngine(rollout_weights, eos_token_id=EOS, gpu_total_bytes=100 * GIB,
+                            tag_bytes={"weights": 10 * GIB, "kv_cache": 40 * GIB, "cuda_graph": 1 * GIB})
+    engine = _colocated(fake, mem_fraction_static=0.5)
+    fake.actor_bytes = 20 * GIB  # parameters only, at launch
+    engine.generate(PROMPTS, n=1, sampling=SamplingParams(max_new_tokens=8))
+    engine.sleep()
+    fake.actor_bytes = 60 * GIB  # + gradients and Adam state after the first optimizer step
+    engine.wake()  # the weights (10 GiB) still fit in the 40 GiB free
+    # The KV cache and graphs (41 GiB) do not fit in 30 GiB: refused with the numbers, before the resume
+    # that would kill the engine. Suggested fraction: 0.5 - 11/100 = 0.39, rounded down to 0.35.
+    with pytest.raises(RuntimeError, match="needs 41.00 GiB but only 30.00 GiB.*gpu_memory_utilization \\(0.5\\).*"
+                                           "about 0.35"):
+        engine.update_weights(actor.state_dict().items())
+    assert fake.dead is None
+    with pytest.raises(ProtocolError, match="out of memory"):  # what the check spared us
+        fake.resume_memory_occupation(tags=["kv_cache", "cuda_graph"])
+
+
+def test_split_group_is_lazy_unique_per_engine_and_destroyed_on_close(rollout_and_actor):
     rollout_weights, actor = rollout_and_actor
     actor_state = {name: tensor.to(torch.bfloat16) for name, tensor in actor.state_dict().items()}
-    fake = FakeSGLangEngine({name: t.to(torch.bfloat16) for name, t in rollout_weights.items()}, eos_token_id=EOS)
-    broadcaster = FakeBroadcaster(fake)
-    engine = SGLangRolloutEngine(
-        "unused", placement="split", tp_size=2, engine=fake, broadcaster=broadcaster,
-        master_address="10.0.0.1", master_port=29555, group_name="pcsd_sync", bucket_bytes=4_000,
-    )
+    engines, fakes, broadcasters = [], [], []
+    for _ in range(2):  # two split engines in one process, as the baseline evaluation builds them
+        fake = FakeSGLangEngine({name: t.to(torch.bfloat16) for name, t in rollout_weights.items()}, eos_token_id=EOS)
+        broadcaster = FakeBroadcaster(fake)
+        engines.append(SGLangRolloutEngine("unused", placement="split", tp_size=2, engine=fake, eos_token_ids=[EOS],
+                                           broadcaster=broadcaster, bucket_bytes=4_000))
+        fakes.append(fake), broadcasters.append(broadcaster)
+    assert all(fake.calls == [] for fake in fakes)  # no group until the first weight sync
+    for engine, fake, broadcaster in zip(engines, fakes, broadcasters):
+        engine.sleep()  # split rollout owns its GPUs: sleep/wake release nothing
+        engine.wake()
+        engine.update_weights(actor_state.items())
+        generations = engine.generate(PROMPTS, n=2, sampling=SamplingParams(temperature=0.0, max_new_tokens=8))
+        assert len(generations) == 4 and broadcaster.tensors_sent == len(actor_state)
+        _assert_engine_holds(fake, actor_state)
 
-    method, init = fake.calls[0]
-    assert method == "init_weights_update_group"
-    assert init == {
-        "master_address": "10.0.0.1", "master_port": 29555, "rank_offset": 1, "world_size": 3,
-        "group_name": "pcsd_sync", "backend": "nccl",
-    }
-    engine.sleep()  # split rollout owns its GPUs: sleep/wake release nothing
-    engine.wake()
-    engine.update_weights(actor_state.items())
-    generations = engine.generate(PROMPTS, n=2, sampling=SamplingParams(temperature=0.0, max_new_tokens=8))
+    inits = [fake.calls[0] for fake in fakes]
+    assert [method for method, _ in inits] == ["init_weights_update_group"] * 2
+    assert inits[0][1]["group_name"] != inits[1][1]["group_name"]
+    assert all(kwargs["rank_offset"] == 1 and kwargs["world_size"] == 3 and kwargs["backend"] == "nccl"
+               and kwargs["master_port"] > 0 for _, kwargs in inits)
+    for fake, (_, init) in zip(fakes, inits):
+        updates = [kwargs for method, kwargs in fake.calls if method == "update_weights_from_distributed"]
+        assert len(updates) > 1 and all(update["group_name"] == init["group_name"] for update in updates)
+        assert {dtype for update in updates for dtype in update["dtypes"]} == {"bfloat16"}
+        assert [update["flush_cache"] for update in updates] == [False] * (len(updates) - 1) + [True]
+    assert registered_group_names() >= {init["group_name"] for _, init in inits}
 
-    updates = [kwargs for method, kwargs in fake.calls if method == "update_weights_from_distributed"]
-    assert [method for method, _ in fake.calls] == ["init_weights_update_group"] + [
-        "update_weights_from_distributed"
-    ] * len(updates) + ["generate"]
-    assert len(updates) > 1 and all(update["group_name"] == "pcsd_sync" for update in updates)
-    assert {dtype for update in updates for dtype in update["dtypes"]} == {"bfloat16"}
-    assert [update["flush_cache"] for update in updates] == [False] * (len(updates) - 1) + [True]
-    assert broadcaster.tensors_sent == len(actor_state)
-    _assert_engine_holds(fake, actor_state)
-    assert len(generations) == 4
+    for engine, fake in zip(engines, fakes):
+        engine.close()
+        assert [method for method, _ in fake.calls[-2:]] == ["destroy_weights_update_group", "shutdown"]
+        assert fake.groups == {}
+    assert not registered_group_names() & {init["group_name"] for _, init in inits}
+
+
+def test_split_engine_that_never_syncs_creates_no_group(rollout_and_actor):
+    fake = FakeSGLangEngine(rollout_and_actor[0], eos_token_id=EOS)
+    engine = SGLangRolloutEngine("unused", placement="split", engine=fake, eos_token_ids=[EOS],
+                                 broadcaster=FakeBroadcaster(fake))
+    engine.generate(PROMPTS, n=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=8))
+    engine.close()
+    assert [method for method, _ in fake.calls] == ["generate", "shutdown"]
+
+
+def test_fake_refuses_a_duplicate_group_name_in_one_process(rollout_and_actor):
+    first, second = (FakeSGLangEngine(rollout_and_actor[0], timeout_s=0.2) for _ in range(2))
+    first.engine_joined.set()
+    FakeBroadcaster(first).connect(master_address="h", master_port=1, world_size=2, group_name="same",
+                                   backend="nccl")
+    with pytest.raises(ProtocolError, match="'same' is already registered"):
+        FakeBroadcaster(second).connect(master_address="h", master_port=2, world_size=2, group_name="same",
+                                        backend="nccl")
 
 
 def test_fake_catches_an_announcement_without_broadcast(rollout_and_actor):
     """The fake must fail where real NCCL would hang, or the split test above could not fail."""
     fake = FakeSGLangEngine(rollout_and_actor[0], timeout_s=0.2)
-    fake.group = {"group_name": "g"}
+    fake.groups["g"] = {}
     with pytest.raises(ProtocolError, match="none came"):
         fake.update_weights_from_distributed(names=["lm_head.weight"], dtypes=["float32"], shapes=[[64, 16]], group_name="g")
     fake.engine_joined.set()
@@ -123,45 +197,76 @@ def test_fake_catches_an_announcement_without_broadcast(rollout_and_actor):
         FakeSGLangEngine({}, timeout_s=0.2).init_weights_update_group("h", 1, 1, 2, "g")
 
 
+def test_an_unknown_weight_name_kills_the_engine(rollout_and_actor):
+    fake = FakeSGLangEngine(rollout_and_actor[0], eos_token_id=EOS)
+    engine = _colocated(fake)
+    with pytest.raises(ProtocolError, match="unknown parameter 'model.embed.weight'"):
+        engine.update_weights([("model.embed.weight", torch.zeros(64, 16))])
+    with pytest.raises(ProtocolError, match="dead engine"):
+        engine.generate(PROMPTS, n=1, sampling=SamplingParams(max_new_tokens=8))
+
+
 def test_generate_sends_prompt_major_repeats_and_parses_outputs(rollout_and_actor):
     fake = FakeSGLangEngine(rollout_and_actor[0], eos_token_id=EOS)
-    engine = SGLangRolloutEngine("unused", engine=fake)
+    engine = _colocated(fake)
 
     cut = engine.generate(PROMPTS, n=2, sampling=SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=3, seed=11))
+    eos_last = engine.generate(PROMPTS, n=1, sampling=SamplingParams(temperature=0.7, max_new_tokens=4))
     done = engine.generate(PROMPTS, n=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=8))
 
     first_call = fake.calls[0][1]
     assert first_call["input_ids"] == [[5, 6, 7], [5, 6, 7], [8, 9], [8, 9]]
     assert [params["sampling_seed"] for params in first_call["sampling_params"]] == [11, 12, 13, 14]
     assert [g.prompt_index for g in cut] == [0, 0, 1, 1]
-    assert all(len(g.response_ids) == 3 and not g.finished for g in cut)  # finish_reason "length"
+    assert all(len(g.response_ids) == 3 and not g.finished for g in cut)  # "length", no EOS
+    # EOS as the last allowed token: SGLang says "length", the response still finished (as in the HF engine).
+    assert all(g.response_ids[-1] == EOS and len(g.response_ids) == 4 and g.finished for g in eos_last)
     assert [g.prompt_index for g in done] == [0, 1]
     assert all(g.finished and g.response_ids[-1] == EOS and len(g.response_ids) == 4 for g in done)
 
 
-def test_sampling_params_translation():
+def test_sampling_params_are_explicit_and_neutral():
+    neutral = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "frequency_penalty": 0.0,
+               "presence_penalty": 0.0, "min_new_tokens": 0, "ignore_eos": False, "skip_special_tokens": False}
     greedy = to_sglang_sampling_params(SamplingParams(temperature=0.0, top_p=0.5, max_new_tokens=7), num_requests=3)
-    assert greedy == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 7, "skip_special_tokens": False}
+    assert greedy == {**neutral, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 7}
     sampled = to_sglang_sampling_params(SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=5), num_requests=2)
-    assert sampled == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 5, "skip_special_tokens": False}
+    assert sampled == {**neutral, "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 5}
     with pytest.raises(ValueError, match="top_p \\(0.0\\) must be in \\(0, 1\\]"):
         SamplingParams(top_p=0.0)
-    with pytest.raises(ValueError, match="temperature \\(-1.0\\) must be >= 0"):
-        SamplingParams(temperature=-1.0)
     with pytest.raises(ValueError, match="max_new_tokens \\(0\\) must be >= 1"):
         SamplingParams(max_new_tokens=0)
 
 
 def test_parse_output_finish_reasons():
-    length = parse_output({"output_ids": [4, 5], "meta_info": {"finish_reason": {"type": "length", "length": 2}}}, 3)
+    eos = {EOS, 7}
+    length = parse_output({"output_ids": [4, 5], "meta_info": {"finish_reason": {"type": "length", "length": 2}}}, 3, eos)
     assert (length.prompt_index, length.response_ids, length.finished) == (3, [4, 5], False)
-    with_eos = parse_output({"output_ids": [4, EOS], "meta_info": {"finish_reason": {"type": "stop", "matched": EOS}}}, 0)
+    eos_at_limit = parse_output({"output_ids": [4, 7], "meta_info": {"finish_reason": {"type": "length"}}}, 0, eos)
+    assert eos_at_limit.response_ids == [4, 7] and eos_at_limit.finished
+    with_eos = parse_output({"output_ids": [4, EOS], "meta_info": {"finish_reason": {"type": "stop", "matched": EOS}}},
+                            0, eos)
     assert with_eos.response_ids == [4, EOS] and with_eos.finished
     # Should an SGLang version strip the matched stop token, the EOS is put back (the Generation contract).
-    stripped = parse_output({"output_ids": [4], "meta_info": {"finish_reason": {"type": "stop", "matched": EOS}}}, 0)
+    stripped = parse_output({"output_ids": [4], "meta_info": {"finish_reason": {"type": "stop", "matched": EOS}}}, 0, eos)
     assert stripped.response_ids == [4, EOS] and stripped.finished
     with pytest.raises(RuntimeError, match="aborted a request: out of memory"):
-        parse_output({"output_ids": [], "meta_info": {"finish_reason": {"type": "abort", "message": "out of memory"}}}, 0)
+        parse_output({"output_ids": [], "meta_info": {"finish_reason": {"type": "abort", "message": "out of memory"}}},
+                     0, eos)
+
+
+def test_both_engines_stop_on_config_and_generation_config_eos(tmp_path):
+    """config.json says 2, generation_config.json says [5, 2]: both engines use {2, 5}, as SGLang does."""
+    model = _tiny_llama(seed=1)
+    model.generation_config = GenerationConfig(eos_token_id=[5, EOS])
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == EOS
+    assert load_eos_token_ids(str(tmp_path)) == [EOS, 5]
+    assert HFRolloutEngine(str(tmp_path)).eos_token_ids == [EOS, 5]
+    engine = SGLangRolloutEngine(str(tmp_path), engine=FakeSGLangEngine(model.state_dict(), eos_token_id=5))
+    assert engine.eos_token_ids == {EOS, 5}
+    generations = engine.generate(PROMPTS, n=1, sampling=SamplingParams(max_new_tokens=4))  # EOS 5 at the limit
+    assert all(g.response_ids[-1] == 5 and g.finished for g in generations)
 
 
 def test_engine_failure_message_is_raised(rollout_and_actor):
@@ -169,18 +274,27 @@ def test_engine_failure_message_is_raised(rollout_and_actor):
         def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
             return False, "shape mismatch in model.layers.0"
 
-    engine = SGLangRolloutEngine("unused", engine=RefusingEngine(rollout_and_actor[0]))
+    engine = _colocated(RefusingEngine(rollout_and_actor[0]))
     with pytest.raises(RuntimeError, match="update_weights failed: shape mismatch in model.layers.0"):
         engine.update_weights(rollout_and_actor[1].state_dict().items())
     with pytest.raises(ValueError, match="got no tensors"):
         engine.update_weights([])
 
 
+def test_config_refuses_float32_with_sglang():
+    with pytest.raises(ValueError, match="rollout.engine 'sglang' with model.dtype 'float32'.*model.dtype: bfloat16"):
+        PCSDConfig.from_dict({"rollout": {"engine": "sglang"}, "train": {"device": "cuda"}})
+    cfg = PCSDConfig.from_dict({"model": {"dtype": "bfloat16"}, "rollout": {"engine": "sglang"},
+                                "train": {"device": "cuda"}})
+    assert cfg.model.dtype == "bfloat16"
+
+
 def test_missing_sglang_gives_install_hint(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "sglang", None)  # makes `import sglang` raise ImportError
-    with pytest.raises(ImportError, match=r"pip install '\.\[sglang\]'.*CUDA machine"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[sglang\]'.*CUDA machine"):
         SGLangRolloutEngine(str(tmp_path))
-    cfg = PCSDConfig.from_dict({"rollout": {"engine": "sglang"}, "train": {"device": "cuda"}})
+    cfg = PCSDConfig.from_dict({"model": {"dtype": "bfloat16"}, "rollout": {"engine": "sglang"},
+                                "train": {"device": "cuda"}})
     with pytest.raises(ImportError, match="rollout.engine 'sglang' needs the `sglang` package"):
         create_rollout_engine(cfg, str(tmp_path))
 
