@@ -16,6 +16,7 @@ one nested child run per branch. Look at it with `mlflow ui --backend-store-uri 
 
 from metaflow import Config, FlowSpec, Parameter, card, catch, current, retry, step, timeout
 
+from flows.guard import guarded_step
 from steps.plan import FLOW_KNOBS
 
 DISTILL_TIMEOUT_S = 12 * 3600  # a 7B preset on GPUs; a hung Ray worker must not hold the flow forever
@@ -46,10 +47,11 @@ class PCSDFlow(FlowSpec):
         from steps import tracking
         from steps.plan import plan_run
 
-        knobs = {name: getattr(self, name) for name in KNOBS}
-        self.plan = plan_run(self.config, flow_run_id=current.run_id, sweep=self.sweep, overrides=self.overrides,
-                             **knobs)
-        self.mlflow_run_id = tracking.start_parent_run(current.run_id, current.pathspec, self.plan.flat_params())
+        with guarded_step("start"):
+            knobs = {name: getattr(self, name) for name in KNOBS}
+            self.plan = plan_run(self.config, flow_run_id=current.run_id, sweep=self.sweep,
+                                 overrides=self.overrides, **knobs)
+            self.mlflow_run_id = tracking.start_parent_run(current.run_id, current.pathspec, self.plan.flat_params())
         self.next(self.preprocess)
 
     @retry(times=1)
@@ -57,7 +59,8 @@ class PCSDFlow(FlowSpec):
     def preprocess(self):
         from steps.preprocess import preprocess_branches
 
-        self.branches = preprocess_branches(self.plan, self.mlflow_run_id)
+        with guarded_step("preprocess", self.mlflow_run_id):
+            self.branches = preprocess_branches(self.plan, self.mlflow_run_id)
         self.next(self.evaluate_base)
 
     @retry(times=1)
@@ -65,8 +68,8 @@ class PCSDFlow(FlowSpec):
     def evaluate_base(self):
         from steps.evaluate import evaluate_base_models
 
-        # Once per distinct base model, not once per branch: every branch's "before".
-        self.base_evaluations = evaluate_base_models(self.branches, self.mlflow_run_id, self.plan.output_root)
+        with guarded_step("evaluate_base", self.mlflow_run_id):  # once per distinct base model, not per branch
+            self.base_evaluations = evaluate_base_models(self.branches, self.mlflow_run_id, self.plan.output_root)
         self.next(self.distill, foreach="branches")
 
     @card(type="blank", id="training", timeout=CARD_TIMEOUT_S)
@@ -78,9 +81,9 @@ class PCSDFlow(FlowSpec):
         from steps.distill import distill
 
         self.branch = self.input
-        self.trained = distill(
-            self.branch, parent_run_id=self.mlflow_run_id, flow_run_id=current.run_id, pathspec=current.pathspec
-        )
+        with guarded_step("distill", self.mlflow_run_id, branch=True):
+            self.trained = distill(self.branch, parent_run_id=self.mlflow_run_id, flow_run_id=current.run_id,
+                                   pathspec=current.pathspec)
         current.card["training"].extend(training_card(self.trained))
         self.next(self.evaluate)
 
@@ -93,7 +96,8 @@ class PCSDFlow(FlowSpec):
         self.evaluation = None
         if self.distill_failure is None:  # a failed branch passes through to the join, which skips it
             base = self.base_evaluations[self.branch.base_model_key]
-            self.evaluation = evaluate_branch(self.branch, self.trained.checkpoint_dir, self.trained.run_id, base)
+            with guarded_step("evaluate", self.mlflow_run_id, branch=True):
+                self.evaluation = evaluate_branch(self.branch, self.trained.checkpoint_dir, self.trained.run_id, base)
         self.next(self.join)
 
     @card(type="blank", id="sweep", timeout=CARD_TIMEOUT_S)
@@ -117,7 +121,8 @@ class PCSDFlow(FlowSpec):
     def register(self):
         from steps.register import register_best
 
-        self.registration = register_best(self.summary.best, flow_run_id=current.run_id)  # None if all failed
+        with guarded_step("register", self.mlflow_run_id):
+            self.registration = register_best(self.summary.best, flow_run_id=current.run_id)  # None if all failed
         self.next(self.end)
 
     @card(type="blank", id="summary", timeout=CARD_TIMEOUT_S)
@@ -127,7 +132,8 @@ class PCSDFlow(FlowSpec):
         from steps.finish import finish
         from steps.join import TABLE_HEADERS
 
-        self.report_path = finish(self.mlflow_run_id, self.summary, self.registration, current.pathspec)
+        with guarded_step("end", self.mlflow_run_id):
+            self.report_path = finish(self.mlflow_run_id, self.summary, self.registration, current.pathspec)
         current.card["summary"].extend(sweep_card(self.summary, TABLE_HEADERS, self.registration, self.report_path))
 
 

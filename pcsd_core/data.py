@@ -34,7 +34,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tempfile
+import urllib.parse
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -54,6 +56,25 @@ LOCAL_SUFFIXES = (".jsonl", ".parquet")
 ABILITY = "math"
 PERCENTILES = {"p50": 50, "p90": 90, "p99": 99, "max": 100}
 CANONICAL_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+
+
+class HubUnreachableError(ConnectionError):
+    """The Hugging Face hub cannot be reached, and something was to be downloaded from it."""
+
+
+def require_hub_reachable(what: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not after the hub client's minutes of retries, when the hub cannot be reached."""
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as error:
+        raise HubUnreachableError(
+            f"the Hugging Face hub ({host}:{port}) is unreachable ({error}), and {what} was to be downloaded from "
+            "it (data.path is empty). Point --data-path (or DATA_PATH, data.path) at a local folder holding "
+            "train.jsonl and test.jsonl, e.g. --data-path ../shared/data/gsm8k, or set HF_DATASETS_OFFLINE=1 to "
+            "use a copy in the hub cache."
+        ) from None
 
 
 class DataValidationError(ValueError):
@@ -121,6 +142,9 @@ def load_raw_splits(data_cfg: DataConfig) -> dict[str, RawSplit]:
 def _load_hub_splits(data_cfg: DataConfig) -> dict[str, RawSplit]:
     import datasets  # only the hub path needs it, and it is slow to import
 
+    offline = any(os.environ.get(name, "") not in ("", "0") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if not offline and not Path(data_cfg.hub_name).exists():
+        require_hub_reachable(f"dataset {data_cfg.hub_name}")
     dataset = datasets.load_dataset(data_cfg.hub_name, data_cfg.hub_config)
     return {split: RawSplit(f"{data_cfg.hub_name}[{split}]", dataset[split].to_list()) for split in SPLITS}
 

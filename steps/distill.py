@@ -35,9 +35,12 @@ def distill(branch: Branch, *, parent_run_id: str, flow_run_id: str, pathspec: s
     """Train `branch` (its train_path set by the preprocess step) and log everything to a child run."""
     import mlflow
 
+    import torch
+
     from dashboards.plots import training_curves_png
     from pcsd_core.trainer import Distiller
 
+    torch.set_num_threads(branch.threads())
     cfg = branch.config
     run_id = tracking.start_child_run(parent_run_id, branch.label, flow_run_id, pathspec, cfg.to_flat_dict())
     with tracking.open_run(run_id):

@@ -130,6 +130,9 @@ class BranchEvaluation:
 
 def evaluate_branch(branch: Branch, checkpoint_dir: str | Path, run_id: str, base: BaseModelEvaluation) -> BranchEvaluation:
     """Evaluate a branch's distilled checkpoint and log before, after, delta and both tables to its run."""
+    import torch
+
+    torch.set_num_threads(branch.threads())
     before = EvalResult.load(base.result_path)
     after = evaluate(str(checkpoint_dir), branch.test_path, branch.config)
     metrics = {**before.metrics("before"), **after.metrics("after")}

@@ -61,10 +61,17 @@ class Branch:
     label: str
     overrides: dict[str, Any]
     config: PCSDConfig
+    sweep_size: int = 1  # branches of this flow run; they run at once and share the machine's cores
     # Filled by the preprocess step.
     train_path: str = ""
     test_path: str = ""
     data_stats: dict[str, Any] = field(default_factory=dict)
+
+    def threads(self) -> int:
+        """Torch threads for this branch's task: the cores split between the branches running at once, so a
+        sweep on a laptop does not oversubscribe them (two torch processes on all cores slow each other ~10x)."""
+        cores = os.cpu_count() or 1
+        return max(1, cores // min(self.sweep_size, cores))
 
     @property
     def data_key(self) -> str:
@@ -161,6 +168,8 @@ def plan_run(
             raise ValueError(f"sweep branches {twin.label!r} and {label!r} are the same point (or write to the same "
                              "folder); remove the duplicate value from the sweep grid.")
         branches.append(Branch(label=label, overrides=point, config=config))
+    for branch in branches:
+        branch.sweep_size = len(branches)
     return RunPlan(base_config=base, sweep=grid, branches=branches, output_root=str(output_root))
 
 

@@ -79,6 +79,14 @@ def finish_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status=status)
 
 
+def set_run_status(run_id: str, status: str) -> None:
+    """RUNNING again (a retried step), or ended as FINISHED / FAILED / KILLED."""
+    if status == "RUNNING":
+        client().update_run(run_id, status="RUNNING")
+    else:
+        finish_run(run_id, status)
+
+
 def metric_logger(run_id: str) -> Callable[[dict[str, float], int], None]:
     """A `log_metrics(metrics, step)` callable for the Distiller that writes to `run_id` in one batch."""
     mlflow_client = client()

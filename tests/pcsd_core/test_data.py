@@ -371,3 +371,19 @@ def test_prompts_over_the_tokenizer_limit_are_counted_and_warned_about(gsm8k_dir
                                          rf"{tokenizer.model_max_length} tokens \(model_max_length\), e.g. row \d+"):
         limited = prepare_dataset(cfg, tmp_path / "limited", tokenizer=tokenizer)
     assert limited.stats["train/prompts_over_tokenizer_limit"] == over
+
+
+def test_an_unreachable_hub_is_reported_in_seconds_with_the_local_alternative(monkeypatch):
+    """Without data.path the hub is the source; offline, say so at once instead of after minutes of retries."""
+    import time
+
+    from pcsd_core.config import DataConfig
+    from pcsd_core.data import HubUnreachableError, load_raw_splits
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens there
+    started = time.perf_counter()
+    with pytest.raises(HubUnreachableError, match=r"hub \(127\.0\.0\.1:9\) is unreachable .* --data-path"):
+        load_raw_splits(DataConfig(path=""))
+    assert time.perf_counter() - started < 10

@@ -1,0 +1,101 @@
+"""What every flow step runs inside: one clear line for the user's mistakes, and a parent run that tells the truth.
+
+    with guarded_step("preprocess", self.mlflow_run_id):
+        ...
+
+- **User errors in one line.** A bad config value, a data file that breaks a rule, an unknown model, an
+  unreachable hub or tracking server: the step prints `error: <message>` (the message names the field or file and
+  the fix) and exits with Metaflow's "do not retry" code, since no retry can fix the input. The full traceback
+  goes to a log file whose path the line gives, not to the terminal.
+- **Run state.** The flow's parent MLflow run stays RUNNING from the start step to the end step. A step that fails
+  marks it FAILED; a step stopped by Ctrl-C or SIGTERM marks it KILLED.
+- **No orphans.** Each task asks the kernel for SIGTERM when the Metaflow runtime that started it dies (Linux
+  `PR_SET_PDEATHSIG`), and turns SIGTERM into KeyboardInterrupt, so `finally:` blocks run: Ray workers and
+  rollout engines are shut down (`Distiller.close`) before the task exits.
+
+Kept beside the flow: it uses Metaflow's exit code; `steps/` stays free of Metaflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import tempfile
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
+
+# The kinds of error that mean "fix your input or environment": our own (DataValidationError is a ValueError,
+# ModelNotFoundError a FileNotFoundError, HubUnreachableError a ConnectionError) and the config's ValueErrors.
+USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, PermissionError)
+_PR_SET_PDEATHSIG = 1
+
+
+@contextlib.contextmanager
+def guarded_step(step_name: str, parent_run_id: str = "", *, branch: bool = False) -> Iterator[None]:
+    """Run a step's body with one-line user errors, truthful parent-run state and orphan protection.
+
+    `branch=True` for the foreach steps under `@catch`: a failed branch is the join's business, not the flow's,
+    so its errors go to `@catch` unchanged and the parent run stays RUNNING.
+    """
+    _die_with_the_runtime()
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    if parent_run_id and not branch:
+        _mark_parent(parent_run_id, "RUNNING")  # a retry of a failed step runs again
+    try:
+        yield
+    except KeyboardInterrupt:
+        _mark_parent(parent_run_id, "KILLED")
+        print(f"error: the {step_name} step was stopped (Ctrl-C or SIGTERM); the parent MLflow run is marked KILLED.",
+              file=sys.stderr, flush=True)
+        sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
+    except USER_ERRORS as error:
+        if branch:
+            raise
+        _mark_parent(parent_run_id, "FAILED")
+        log = _save_traceback(step_name)
+        print(f"error: {error}\n       (the {step_name} step stopped; a retry cannot fix this, so none is made; "
+              f"traceback: {log})", file=sys.stderr, flush=True)
+        sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
+    except BaseException:
+        if not branch:
+            _mark_parent(parent_run_id, "FAILED")  # a retry that succeeds sets it RUNNING again
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _die_with_the_runtime() -> None:
+    """SIGTERM to this task when its parent (the Metaflow runtime) dies; Linux only, a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _mark_parent(parent_run_id: str, status: str) -> None:
+    if not parent_run_id:
+        return
+    try:
+        from steps import tracking
+
+        tracking.set_run_status(parent_run_id, status)
+    except Exception as error:  # the tracking server may be the problem; the step's own error matters more
+        print(f"warning: could not mark MLflow run {parent_run_id} {status}: {error}", file=sys.stderr)
+
+
+def _save_traceback(step_name: str) -> str:
+    folder = Path(os.environ.get("PCSD_LOG_DIR") or Path(tempfile.gettempdir()) / "pcsd-logs")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{step_name}-{os.getpid()}.log"
+    path.write_text(traceback.format_exc())
+    return str(path)
