@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,6 +250,16 @@ class TrainConfig:
     # Train workers (FSDP2 shards). 1 with `use_ray=False` runs in-process.
     num_workers: int = 1
     use_ray: bool = False
+    # Nodes the workers spread over: num_workers / num_nodes workers on each of num_nodes distinct Ray nodes
+    # (a placement group of one bundle per node, STRICT_SPREAD). 1 keeps every worker on one node.
+    num_nodes: int = 1
+    # Ray cluster to join, "host:port", "ray://host:port" or "auto" (KubeRay, `ray up`, a Metaflow-launched
+    # cluster); empty: RAY_ADDRESS if set, else a local Ray started for this run. A joined cluster is never
+    # shut down by the run.
+    ray_address: str = ""
+    # Weight sync streams the actor's full weights to the rollout engine in buckets of at most this many MiB
+    # (a bigger tensor goes alone): the sync's extra memory is about one bucket, not the whole model.
+    weight_sync_bucket_mb: int = 256
     # "cpu", "cuda" or "auto" (cuda when available).
     device: str = "auto"
     # Save a checkpoint every K steps (0 = only at the end).
@@ -285,6 +296,26 @@ class TrainConfig:
             self.mini_batch_size % self.micro_batch_size == 0,
             f"train.mini_batch_size ({self.mini_batch_size}) must be a multiple of train.micro_batch_size "
             f"({self.micro_batch_size}); change one of them.",
+        )
+        _require(self.num_nodes >= 1, f"train.num_nodes ({self.num_nodes}) must be >= 1.")
+        _require(
+            self.num_workers % self.num_nodes == 0,
+            f"train.num_nodes ({self.num_nodes}) must divide train.num_workers ({self.num_workers}) evenly (the same "
+            "number of workers on every node); change one of them.",
+        )
+        _require_text("train.ray_address", self.ray_address, allow_empty=True)
+        _require(
+            self.ray_address == "" or re.fullmatch(r"auto|(ray://)?[^\s:/]+:\d{1,5}", self.ray_address) is not None,
+            f"train.ray_address ({self.ray_address!r}) must be 'host:port', 'ray://host:port' or 'auto' (or empty "
+            "for RAY_ADDRESS / a local Ray).",
+        )
+        _require(
+            self.use_ray or self.ray_address == "",
+            f"train.ray_address ({self.ray_address!r}) needs train.use_ray: true (the in-process actor uses no Ray).",
+        )
+        _require(
+            self.weight_sync_bucket_mb >= 1,
+            f"train.weight_sync_bucket_mb ({self.weight_sync_bucket_mb}) must be >= 1 (MiB per weight-sync bucket).",
         )
         _require(self.device in ("auto", "cpu", "cuda"), f"train.device ({self.device!r}) must be auto, cpu or cuda.")
         _require(

@@ -10,7 +10,7 @@ One training step, top to bottom (`_train_step`):
   2. rollout: the engine samples `rollout.n` responses per student prompt from the current policy;
   3. teacher pass: `compute_distributions` scores the responses after the teacher prompt (no grad);
   4. student pass + update: `update_policy_with_distillation` (ppo_epochs x mini-batches x micro-batches);
-  5. weight sync: the actor's full weights go into the rollout engine, so step 2 stays on-policy;
+  5. weight sync: the actor's full weights stream into the rollout engine bucket by bucket (step 2 stays on-policy);
   6. metrics through `log_metrics(metrics, step)`, a few per-token samples, a checkpoint every K steps.
 
 The actor sits behind `workers.TrainWorkers`: with `train.use_ray` N Ray workers holding FSDP2 shards
@@ -38,7 +38,7 @@ from pcsd_core.models import check_context_length, load_tokenizer, resolve_devic
 from pcsd_core.prompts import build_prompt_pair
 from pcsd_core.rollout import create_rollout_engine
 from pcsd_core.rollout.base import SamplingParams
-from pcsd_core.workers import TrainWorkers, build_train_workers, peak_memory_mb
+from pcsd_core.workers import TrainWorkers, build_train_workers, drain, peak_memory_mb
 
 SAMPLES_PER_STEP = 4  # responses written to samples/step_*.jsonl
 
@@ -194,8 +194,10 @@ class Distiller:
         return self._prompt_pairs[record_index]
 
     def _sync_weights(self) -> None:
+        """Stream the actor's weights into the engine one bucket at a time (extra memory: about one bucket)."""
         self.engine.wake()
-        self.engine.update_weights(self.workers.full_state_dict("student").items())
+        buckets = self.workers.iter_state_dict_buckets("student", self.cfg.train.weight_sync_bucket_mb * 2**20)
+        self.engine.update_weights(drain(buckets))
 
     # ---- metrics and samples -----------------------------------------------------------------------
 

@@ -1,54 +1,89 @@
 """The train workers behind one interface: the actor in this process, or Ray workers holding FSDP2 shards.
 
 The trainer calls the same methods on either (`TrainWorkers`): `compute_distributions`, `update`,
-`full_state_dict`, `training_state`, `load_training_state`, `peak_memory_mb`, `shutdown`.
-`build_train_workers(cfg, ...)` picks `InProcessWorkers` (one device, no Ray: tests, profiling, the CPU
-default) or, with `train.use_ray`, `RayWorkers` from `launch_train_workers`.
+`full_state_dict`, `iter_state_dict_buckets`, `training_state`, `load_training_state`, `peak_memory_mb`,
+`shutdown`. `build_train_workers(cfg, ...)` picks `InProcessWorkers` (one device, no Ray: tests, profiling, the
+CPU default) or, with `train.use_ray`, `RayWorkers` from `launch_train_workers`.
 
-`launch_train_workers(cfg, model_path)` reserves a placement group with one bundle per worker (1 CPU, or
-1 CPU + 1 GPU), starts one `TrainWorker` in each bundle, and has them form a torch.distributed process group
-(gloo on CPU, NCCL on GPU) at a master address/port the controller picked. Each worker builds an `Actor`
-whose model is `fully_shard`-ed over that group. The controller calls the workers explicitly:
+`launch_train_workers(cfg, model_path)` joins the Ray cluster at `train.ray_address` / RAY_ADDRESS (or starts a
+local Ray), reserves one placement-group bundle per node on `train.num_nodes` distinct nodes, starts one
+`TrainWorker` per rank in its node's bundle, and has them form a torch.distributed process group (gloo on CPU,
+NCCL on GPU) at rank 0's node IP and a port free there. Each worker builds an `Actor` whose model is
+`fully_shard`-ed over that group. The controller calls the workers explicitly:
 
-    parts = ray.get([worker.compute_distributions.remote(batch_ref) for worker in group.workers])
+    parts = self._get([worker.compute_distributions.remote(batch_ref) for worker in self.workers], "...")
 
 Every worker receives the whole `RolloutBatch` and takes its own rows by rank (`batch.worker_rows`), so the
 ranks always run the same number of forward passes and their collectives line up. Methods that gather
 full weights or optimizer state are collective: call them on all workers at once; rank 0 returns the data.
+The weight sync gathers one bucket at a time (`iter_state_dict_buckets`), never the whole model.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
-from typing import Any, Protocol
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 
-from pcsd_core.actor import Actor
+from pcsd_core.actor import Actor, full_tensor
 from pcsd_core.batch import RolloutBatch, TeacherOutputs, UpdateStats
 from pcsd_core.config import PCSDConfig
 
+# Bounds on waiting for Ray workers, so that nothing hangs until a job's wall-clock limit: a collective whose
+# peer died fails after COLLECTIVE_TIMEOUT_S; a call none of whose ranks died but that has not answered fails
+# after CALL_TIMEOUT_S (a step of a large model on a slow node stays well inside it).
+COLLECTIVE_TIMEOUT_S = 600
+CALL_TIMEOUT_S = 3600
+PLACEMENT_TIMEOUT_S = 120
+
 
 class TrainWorker:
-    """One FSDP2 rank. Wrapped with `ray.remote` by `launch_train_workers`; plain Python otherwise."""
+    """One FSDP2 rank. Wrapped with `ray.remote` by `launch_train_workers`; plain Python otherwise.
 
-    def __init__(self, cfg: PCSDConfig, model_path: str, *, rank: int, world_size: int, master_addr: str,
-                 master_port: int, device_type: str, teacher_path: str | None = None, threads: int = 1):
+    Built in two calls so that rank 0 can report its own node's address before anyone joins the process group:
+    the constructor only places the process (`node_id`, `rendezvous_address`), `start` joins and loads.
+    """
+
+    def __init__(self, *, rank: int, world_size: int, threads: int = 1):
+        self.rank, self.world_size, self.threads = rank, world_size, threads
+        self.actor: Actor | None = None
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def node_ip(self) -> str:
+        import ray.util
+
+        return ray.util.get_node_ip_address()
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's IP as Ray reports it and a port free on this node: the process group's master address."""
+        return self.node_ip(), free_port("")
+
+    def start(self, cfg: PCSDConfig, model_path: str, *, master_addr: str, master_port: int, device_type: str,
+              teacher_path: str | None = None) -> None:
+        import datetime
+
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(self.threads)
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                                world_size=world_size)
+        # A peer that dies mid-collective fails the survivors after this long instead of the 30-minute default.
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                world_size=self.world_size, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         # Ray sets CUDA_VISIBLE_DEVICES to this bundle's GPU, so it is always cuda:0 here.
         device = "cuda:0" if device_type == "cuda" else "cpu"
         if device_type == "cuda":
             torch.cuda.set_device(0)
-        mesh = init_device_mesh(device_type, (world_size,))
-        self.actor = Actor(cfg, model_path, device=device, rank=rank, world_size=world_size,
+        mesh = init_device_mesh(device_type, (self.world_size,))
+        self.actor = Actor(cfg, model_path, device=device, rank=self.rank, world_size=self.world_size,
                            teacher_path=teacher_path, mesh=mesh)
 
     def compute_distributions(self, batch: RolloutBatch) -> TeacherOutputs:
@@ -60,6 +95,26 @@ class TrainWorker:
     def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]:
         return self.actor.full_state_dict(which)
 
+    def state_dict_bucket_plan(self, which: str, bucket_bytes: int) -> list[list[str]]:
+        """Names of each bucket, from global shapes: the same on every rank, so the gathers line up."""
+        named = unique_state_items(_module(self.actor, which).lm)
+        return [[name for name, _ in bucket] for bucket in bucket_named_tensors(named, bucket_bytes)]
+
+    def gather_state_dict_bucket(self, which: str, names: list[str]) -> list[tuple[str, Any, str]]:
+        """All-gather the named tensors one by one (collective, same order on every rank); rank 0 returns them.
+
+        Rank 0 returns numpy arrays, which the Ray object store hands to the controller without a copy (torch
+        tensors would be pickled); `wire_to_tensor` turns them back. Other ranks drop each full tensor at once.
+        """
+        state = _module(self.actor, which).lm.state_dict()
+        bucket = []
+        for name in names:
+            tensor = full_tensor(state[name].detach())
+            if self.rank == 0:
+                bucket.append(tensor_to_wire(name, tensor))
+            del tensor
+        return bucket
+
     def training_state(self) -> dict[str, Any]:
         return self.actor.training_state()
 
@@ -67,13 +122,74 @@ class TrainWorker:
         self.actor.load_training_state(state, teacher_state)
 
     def peak_memory_mb(self) -> float:
-        return peak_memory_mb(self.actor.device)
+        return peak_memory_mb(self.actor.device) if self.actor else 0.0
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def shutdown(self) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _module(actor: Actor, which: str):
+    module = actor.student if which == "student" else actor.teacher
+    if module is None:
+        raise ValueError(f"no {which!r} weights: train.teacher_mode {actor.cfg.train.teacher_mode!r} keeps no "
+                         "teacher copy; ask for 'student'.")
+    return module
+
+
+def unique_state_items(lm: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of `lm`'s state dict without copying, each tied tensor once (the engines re-tie)."""
+    seen: set[int] = set()
+    for name, tensor in lm.state_dict(keep_vars=True).items():  # keep_vars: tied aliases are one object
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            yield name, tensor.detach()
+
+
+def bucket_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]],
+                         bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive lists of (name, tensor) of at most `bucket_bytes` (global size); a bigger tensor goes alone."""
+    bucket, size = [], 0
+    for name, tensor in named_tensors:
+        tensor_bytes = tensor.numel() * tensor.element_size()  # a DTensor reports its global shape
+        if bucket and size + tensor_bytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += tensor_bytes
+    if bucket:
+        yield bucket
+
+
+def tensor_to_wire(name: str, tensor: torch.Tensor) -> tuple[str, Any, str]:
+    """(name, numpy array, torch dtype name); bfloat16 travels as int16 bits (numpy has no bfloat16)."""
+    tensor = tensor.cpu()
+    if tensor.dtype == torch.bfloat16:
+        return name, tensor.view(torch.int16).numpy(), "bfloat16"
+    return name, tensor.numpy(), str(tensor.dtype).removeprefix("torch.")
+
+
+def wire_to_tensor(item: tuple[str, Any, str]) -> tuple[str, torch.Tensor]:
+    import warnings
+
+    name, array, dtype = item
+    with warnings.catch_warnings():  # the object store's arrays are read-only; the engines only read them
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(array)
+    return name, tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+def drain(buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs of `buckets`, each let go once consumed: about one bucket alive at a time."""
+    for bucket in buckets:
+        bucket.reverse()
+        while bucket:
+            yield bucket.pop()
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -93,6 +209,12 @@ class TrainWorkers(Protocol):
     def update(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats: ...
 
     def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]: ...
+
+    def iter_state_dict_buckets(self, which: str, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """The full weights (HF names, tied tensors once) as lists of at most `bucket_bytes` each (a bigger
+        tensor alone), produced one at a time: the weight sync's extra memory is about one bucket. Consume it
+        to the end: with FSDP every bucket is a collective."""
+        ...
 
     def training_state(self) -> dict[str, Any]: ...
 
@@ -120,6 +242,10 @@ class InProcessWorkers:
     def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]:
         return self.actor.full_state_dict(which)
 
+    def iter_state_dict_buckets(self, which: str, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        # The live parameters themselves, no copy: the engine copies them into its own model.
+        return bucket_named_tensors(unique_state_items(_module(self.actor, which).lm), bucket_bytes)
+
     def training_state(self) -> dict[str, Any]:
         return self.actor.training_state()
 
@@ -135,56 +261,89 @@ class InProcessWorkers:
 
 @dataclass
 class RayWorkers:
-    """FSDP2 ranks as Ray actors; every call goes to all ranks (the collectives need them all)."""
+    """FSDP2 ranks as Ray actors; every call goes to all ranks (the collectives need them all).
+
+    Every call waits through `_get`: a rank that dies (its process, or its node) fails the call at once with
+    the rank and node named, instead of leaving the other ranks blocked in a collective.
+    """
 
     workers: list[Any]  # Ray actor handles, rank order
     placement_group: Any
     owns_ray: bool = False  # this group started Ray, so shutting the group down also shuts Ray down
+    nodes: list[str] = field(default_factory=list)  # per rank: "<ip> (node <id>)"
 
     def compute_distributions(self, batch: RolloutBatch) -> TeacherOutputs:
         import ray
 
         batch_ref = ray.put(batch)
-        parts = ray.get([w.compute_distributions.remote(batch_ref) for w in self.workers])
+        parts = self._get([w.compute_distributions.remote(batch_ref) for w in self.workers], "compute_distributions")
         return TeacherOutputs(hidden=[hidden for part in parts for hidden in part.hidden])  # rank order = row order
 
     def update(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats:
         import ray
 
         batch_ref, teacher_ref = ray.put(batch), ray.put(teacher_outputs)
-        parts = ray.get([w.update_policy_with_distillation.remote(batch_ref, teacher_ref) for w in self.workers])
+        parts = self._get([w.update_policy_with_distillation.remote(batch_ref, teacher_ref) for w in self.workers],
+                          "update")
         return UpdateStats.merged(parts)
 
     def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]:
-        import ray
+        return self._get([w.full_state_dict.remote(which) for w in self.workers], "full_state_dict")[0]  # rank 0
 
-        return ray.get([w.full_state_dict.remote(which) for w in self.workers])[0]  # collective; rank 0 has it
+    def iter_state_dict_buckets(self, which: str, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        # One Ray round trip per bucket: every rank all-gathers the bucket's tensors, rank 0 ships them through
+        # the object store; the next bucket is gathered only when the consumer asks for it.
+        plan = self._get([self.workers[0].state_dict_bucket_plan.remote(which, bucket_bytes)], "bucket plan")[0]
+        for names in plan:
+            parts = self._get([w.gather_state_dict_bucket.remote(which, names) for w in self.workers], "weight sync")
+            yield [wire_to_tensor(item) for item in parts[0]]
 
     def training_state(self) -> dict[str, Any]:
-        import ray
-
-        return ray.get([w.training_state.remote() for w in self.workers])[0]  # collective; rank 0 has it
+        return self._get([w.training_state.remote() for w in self.workers], "training_state")[0]  # rank 0
 
     def load_training_state(self, state: dict[str, Any], teacher_state: dict[str, torch.Tensor] | None) -> None:
-        import ray
-
-        ray.get([w.load_training_state.remote(state, teacher_state) for w in self.workers])
+        self._get([w.load_training_state.remote(state, teacher_state) for w in self.workers], "load_training_state")
 
     def peak_memory_mb(self) -> float:
-        import ray
+        return sum(self._get([w.peak_memory_mb.remote() for w in self.workers], "peak_memory_mb"))
 
-        return sum(ray.get([w.peak_memory_mb.remote() for w in self.workers]))
+    def _get(self, refs: list[Any], what: str, timeout_s: float = CALL_TIMEOUT_S) -> list[Any]:
+        """Results in rank order; the first rank to die raises RuntimeError naming it and its node."""
+        return wait_for_ranks(refs, what, nodes=self.nodes, timeout_s=timeout_s)
 
     def shutdown(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        ray.get([worker.shutdown.remote() for worker in self.workers])
+        # Leave the process group cleanly where a rank can; a dead or stuck rank is simply killed.
+        ray.wait([worker.shutdown.remote() for worker in self.workers], num_returns=len(self.workers), timeout=10)
         for worker in self.workers:
             ray.kill(worker)
         remove_placement_group(self.placement_group)
         if self.owns_ray:
             ray.shutdown()
+
+
+def wait_for_ranks(refs: list[Any], what: str, *, nodes: list[str], timeout_s: float) -> list[Any]:
+    """ray.get of one call per rank, failing as soon as any rank's worker died (not when all have answered)."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    rank_of = {ref: rank for rank, ref in enumerate(refs)}
+    pending, deadline = list(refs), time.monotonic() + timeout_s
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            late = sorted(rank_of[ref] for ref in pending)
+            raise TimeoutError(f"train workers {what}: rank(s) {late} did not answer within {timeout_s:.0f} s; a "
+                               "rank may be stuck in a collective (a peer or the network gone).")
+        try:
+            ray.get(done[0])
+        except RayActorError as error:
+            rank = rank_of[done[0]]
+            node = nodes[rank] if rank < len(nodes) else "unknown"
+            raise RuntimeError(f"train worker rank {rank} on node {node} died during {what}: {error}") from error
+    return ray.get(list(refs))
 
 
 def build_train_workers(cfg: PCSDConfig, model_path: str, *, device: str, teacher_path: str) -> TrainWorkers:
@@ -195,44 +354,82 @@ def build_train_workers(cfg: PCSDConfig, model_path: str, *, device: str, teache
     return InProcessWorkers(Actor(cfg, model_path, device=device, teacher_path=teacher_path))
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now ("" = every interface of this machine)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
-def ensure_ray() -> bool:
-    """Start a local Ray instance unless one is already running; True when this call started it."""
+def ensure_ray(address: str = "") -> bool:
+    """Connect to Ray; True only when this call started a Ray instance of its own (shut it down when done).
+
+    With `address` (train.ray_address) or RAY_ADDRESS set, join that cluster and start nothing: the cluster's
+    resources are its own (num_cpus would be an error), and it keeps running after we leave. Already connected:
+    nothing to do. Otherwise start a local instance with every CPU of this machine.
+    """
     import ray
 
     if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, configure_logging=False)
         return False
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, configure_logging=False)
     return True
 
 
+def placement_bundles(num_workers: int, num_nodes: int, device_type: str) -> tuple[list[dict], str]:
+    """One bundle per node holding its workers' CPUs (and GPUs), and the strategy that puts them on distinct nodes.
+
+    Bundles are per node, not per worker, so "num_workers / num_nodes workers on each of num_nodes nodes" is one
+    STRICT_SPREAD placement group (one bundle per node; a single node is the single-bundle case).
+    """
+    per_node = num_workers // num_nodes
+    bundle = {"CPU": per_node, "GPU": per_node} if device_type == "cuda" else {"CPU": per_node}
+    return [dict(bundle) for _ in range(num_nodes)], "STRICT_SPREAD" if num_nodes > 1 else "STRICT_PACK"
+
+
 def launch_train_workers(cfg: PCSDConfig, model_path: str, *, device_type: str,
                          teacher_path: str | None = None) -> RayWorkers:
-    """Placement group with one bundle per worker, one `TrainWorker` per bundle, one process group."""
+    """Placement group over `train.num_nodes` nodes, one `TrainWorker` per rank, one process group at rank 0's node."""
     import ray
-    from ray.util.placement_group import placement_group
+    from ray.exceptions import GetTimeoutError
+    from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    owns_ray = ensure_ray()
-    world_size = cfg.train.num_workers
-    bundle = {"CPU": 1, "GPU": 1} if device_type == "cuda" else {"CPU": 1}
-    group = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
-    ray.get(group.ready(), timeout=120)
-    remote_worker = ray.remote(TrainWorker)
-    master_addr, master_port = "127.0.0.1", free_port()
+    owns_ray = ensure_ray(cfg.train.ray_address)
+    world_size, num_nodes = cfg.train.num_workers, cfg.train.num_nodes
+    bundles, strategy = placement_bundles(world_size, num_nodes, device_type)
+    group = placement_group(bundles, strategy=strategy)
+    try:
+        ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+    except GetTimeoutError:
+        remove_placement_group(group)
+        raise RuntimeError(
+            f"train.num_workers ({world_size}) on train.num_nodes ({num_nodes}) needs {num_nodes} node(s) with "
+            f"{bundles[0]} free each; Ray found none within {PLACEMENT_TIMEOUT_S} s (cluster resources: "
+            f"{ray.available_resources()}). Lower train.num_workers/num_nodes or add nodes.") from None
     threads = max(1, (os.cpu_count() or 1) // world_size)
     workers = [
-        remote_worker.options(
+        ray.remote(TrainWorker).options(
             num_cpus=1, num_gpus=1 if device_type == "cuda" else 0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=rank),
-        ).remote(cfg, model_path, rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port,
-                 device_type=device_type, teacher_path=teacher_path, threads=threads)
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=rank // (world_size // num_nodes)),
+        ).remote(rank=rank, world_size=world_size, threads=threads)
         for rank in range(world_size)
     ]
-    ray.get([worker.peak_memory_mb.remote() for worker in workers])  # wait until every rank is built
-    return RayWorkers(workers=workers, placement_group=group, owns_ray=owns_ray)
+    ips, node_ids = ray.get([w.node_ip.remote() for w in workers]), ray.get([w.node_id.remote() for w in workers])
+    group_workers = RayWorkers(workers=workers, placement_group=group, owns_ray=owns_ray,
+                               nodes=[f"{ip} (node {node_id})" for ip, node_id in zip(ips, node_ids)])
+    try:
+        # The rendezvous is rank 0's own node, at a port free there: other nodes reach it, 127.0.0.1 they would not.
+        master_addr, master_port = group_workers._get([workers[0].rendezvous_address.remote()], "rendezvous")[0]
+        group_workers._get([w.start.remote(cfg, model_path, master_addr=master_addr, master_port=master_port,
+                                           device_type=device_type, teacher_path=teacher_path) for w in workers],
+                           "start")
+    except BaseException:
+        group_workers.shutdown()
+        raise
+    return group_workers

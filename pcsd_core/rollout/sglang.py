@@ -183,19 +183,24 @@ class SGLangRolloutEngine:
         """Push the actor's full weights (HF names) into the engine, bucket by bucket."""
         if self._memory == "released":
             raise RuntimeError("SGLangRolloutEngine.update_weights called after sleep(); call wake() first.")
-        buckets = list(_buckets(named_tensors, self.bucket_bytes))
-        if not buckets:
+        # One bucket of look-ahead (to know which is last) instead of a list of all: the caller may stream the
+        # weights from the train workers, and holding them all would cost the whole model.
+        buckets = _buckets(named_tensors, self.bucket_bytes)
+        bucket = next(buckets, None)
+        if bucket is None:
             raise ValueError("update_weights got no tensors; pass the actor's full state dict as (name, tensor) pairs.")
         if self.placement == "split" and not self._group_connected:
             self._connect_weight_sync()
-        for number, bucket in enumerate(buckets):
+        while bucket is not None:
+            following = next(buckets, None)
             # Flush the prefix cache once, after the last bucket: cached KV was computed with old weights.
-            flush_cache = number == len(buckets) - 1
+            flush_cache = following is None
             if self.placement == "colocated":
                 result = self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=flush_cache)
             else:
                 result = self._broadcast_bucket(bucket, flush_cache)
             _check_result("update_weights", result)
+            bucket = following
         if self._memory == "weights_only":  # last wake phase: the KV cache and CUDA graphs come back
             self._resume(CACHE_TAGS, self._released_bytes["cache"], "its KV cache and CUDA graphs")
             self._memory = "resident"

@@ -11,6 +11,7 @@ import torch
 from pcsd_core.actor import Actor
 from pcsd_core.batch import RolloutBatch, TeacherOutputs
 from pcsd_core.config import PCSDConfig
+from pcsd_core.workers import drain
 
 ray = pytest.importorskip("ray")
 
@@ -25,6 +26,12 @@ def random_batch(rows: int) -> RolloutBatch:
     students, teachers = [ids(5 + i) for i in range(rows // 2)], [ids(9 + 2 * i) for i in range(rows // 2)]
     return RolloutBatch([students[i // 2] for i in range(rows)], [teachers[i // 2] for i in range(rows)],
                         [ids(2 + (3 * i) % 5) for i in range(rows)], [True] * rows, [i // 2 for i in range(rows)])
+
+
+def assert_buckets_bounded(buckets, bucket_bytes: int) -> None:
+    for bucket in buckets:
+        size = sum(tensor.numel() * tensor.element_size() for _, tensor in bucket)
+        assert size <= bucket_bytes or len(bucket) == 1, [name for name, _ in bucket]
 
 
 def config(**train) -> PCSDConfig:
@@ -63,6 +70,8 @@ def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session
         stats = group.update(batch, teacher)
         states = ray.get([w.full_state_dict.remote() for w in group.workers])
         optimizer_states = ray.get([w.training_state.remote() for w in group.workers])
+        bucket_bytes = 2**17  # 128 KiB: several buckets on the tiny model, the embedding alone in its own
+        buckets = list(group.iter_state_dict_buckets("student", bucket_bytes))
     finally:
         group.shutdown()
 
@@ -77,12 +86,40 @@ def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session
         assert not torch.equal(tensor, initial[name]), f"{name} did not move"
     assert len(optimizer_states[0]["optimizer"]["state"]) == len(list(single.student.parameters()))
 
-    # Weight sync from the gathered FSDP state: the rollout engine's logits equal the actor's.
+    # The bucketed gather: the same tensors as the full gather, tied ones once, each bucket within its bound.
+    assert_buckets_bounded(buckets, bucket_bytes)
+    assert len(buckets) > 2
+    streamed = {name: tensor for bucket in buckets for name, tensor in bucket}
+    assert set(states[0]) - set(streamed) <= {"lm_head.weight"}
+    for name, tensor in streamed.items():
+        assert torch.equal(tensor, states[0][name]), name
+
+    # Weight sync from the bucket stream of the FSDP shards: the rollout engine's logits equal the actor's.
     engine = HFRolloutEngine(str(tiny_model_dir))
-    engine.update_weights(states[0].items())
+    engine.update_weights(drain(buckets))
     ids = torch.tensor([[1, 400, 2000, 30, 77, 9]])
     with torch.no_grad():
         torch.testing.assert_close(engine.model(ids).logits, single.student.lm(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_in_process_buckets_are_the_live_weights_within_the_bound(tiny_model_dir):
+    """No copy: every streamed tensor shares storage with the actor's parameter; together they are the state dict."""
+    from pcsd_core.workers import InProcessWorkers
+
+    actor = Actor(config(), str(tiny_model_dir))
+    workers = InProcessWorkers(actor)
+    full = actor.full_state_dict()
+    for bucket_bytes in (1, 2**16, 2**40):
+        buckets = list(workers.iter_state_dict_buckets("student", bucket_bytes))
+        assert_buckets_bounded(buckets, bucket_bytes)
+        streamed = dict(pair for bucket in buckets for pair in bucket)
+        assert set(full) - set(streamed) <= {"lm_head.weight"} and set(streamed) <= set(full)
+        for name, tensor in streamed.items():
+            assert tensor.data_ptr() == full[name].data_ptr(), name
+    assert len(list(workers.iter_state_dict_buckets("student", 1))) == len(streamed)  # one tensor per bucket
+    assert len(list(workers.iter_state_dict_buckets("student", 2**40))) == 1
+    with pytest.raises(ValueError, match="teacher_mode 'live' keeps no teacher"):
+        list(workers.iter_state_dict_buckets("teacher", 2**20))
 
 
 def test_distiller_runs_with_ray_workers(tiny_model_dir, gsm8k_dir, tmp_path, ray_session):
@@ -98,6 +135,7 @@ def test_distiller_runs_with_ray_workers(tiny_model_dir, gsm8k_dir, tmp_path, ra
         "model.name": str(tiny_model_dir), "rollout.n": 2, "rollout.max_response_tokens": 4,
         "train.prompts_per_step": 2, "train.mini_batch_size": 4, "train.micro_batch_size": 2,
         "train.total_training_steps": 1, "train.use_ray": True, "train.num_workers": 2, "train.device": "cpu",
+        "train.weight_sync_bucket_mb": 1,
         "train.output_dir": str(tmp_path / "run")})
     distiller = Distiller(cfg, prepared.train_path)
     try:
