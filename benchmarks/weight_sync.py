@@ -85,7 +85,8 @@ def run_case(path: str, workers: str, bucket_mb: int) -> dict:
 
     from pcsd_core.config import PCSDConfig
     from pcsd_core.rollout.hf import HFRolloutEngine
-    from pcsd_core.workers import InProcessWorkers, drain, launch_train_workers, unique_state_items
+    from pcsd_core.weight_sync import drain, unique_state_items
+    from pcsd_core.workers import InProcessWorkers, launch_train_workers
 
     torch.set_num_threads(1)
     train = {"device": "cpu", "prompts_per_step": 2, "mini_batch_size": 4, "micro_batch_size": 2}

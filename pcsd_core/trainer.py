@@ -38,7 +38,8 @@ from pcsd_core.models import check_context_length, load_tokenizer, resolve_devic
 from pcsd_core.prompts import build_prompt_pair
 from pcsd_core.rollout import create_rollout_engine
 from pcsd_core.rollout.base import SamplingParams
-from pcsd_core.workers import TrainWorkers, build_train_workers, drain, peak_memory_mb
+from pcsd_core.weight_sync import drain
+from pcsd_core.workers import TrainWorkers, build_train_workers, peak_memory_mb
 
 SAMPLES_PER_STEP = 4  # responses written to samples/step_*.jsonl
 

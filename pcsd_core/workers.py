@@ -25,13 +25,14 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 
 from pcsd_core.actor import Actor, full_tensor
 from pcsd_core.batch import RolloutBatch, TeacherOutputs, UpdateStats
 from pcsd_core.config import PCSDConfig
+from pcsd_core.weight_sync import bucket_named_tensors, tensor_to_wire, unique_state_items, wire_to_tensor
 
 # Bounds on waiting for Ray workers, so that nothing hangs until a job's wall-clock limit: a collective whose
 # peer died fails after COLLECTIVE_TIMEOUT_S; a call none of whose ranks died but that has not answered fails
@@ -140,56 +141,6 @@ def _module(actor: Actor, which: str):
         raise ValueError(f"no {which!r} weights: train.teacher_mode {actor.cfg.train.teacher_mode!r} keeps no "
                          "teacher copy; ask for 'student'.")
     return module
-
-
-def unique_state_items(lm: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) of `lm`'s state dict without copying, each tied tensor once (the engines re-tie)."""
-    seen: set[int] = set()
-    for name, tensor in lm.state_dict(keep_vars=True).items():  # keep_vars: tied aliases are one object
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            yield name, tensor.detach()
-
-
-def bucket_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]],
-                         bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Consecutive lists of (name, tensor) of at most `bucket_bytes` (global size); a bigger tensor goes alone."""
-    bucket, size = [], 0
-    for name, tensor in named_tensors:
-        tensor_bytes = tensor.numel() * tensor.element_size()  # a DTensor reports its global shape
-        if bucket and size + tensor_bytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += tensor_bytes
-    if bucket:
-        yield bucket
-
-
-def tensor_to_wire(name: str, tensor: torch.Tensor) -> tuple[str, Any, str]:
-    """(name, numpy array, torch dtype name); bfloat16 travels as int16 bits (numpy has no bfloat16)."""
-    tensor = tensor.cpu()
-    if tensor.dtype == torch.bfloat16:
-        return name, tensor.view(torch.int16).numpy(), "bfloat16"
-    return name, tensor.numpy(), str(tensor.dtype).removeprefix("torch.")
-
-
-def wire_to_tensor(item: tuple[str, Any, str]) -> tuple[str, torch.Tensor]:
-    import warnings
-
-    name, array, dtype = item
-    with warnings.catch_warnings():  # the object store's arrays are read-only; the engines only read them
-        warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.from_numpy(array)
-    return name, tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
-
-
-def drain(buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The (name, tensor) pairs of `buckets`, each let go once consumed: about one bucket alive at a time."""
-    for bucket in buckets:
-        bucket.reverse()
-        while bucket:
-            yield bucket.pop()
 
 
 def peak_memory_mb(device: torch.device) -> float:

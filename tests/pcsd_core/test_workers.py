@@ -11,7 +11,7 @@ import torch
 from pcsd_core.actor import Actor
 from pcsd_core.batch import RolloutBatch, TeacherOutputs
 from pcsd_core.config import PCSDConfig
-from pcsd_core.workers import drain
+from pcsd_core.weight_sync import drain
 
 ray = pytest.importorskip("ray")
 
