@@ -57,7 +57,8 @@ def test_from_yaml_reads_a_file_and_applies_overrides(tmp_path):
         ({}, {"train.lr": "fast"}, "train.lr ('fast') must be a number"),
         ({}, {"rollout.n": 2.5}, "rollout.n (2.5) must be a whole number"),
         ({}, {"loss.divergence": "kl"}, "loss.divergence ('kl') must be one of ['forward_kl', 'reverse_kl', 'jsd']"),
-        ({}, {"data.privileged_context": "hint"}, "data.privileged_context ('hint') must be 'solution', 'answer_only' or 'column:<name>'"),
+        ({}, {"data.privileged_context": "hint"}, "data.privileged_context ('hint') must be one of ['solution', 'answer_only', 'shuffled', 'generic_hint'] or 'column:<name>'"),
+        ({}, {"data.shuffle_seed": -1}, "data.shuffle_seed (-1) must be a whole number >= 0"),
         ({}, {"data.teacher_template": "{question}"}, "data.teacher_template must contain {context}"),
     ],
 )
