@@ -137,7 +137,9 @@ class HFRolloutEngine:
             answered.update(row for row, stop in zip(running, stopped) if stop)
             if step + 1 == sampling.max_new_tokens:
                 break
-            finished = torch.isin(tokens, eos) | torch.tensor(stopped, dtype=torch.bool, device=tokens.device)
+            finished = torch.isin(tokens, eos)
+            if any(stopped):
+                finished |= torch.tensor(stopped, dtype=torch.bool, device=tokens.device)
             if finished.any():
                 keep = (~finished).nonzero().squeeze(1)
                 if len(keep) == 0:
