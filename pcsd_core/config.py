@@ -30,6 +30,10 @@ DEFAULT_TEACHER_TEMPLATE = (
     "Now answer the question yourself."
 )
 GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
+# The `generic_hint` control's context: advice any question could get, holding no part of a solution.
+GENERIC_HINT = "Work carefully step by step, check each calculation, and end with '#### <number>'."
+# Named privileged contexts (besides "column:<name>"); DataConfig.privileged_context documents each.
+PRIVILEGED_CONTEXTS = ("solution", "answer_only", "shuffled", "generic_hint")
 
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
@@ -97,9 +101,20 @@ class DataConfig:
     # Hugging Face dataset id and config used when `path` is empty.
     hub_name: str = "openai/gsm8k"
     hub_config: str = "main"
-    # Privileged context: "solution" (the worked solution), "answer_only" (the final number), or
-    # "column:<name>" (a column of the user's dataset).
+    # Privileged context, put into the teacher prompt through `teacher_template` (the same template for every
+    # choice, so an experiment's arms differ only in the context):
+    #   "solution"     the question's own worked solution (the treatment);
+    #   "answer_only"  the question's final number only;
+    #   "shuffled"     control arm: the worked solution of a DIFFERENT question of the same split, by a seeded
+    #                  random derangement (`shuffle_seed`); no row ever gets its own solution, though it can get
+    #                  an identical text when two questions share one. Tests whether the right solution matters
+    #                  or any worked solution helps (OP^2SD reports the latter);
+    #   "generic_hint" control arm: no solution, only GENERIC_HINT (top of this module), the same for every question. Tests
+    #                  whether the teacher's gain comes from the question's solution or from a prompted format;
+    #   "column:<name>" a column of the user's dataset.
     privileged_context: str = "solution"
+    # Seed of the `shuffled` derangement (>= 0); the same seed and rows give the same pairing.
+    shuffle_seed: int = 0
     # Column mapping for datasets whose columns are not GSM8K's `question` / `answer`.
     question_column: str = "question"
     answer_column: str = "answer"
@@ -126,9 +141,13 @@ class DataConfig:
         _require_text("data.data_source", self.data_source)
         ctx = self.privileged_context
         _require(
-            ctx in ("solution", "answer_only") or (ctx.startswith("column:") and len(ctx) > 7),
-            f"data.privileged_context ({ctx!r}) must be 'solution', 'answer_only' or 'column:<name>'; "
+            ctx in PRIVILEGED_CONTEXTS or (ctx.startswith("column:") and len(ctx) > 7),
+            f"data.privileged_context ({ctx!r}) must be one of {list(PRIVILEGED_CONTEXTS)} or 'column:<name>'; "
             "for example 'column:hint' for a dataset with a `hint` column.",
+        )
+        _require(
+            isinstance(self.shuffle_seed, int) and self.shuffle_seed >= 0,
+            f"data.shuffle_seed ({self.shuffle_seed!r}) must be a whole number >= 0; for example 0.",
         )
         for placeholder in ("{question}", "{context}"):
             _require(
@@ -333,6 +352,12 @@ class EvalConfig:
     num_examples: int = 16
     max_new_tokens: int = 256
     batch_size: int = 16
+    # Stop each answer at the end of its first `#### <number>` line (the line's newline; EOS and max_new_tokens
+    # still apply), as lm-evaluation-harness stops at its stop sequences. Faster (no tokens spent after the
+    # answer, e.g. `#### 16` repeated) and the strict answer is then the FIRST answer line: the response ends
+    # there, so scoring's last-`####` rule reads that line. false = decode to EOS / max_new_tokens and score
+    # the last `####` line (verl's convention).
+    stop_at_answer: bool = True
 
     def __post_init__(self) -> None:
         _check_field_types(self, "eval")

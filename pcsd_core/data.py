@@ -1,6 +1,6 @@
 """Dataset preparation: GSM8K (hub or local folder) -> parquet in verl's RL schema, with privileged context.
 
-    from pcsd_core.config import DataConfig
+    from pcsd_core.config import GENERIC_HINT, DataConfig
     from pcsd_core.data import prepare_dataset, load_prompt_records
     prepared = prepare_dataset(DataConfig(path="../shared/data/gsm8k", max_train_rows=64), "outputs/data")
     records = load_prompt_records(prepared.train_path)      # list[PromptRecord]
@@ -21,8 +21,10 @@ users can reuse them as they are:
 
 `index` is the row's position in its split (after `max_*_rows` slicing); `id` is the `id_column` value as
 a string (the row position when there is none). The privileged context is chosen by
-`data.privileged_context`: `solution` (the full answer text), `answer_only` (the final number) or
-`column:<name>`.
+`data.privileged_context`: `solution` (the full answer text), `answer_only` (the final number), the control
+arms `shuffled` (another question's solution, a seeded derangement of the split) and `generic_hint` (the same
+solution-free hint for every question), or `column:<name>`. `extra_info.answer` always keeps the row's own
+solution (`load_solutions` reads it back, e.g. for the held-out KL whose teacher sees the true solution).
 
 Every row of both splits is validated before anything is written, and the files are written to temporary
 names and renamed, so a failing run leaves an earlier good output untouched. Errors are
@@ -47,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pcsd_core.config import DataConfig
+from pcsd_core.config import GENERIC_HINT, DataConfig
 from pcsd_core.prompts import build_prompt_pair, build_student_messages
 from pcsd_core.scoring import extract_answer, normalize_number
 
@@ -221,6 +223,8 @@ def build_rows(raw: RawSplit, split: str, data_cfg: DataConfig, max_rows: int = 
             )
         first_row_of_id[row_id] = index
         rows.append(row)
+    if data_cfg.privileged_context == "shuffled":
+        _assign_shuffled_contexts(rows, raw.source, data_cfg.shuffle_seed)
     _warn_about_duplicate_questions(rows, raw.source, split)
     return rows
 
@@ -298,11 +302,15 @@ def parse_final_answer(answer: str) -> str | None:
 
 
 def _privileged_context(raw_row: dict[str, Any], answer: str, ground_truth: str, where: str, cfg: DataConfig) -> str:
+    """The row's context; for `shuffled` its own solution, replaced by `_assign_shuffled_contexts` once the
+    whole split is built (the derangement needs every row)."""
     template = cfg.privileged_context
-    if template == "solution":
+    if template in ("solution", "shuffled"):
         return answer
     if template == "answer_only":
         return ground_truth
+    if template == "generic_hint":
+        return GENERIC_HINT
     column = template.removeprefix("column:")
     context = _text_field(raw_row, column, where, f"data.privileged_context ('column:<name>', now {template!r})")
     if not context:
@@ -311,6 +319,34 @@ def _privileged_context(raw_row: dict[str, Any], answer: str, ground_truth: str,
             f"{template!r}), so every row needs one."
         )
     return context
+
+
+def derangement(size: int, seed: int) -> list[int]:
+    """A uniformly random permutation of range(size) with no fixed point (`result[i] != i`), fixed by `seed`.
+
+    Rejection sampling: a random permutation is a derangement with probability ~1/e, so about e draws are
+    needed; the generator's stream makes the result a function of (size, seed) only.
+    """
+    if size < 2:
+        raise ValueError(f"a derangement needs at least 2 items (got {size}): one item can only map to itself.")
+    generator = np.random.default_rng(seed)
+    identity = np.arange(size)
+    while True:
+        permutation = generator.permutation(size)
+        if not np.any(permutation == identity):
+            return permutation.tolist()
+
+
+def _assign_shuffled_contexts(rows: list[dict[str, Any]], source: str, seed: int) -> None:
+    """Give row i the solution of row `derangement[i]` (never its own row), in place."""
+    if len(rows) < 2:
+        raise DataValidationError(
+            f"{source}: data.privileged_context 'shuffled' gives each question another question's solution, so "
+            f"the split needs at least 2 rows (it has {len(rows)}); raise data.max_*_rows or use 'solution'."
+        )
+    solutions = [row["extra_info"]["answer"] for row in rows]
+    for row, donor in zip(rows, derangement(len(rows), seed)):
+        row["extra_info"]["privileged_context"] = solutions[donor]
 
 
 # ---- writing and reading back ---------------------------------------------------------------------
@@ -345,6 +381,21 @@ def load_prompt_records(parquet_path: str | Path) -> list[PromptRecord]:
     if not rows:
         raise DataValidationError(f"{path} holds no rows; prepare the data again.")
     return [_prompt_record(row, path, index) for index, row in enumerate(rows)]
+
+
+def load_solutions(parquet_path: str | Path) -> list[str]:
+    """Each row's own worked solution (`extra_info.answer`), in file order, whatever the privileged context.
+
+    The held-out KL's teacher sees the true solution even in a control arm's data (`shuffled`, `generic_hint`).
+    """
+    path = Path(parquet_path)
+    if not path.is_file():
+        raise DataValidationError(f"{path} does not exist; prepare the data first (steps/preprocess.py).")
+    rows = pq.read_table(path, columns=["extra_info"]).column("extra_info").to_pylist()
+    missing = [index for index, extra_info in enumerate(rows) if not (extra_info or {}).get("answer")]
+    if missing:
+        raise DataValidationError(f"{path}: rows {missing[:5]} have no extra_info.answer; prepare the data again.")
+    return [extra_info["answer"] for extra_info in rows]
 
 
 def _prompt_record(row: dict[str, Any], path: Path, index: int) -> PromptRecord:

@@ -29,7 +29,9 @@ from typing import Any
 from pcsd_core.config import PCSDConfig
 from pcsd_core.presets import Preset, load_preset, parse_overrides, parse_sweep, read_preset_text
 
-HUB_DATA = "hub"  # `--data-path hub` loads the hub dataset even when DATA_PATH is set
+HUB_DATA = "hub"
+# Data fields that only shape the teacher prompt (what the base-model evaluation never sees).
+TEACHER_ONLY = frozenset({"privileged_context", "shuffle_seed", "teacher_template"})  # `--data-path hub` loads the hub dataset even when DATA_PATH is set
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,14 @@ class Branch:
 
     @property
     def base_model_key(self) -> str:
-        """Branches with the same model, data and eval settings share one base-model evaluation."""
-        config = self.config
-        return _digest({section: dataclasses.asdict(getattr(config, section)) for section in ("model", "data", "eval")})
+        """Branches with the same model, test questions and eval settings share one base-model evaluation.
+
+        The base model sees student prompts only, so the teacher's side of the data section (the privileged
+        context and its template) does not change its evaluation: control arms share the base model's.
+        """
+        data = {key: value for key, value in dataclasses.asdict(self.config.data).items() if key not in TEACHER_ONLY}
+        return _digest({"model": dataclasses.asdict(self.config.model), "data": data,
+                        "eval": dataclasses.asdict(self.config.eval)})
 
 
 @dataclass

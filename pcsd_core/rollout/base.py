@@ -27,6 +27,10 @@ class SamplingParams:
     max_new_tokens: int = 256
     # Seed for this call's sampling; engines derive per-sample seeds from it so runs are reproducible.
     seed: int | None = None
+    # Stop a response at the end of its first `#### <number>` line (the token holding the line's newline is
+    # the last one; EOS and max_new_tokens still apply); such responses are `finished`. For evaluation: the
+    # strict answer of a stopped response is then its first answer line (see rollout/answer_stop.py).
+    stop_at_answer: bool = False
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -43,7 +47,9 @@ class Generation:
 
     prompt_index: int  # index into the `prompt_ids` list given to `generate`
     response_ids: list[int]  # sampled tokens, including the EOS token when one was produced
-    finished: bool  # True when the response ended with EOS, False when cut at max_new_tokens
+    # True when the response ended with EOS (or, with stop_at_answer, its first answer line); False when cut
+    # at max_new_tokens
+    finished: bool
 
 
 class RolloutEngine(Protocol):

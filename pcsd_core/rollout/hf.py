@@ -17,7 +17,9 @@ prefilled once and its KV cache repeated for its `n` samples (generate would run
 rows that finished are dropped from the batch (generate keeps decoding padding until the longest row
 ends); and sampling is an inverse-CDF draw from a seeded generator (`sampling.py`), exact and cheaper
 than `torch.multinomial` over a 49k vocabulary. Only the given SamplingParams shape the distribution: a
-checkpoint's generation_config (a hub default top_k, a repetition penalty) is never applied.
+checkpoint's generation_config (a hub default top_k, a repetition penalty) is never applied. With
+`SamplingParams.stop_at_answer` a row also leaves the batch once it completes its first `#### <number>` line
+(`answer_stop.py`; the tokenizer is loaded on first use to read token texts).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from collections.abc import Iterable
 
 import torch
 
-from pcsd_core.models import DTYPES, load_model
+from pcsd_core.models import DTYPES, load_model, load_tokenizer
+from pcsd_core.rollout.answer_stop import AnswerLineStop, TokenTexts
 from pcsd_core.rollout.base import Generation, SamplingParams, merge_eos_token_ids
 from pcsd_core.rollout.sampling import next_tokens
 
@@ -51,6 +54,8 @@ class HFRolloutEngine:
             raise ValueError(f"HFRolloutEngine dtype ({dtype!r}) must be one of {sorted(DTYPES)}.")
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self._model_source = (model_path, trust_remote_code)  # for the tokenizer, loaded only for stop_at_answer
+        self._token_texts: TokenTexts | None = None
         self.model = load_model(
             model_path,
             dtype=dtype,
@@ -108,7 +113,8 @@ class HFRolloutEngine:
 
     def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, copies: int, sampling: SamplingParams,
                 generator: torch.Generator | None) -> list[tuple[list[int], bool]]:
-        """Prefill the prompts once, then decode `copies` rows per prompt one token a step, dropping rows at EOS."""
+        """Prefill the prompts once, then decode `copies` rows per prompt one token a step, dropping rows at EOS
+        (and, with `sampling.stop_at_answer`, rows that completed their first answer line)."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
@@ -123,13 +129,20 @@ class HFRolloutEngine:
         eos = torch.tensor(self.eos_token_ids, device=self.device)
         responses: list[list[int]] = [[] for _ in range(len(logits))]
         running = list(range(len(logits)))  # which response each batch row extends
+        answer_stop = AnswerLineStop(self._token_text, len(logits)) if sampling.stop_at_answer else None
+        answered: set[int] = set()  # responses stopped at their first answer line
         for step in range(sampling.max_new_tokens):
             tokens = next_tokens(logits, temperature=sampling.temperature, top_p=sampling.top_p, generator=generator)
-            for row, token in zip(running, tokens.tolist()):
+            token_list = tokens.tolist()
+            for row, token in zip(running, token_list):
                 responses[row].append(token)
+            stopped = answer_stop.update(running, token_list) if answer_stop else [False] * len(running)
+            answered.update(row for row, stop in zip(running, stopped) if stop)
             if step + 1 == sampling.max_new_tokens:
                 break
             finished = torch.isin(tokens, eos)
+            if any(stopped):
+                finished |= torch.tensor(stopped, dtype=torch.bool, device=tokens.device)
             if finished.any():
                 keep = (~finished).nonzero().squeeze(1)
                 if len(keep) == 0:
@@ -141,7 +154,14 @@ class HFRolloutEngine:
             logits = self.model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_position,
                                 use_cache=True, **cache_argument).logits[:, -1]
             next_position = next_position + 1
-        return [_trim_at_eos(response, self.eos_token_ids) for response in responses]
+        trimmed = [_trim_at_eos(response, self.eos_token_ids) for response in responses]
+        return [(ids, finished or row in answered) for row, (ids, finished) in enumerate(trimmed)]
+
+    def _token_text(self, token_id: int) -> str:
+        if self._token_texts is None:
+            model_path, trust_remote_code = self._model_source
+            self._token_texts = TokenTexts(load_tokenizer(model_path, trust_remote_code=trust_remote_code))
+        return self._token_texts(token_id)
 
     # ---- weight sync and memory ---------------------------------------------------------------
 

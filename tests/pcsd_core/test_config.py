@@ -88,7 +88,8 @@ def test_from_yaml_reads_a_file_and_applies_overrides(tmp_path):
         ({}, {"train.lr": "fast"}, "train.lr ('fast') must be a number"),
         ({}, {"rollout.n": 2.5}, "rollout.n (2.5) must be a whole number"),
         ({}, {"loss.divergence": "kl"}, "loss.divergence ('kl') must be one of ['forward_kl', 'reverse_kl', 'jsd']"),
-        ({}, {"data.privileged_context": "hint"}, "data.privileged_context ('hint') must be 'solution', 'answer_only' or 'column:<name>'"),
+        ({}, {"data.privileged_context": "hint"}, "data.privileged_context ('hint') must be one of ['solution', 'answer_only', 'shuffled', 'generic_hint'] or 'column:<name>'"),
+        ({}, {"data.shuffle_seed": -1}, "data.shuffle_seed (-1) must be a whole number >= 0"),
         ({}, {"data.teacher_template": "{question}"}, "data.teacher_template must contain {context}"),
     ],
 )
@@ -163,3 +164,19 @@ def test_shared_prompt_prefix_needs_an_attention_that_takes_a_4d_mask():
         PCSDConfig.from_dict(flash)
     assert not PCSDConfig.from_dict({**flash, "train": {"share_prompt_prefix": False}}).train.share_prompt_prefix
     assert PCSDConfig.from_dict({"model": {"attn_implementation": "eager"}}).train.share_prompt_prefix
+
+
+def test_evidence_preset_arms_differ_only_in_the_privileged_context():
+    """configs/evidence_cpu_smollm2.yaml: the three arms share seed, data, steps and eval; >= 200 test questions."""
+    from steps.plan import parse_preset, plan_run
+
+    raw = parse_preset((CONFIGS_DIR / "evidence_cpu_smollm2.yaml").read_text())
+    plan = plan_run(raw, flow_run_id="1", env={})
+    configs = [branch.config for branch in plan.branches]
+    assert [cfg.data.privileged_context for cfg in configs] == ["solution", "answer_only", "shuffled"]
+    flat = [cfg.to_flat_dict() for cfg in configs]
+    differing = {key for key in flat[0] if len({str(f[key]) for f in flat}) > 1}
+    assert differing == {"data.privileged_context", "train.output_dir"}
+    cfg = configs[0]
+    assert cfg.eval.num_examples >= 200 and cfg.data.max_test_rows >= cfg.eval.num_examples and cfg.eval.stop_at_answer
+    assert cfg.data.max_train_rows >= cfg.train.total_training_steps * cfg.train.prompts_per_step

@@ -387,3 +387,78 @@ def test_an_unreachable_hub_is_reported_in_seconds_with_the_local_alternative(mo
     with pytest.raises(HubUnreachableError, match=r"hub \(127\.0\.0\.1:9\) is unreachable .* --data-path"):
         load_raw_splits(DataConfig(path=""))
     assert time.perf_counter() - started < 10
+
+
+# ---- control arms: shuffled and generic_hint ----------------------------------------------------------
+
+
+def _shuffled_rows(rows: list[dict], seed: int, folder: Path) -> list[dict]:
+    """The prepared train rows of `rows` under privileged_context 'shuffled'."""
+    write_split(folder, "train", rows)
+    write_split(folder, "test", gsm8k_rows(2))
+    prepared = prepare_dataset(DataConfig(path=str(folder), privileged_context="shuffled", shuffle_seed=seed), folder / "out")
+    return pq.read_table(prepared.train_path).to_pylist()
+
+
+def test_shuffled_context_is_never_the_question_own_solution(gsm8k_dir, tmp_path):
+    """Over 300 real GSM8K rows plus two questions sharing one solution text: each teacher gets another
+    row's solution; its own text only where another question has the very same solution."""
+    rows = [json.loads(line) for line in (gsm8k_dir / "train.jsonl").read_text().splitlines()[:300]]
+    rows.append({"question": "A twin question?", "answer": rows[0]["answer"]})  # shares row 0's solution
+    prepared = _shuffled_rows(rows, seed=0, folder=tmp_path / "data")
+    own = [row["answer"].strip() for row in rows]
+    contexts = [row["extra_info"]["privileged_context"] for row in prepared]
+    assert [row["extra_info"]["answer"] for row in prepared] == own  # the true solution is kept beside it
+    assert sorted(contexts) == sorted(own)  # a permutation of the split's solutions
+    for index, context in enumerate(contexts):
+        if context == own[index]:
+            assert own.count(context) >= 2, f"row {index} got its own solution"
+    donors = [own.index(context) for context in contexts]
+    assert sum(donor == index for index, donor in enumerate(donors)) <= 2  # at most the twins can look self-paired
+
+
+def test_shuffled_context_is_deterministic_for_a_seed_and_changes_with_it(tmp_path):
+    rows = gsm8k_rows(50)
+    first = _shuffled_rows(rows, seed=3, folder=tmp_path / "a")
+    again = _shuffled_rows(rows, seed=3, folder=tmp_path / "b")
+    other = _shuffled_rows(rows, seed=4, folder=tmp_path / "c")
+    contexts = lambda prepared: [row["extra_info"]["privileged_context"] for row in prepared]  # noqa: E731
+    assert contexts(first) == contexts(again)
+    assert contexts(first) != contexts(other)
+    for prepared in (first, other):
+        assert all(c != r["answer"] for c, r in zip(contexts(prepared), rows))
+
+
+def test_derangement_has_no_fixed_point_and_is_uniform_enough():
+    from pcsd_core.data import derangement
+
+    for size in (2, 3, 7, 100):
+        for seed in range(20):
+            result = derangement(size, seed)
+            assert sorted(result) == list(range(size)) and all(result[i] != i for i in range(size))
+    # Size 3 has exactly two derangements, (1, 2, 0) and (2, 0, 1): both must come up across seeds.
+    assert {tuple(derangement(3, seed)) for seed in range(50)} == {(1, 2, 0), (2, 0, 1)}
+    with pytest.raises(ValueError, match="at least 2 items"):
+        derangement(1, 0)
+
+
+def test_shuffled_needs_two_rows_per_split(small_dir, tmp_path):
+    with pytest.raises(DataValidationError, match=matches("privileged_context 'shuffled'", "at least 2 rows (it has 1)")):
+        prepare_dataset(DataConfig(path=str(small_dir), privileged_context="shuffled", max_test_rows=1), tmp_path / "out")
+
+
+def test_generic_hint_context_holds_no_solution(small_dir, tmp_path):
+    from pcsd_core.config import GENERIC_HINT
+
+    prepared = prepare_dataset(DataConfig(path=str(small_dir), privileged_context="generic_hint"), tmp_path / "out")
+    records = load_prompt_records(prepared.train_path)
+    assert [r.privileged_context for r in records] == [GENERIC_HINT] * 4
+    assert not any(char.isdigit() for char in GENERIC_HINT)  # no number of any answer leaks in
+
+
+def test_load_solutions_reads_the_true_solution_in_a_control_arm(small_dir, tmp_path):
+    from pcsd_core.data import load_solutions
+
+    prepared = prepare_dataset(DataConfig(path=str(small_dir), privileged_context="shuffled"), tmp_path / "out")
+    assert load_solutions(prepared.test_path) == [row["answer"] for row in gsm8k_rows(2)]
+    assert [r.privileged_context for r in load_prompt_records(prepared.test_path)] == [row["answer"] for row in gsm8k_rows(2)][::-1]

@@ -116,3 +116,13 @@ def test_cli_sweep_replaces_the_preset_sweep_and_branches_get_own_output_dirs():
     assert len(output_dirs) == 2 and all(Path(d).is_absolute() and "/5/" in d for d in output_dirs)
     assert plan.branches[0].data_key == plan.branches[1].data_key  # one preprocessed dataset
     assert plan.branches[0].base_model_key == plan.branches[1].base_model_key  # one base-model evaluation
+
+
+def test_control_arms_share_one_base_model_evaluation_but_not_their_data():
+    raw = parse_preset((REPO_ROOT / "configs" / "cpu_smollm2.yaml").read_text())
+    plan = plan_run(raw, flow_run_id="1", env={}, sweep='{"data.privileged_context": ["solution", "shuffled"]}')
+    first, second = plan.branches
+    assert first.data_key != second.data_key  # the teacher prompts differ
+    assert first.base_model_key == second.base_model_key  # the student prompts (all the base model sees) do not
+    other_model = plan_run(raw, flow_run_id="1", env={}, sweep='{"eval.max_new_tokens": [64, 128]}')
+    assert other_model.branches[0].base_model_key != other_model.branches[1].base_model_key
