@@ -12,7 +12,8 @@ Reliability (issue 16):
 - `check_tracking_server` probes an http(s) tracking URI in seconds, so a server that is not there fails the
   start step with one line instead of after MLflow's ~4 minutes of HTTP retries.
 - `client()` retries a call that SQLite refused with `database is locked` (parallel sweep branches share one
-  SQLite file), with bounded, jittered backoff.
+  SQLite file), with bounded, jittered backoff, and creates a new SQLite store's schema under a file lock:
+  MLflow's migrations are not safe from several processes at once.
 - `MetricLogger` keeps the metrics it could not send, warns once, and sends them on its next call or `flush`,
   so a server that goes down mid-run costs no training step and no metric.
 - `open_run(run_id, end=False)` reopens a run without ending it: the parent run stays RUNNING until the end
@@ -23,10 +24,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import functools
+import hashlib
 import logging
 import os
 import random
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -118,8 +122,25 @@ class LockRetryingClient:
         return functools.partial(retry_when_locked, attribute)
 
 
+_READY_STORES: set[str] = set()
+
+
+def ensure_sqlite_store(uri: str) -> None:
+    """Create a SQLite store's tables once per process, one process at a time. MLflow migrates a new store on
+    first use; four processes doing it at once on a fresh file lost three runs to `duplicate column name`."""
+    path = uri.removeprefix("sqlite:///")
+    if not uri.startswith("sqlite:///") or path in ("", ":memory:") or uri in _READY_STORES:
+        return
+    lock_name = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+    with open(os.path.join(tempfile.gettempdir(), f"pcsd-mlflow-{lock_name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        retry_when_locked(MlflowClient(uri).search_experiments, max_results=1)
+    _READY_STORES.add(uri)
+
+
 def setup_tracking(experiment: str = DEFAULT_EXPERIMENT) -> str:
     """Point MLflow at the tracking store and experiment; return the experiment id."""
+    ensure_sqlite_store(tracking_uri())
     mlflow.set_tracking_uri(tracking_uri())
     found = retry_when_locked(mlflow.set_experiment, os.environ.get("MLFLOW_EXPERIMENT_NAME", experiment))
     return found.experiment_id
@@ -127,6 +148,7 @@ def setup_tracking(experiment: str = DEFAULT_EXPERIMENT) -> str:
 
 def client() -> MlflowClient:
     """The tracking store's client; calls refused by a locked SQLite file are retried."""
+    ensure_sqlite_store(tracking_uri())
     return LockRetryingClient(MlflowClient(tracking_uri=tracking_uri()))  # type: ignore[return-value]
 
 
