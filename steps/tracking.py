@@ -84,8 +84,8 @@ def check_tracking_server(uri: str | None = None, timeout_s: float = PROBE_TIMEO
     except (OSError, ValueError) as error:  # URLError, refused, timeout, bad host
         reason = getattr(error, "reason", error)
         raise TrackingServerUnreachableError(
-            f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) did not answer within {timeout_s:g}s ({reason}); "
-            f"start it (mlflow server --host <host> --port <port>) or unset MLFLOW_TRACKING_URI to use the local "
+            f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable ({reason}; probe timeout "
+            f"{timeout_s:g}s); start it (mlflow server --host <host> --port <port>) or unset MLFLOW_TRACKING_URI to use the local "
             f"SQLite store {default_tracking_uri()}."
         ) from None
 

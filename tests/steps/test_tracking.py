@@ -194,7 +194,8 @@ def _write_branch(args: tuple[str, str, int]) -> str:
     """One sweep branch in its own process: a child run and WORKER_STEPS batches of WORKER_KEYS metrics."""
     uri, parent_run_id, branch = args
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    run_id = tracking.start_child_run(parent_run_id, f"branch-{branch}", "9", f"PCSDFlow/9/distill/{branch}", {"b": branch})
+    pathspec = f"PCSDFlow/9/distill/{branch}"
+    run_id = tracking.start_child_run(parent_run_id, f"branch-{branch}", "9", pathspec, {"b": branch})
     log_metrics = tracking.metric_logger(run_id)
     for step in range(WORKER_STEPS):
         log_metrics({f"m{key}": branch * 1e6 + step * 10 + key for key in range(WORKER_KEYS)}, step)
