@@ -88,7 +88,10 @@ def _mark_parent(parent_run_id: str, status: str) -> None:
     try:
         from steps import tracking
 
-        tracking.set_run_status(parent_run_id, status)
+        if status == "RUNNING":
+            tracking.set_run_status(parent_run_id, status)
+        else:
+            tracking.mark_failed(parent_run_id, status)  # a run that already ended keeps its status
     except Exception as error:  # the tracking server may be the problem; the step's own error matters more
         print(f"warning: could not mark MLflow run {parent_run_id} {status}: {error}", file=sys.stderr)
 

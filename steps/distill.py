@@ -46,13 +46,15 @@ def distill(branch: Branch, *, parent_run_id: str, flow_run_id: str, pathspec: s
     with tracking.open_run(run_id):
         mlflow.log_text(cfg.to_yaml(), "config/resolved_config.yaml")
         mlflow.log_dict(branch.data_stats, "data/stats.json")
-        distiller = Distiller(cfg, branch.train_path, log_metrics=tracking.metric_logger(run_id))
+        log_metrics = tracking.metric_logger(run_id)  # buffers through a tracking-server outage
+        distiller = Distiller(cfg, branch.train_path, log_metrics=log_metrics)
         started = time.perf_counter()
         try:
             distiller.setup()
             result = distiller.train()
         finally:
             distiller.close()  # shuts Ray down even when training raised
+            log_metrics.flush()
         wall_s = time.perf_counter() - started
         history = [_plain_metrics(row) for row in result.history]
         output_dir = Path(cfg.train.output_dir)

@@ -53,7 +53,7 @@ def preprocess_branches(plan: RunPlan, parent_run_id: str) -> list[Branch]:
         if branch.data_key not in prepared:
             output_dir = Path(plan.output_root) / "data" / branch.data_key
             if not prepared:  # the parent run shows the first dataset's stats (one set of params per run)
-                with tracking.open_run(parent_run_id, system_metrics=False):
+                with tracking.open_run(parent_run_id, system_metrics=False, end=False):  # the end step finishes it
                     prepared[branch.data_key] = preprocess(branch.config, output_dir)
             else:
                 prepared[branch.data_key] = preprocess(branch.config, output_dir)
