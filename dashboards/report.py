@@ -1,7 +1,8 @@
 """Build one self-contained HTML report comparing the branches of a PCSD flow run, from MLflow.
 
-The page holds: a table of branches (best one marked), GSM8K accuracy before vs after per branch against the
-swept hyperparameters, training curves overlaid across branches, and a per-token view of one example coloured
+The page holds: a table of branches (best one marked) with each held-out metric's 95% interval and the paired
+test against the base model, the paired tests between every two branches (control arms), GSM8K accuracy before
+vs after per branch against the swept hyperparameters, training curves overlaid across branches, and a per-token view of one example coloured
 by the KL of each response token. Plots are inline SVG; the file has no external links, so it can be mailed,
 logged as an MLflow artifact or shown in a Metaflow card as is.
 
@@ -30,8 +31,15 @@ TABLE_METRICS = (
     (contract.eval_metric("before", _FLEXIBLE), "flexible before"),
     (contract.eval_metric("after", _FLEXIBLE), "flexible after"),
     (contract.eval_metric("delta", _FLEXIBLE), "flexible Δ"),
+    (contract.PAIRED_PREFIX + "strict/difference", "strict vs base (paired)"),
+    (contract.PAIRED_PREFIX + "strict/mcnemar_p", "McNemar p"),
+    (contract.eval_metric("after", "answer_format_rate"), "#### format after"),
+    (contract.eval_metric("after", "repetition_rate"), "repetition after"),
+    (contract.eval_metric("after", "heldout_kl"), "held-out KL after"),
     ("train/kl", "final train KL"),
 )
+PAIRED_COLUMNS = (("strict/difference", "strict A − B (95% CI)"), ("strict/mcnemar_p", "McNemar p (strict)"),
+                  ("flexible/difference", "flexible A − B (95% CI)"), ("flexible/mcnemar_p", "McNemar p (flexible)"))
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1300px; }
 h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.6em; }
@@ -65,7 +73,7 @@ def build_report(
     client = MlflowClient(tracking_uri=uri)
     sweep = load_sweep(client, experiment, flow_run_id=flow_run_id, parent_run_id=parent_run_id)
     example_branch, example = pick_example(client, sweep.branches, best_branch(sweep.branches))
-    page = render_page(sweep, example_branch, example)
+    page = render_page(sweep, example_branch, example, load_paired_tests(client, sweep.parent_run_id))
     path = Path(output_path) if output_path else Path("outputs/reports") / f"{sweep.parent_name}.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
@@ -88,7 +96,20 @@ def pick_example(
     return None, None
 
 
-def render_page(sweep: Sweep, example_branch: Branch | None, example: dict | None) -> str:
+def load_paired_tests(client: MlflowClient, parent_run_id: str) -> list[dict]:
+    """The end step's paired tests between branches (`eval/paired_tests.json` on the parent run), or []."""
+    import json
+    import tempfile
+
+    folder, _, name = contract.PAIRED_TESTS_ARTIFACT.rpartition("/")
+    if not any(item.path.endswith(name) for item in client.list_artifacts(parent_run_id, folder)):
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(parent_run_id, contract.PAIRED_TESTS_ARTIFACT, tmp)).read_text())
+
+
+def render_page(sweep: Sweep, example_branch: Branch | None, example: dict | None,
+                paired_tests: list[dict] | None = None) -> str:
     """The whole HTML document."""
     curves = plots.plot_training_curves(sweep.branches)
     curve_html = "".join(f'<figure class="curve">{svg}</figure>' for _, svg in curves)
@@ -102,6 +123,8 @@ def render_page(sweep: Sweep, example_branch: Branch | None, example: dict | Non
         f"{len(sweep.branches)} branch(es) · built {when}</p>",
         '<h2 id="branches">Branches</h2>',
         render_branch_table(sweep),
+        '<h2 id="paired">Paired tests between branches (same test questions)</h2>',
+        render_paired_tests(paired_tests or []),
         '<h2 id="eval">Evaluation: GSM8K accuracy before vs after</h2>',
         f'<figure id="eval-accuracy">{plots.plot_eval_accuracy(sweep.branches, sweep.varying_params)}</figure>',
         '<h2 id="curves">Training curves</h2>',
@@ -126,16 +149,38 @@ def render_branch_table(sweep: Sweep) -> str:
         is_best = branch is best
         name = html.escape(branch.name) + (" ★ best" if is_best else "")
         cells = [name, *(html.escape(branch.params.get(key, "")) for key in sweep.varying_params)]
-        cells += [_format(branch.metrics.get(metric)) for metric, _ in TABLE_METRICS]
+        cells += [_format_with_interval(branch.metrics, metric) for metric, _ in TABLE_METRICS]
         cells += [html.escape(branch.status), f'<span title="{branch.run_id}">{branch.run_id[:8]}</span>']
         row_class = ' class="best"' if is_best else ""
         rows.append(f"<tr{row_class}>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
-    note = f'<p class="meta">★ best = {contract.BEST_BRANCH_RULE}.</p>'
+    note = (f'<p class="meta">★ best = {contract.BEST_BRANCH_RULE}. [low, high] = 95% interval (Wilson for rates, '
+            "bootstrap for means, paired bootstrap for differences on the same questions).</p>")
     return f'<div class="table-wrap"><table id="branch-table">{"".join(rows)}</table></div>{note}'
 
 
 def _format(value: float | None) -> str:
     return "–" if value is None else f"{value:.4g}"
+
+
+def _format_with_interval(values: dict, name: str) -> str:
+    """`0.25 [0.1, 0.49]` when the metric has an interval (`<name>_low`, `<name>_high`), else the value."""
+    low, high = (values.get(name + suffix) for suffix in contract.INTERVAL_SUFFIXES)
+    text = _format(values.get(name))
+    return text if low is None or high is None else f'{text} <span class="ci">[{low:.3g}, {high:.3g}]</span>'
+
+
+def render_paired_tests(rows: list[dict]) -> str:
+    """One row per pair of branches: the accuracy difference A − B with its interval, and McNemar's p."""
+    if not rows:
+        return "<p>No paired tests: a flow run with one branch compares it with the base model only (table above).</p>"
+    header = ["A", "B", *(label for _, label in PAIRED_COLUMNS)]
+    lines = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for row in rows:
+        cells = [html.escape(row["a"]), html.escape(row["b"]), *(_format_with_interval(row, key) for key, _ in PAIRED_COLUMNS)]
+        lines.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    note = ('<p class="meta">A − B &gt; 0 means A answered more questions right. An interval that holds 0, or '
+            "p &ge; 0.05, is no evidence of a difference.</p>")
+    return f'<div class="table-wrap"><table id="paired-tests">{"".join(lines)}</table></div>{note}'
 
 
 def render_token_section(branch: Branch | None, example: dict | None) -> str:

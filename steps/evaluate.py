@@ -14,20 +14,21 @@ model; the base model is evaluated once per distinct (model, data, eval) setting
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pcsd_core.config import PCSDConfig
 from pcsd_core.rollout.base import RolloutEngine, SamplingParams
-from pcsd_core.tracking_contract import ACCURACY_METRICS, eval_metric
+from pcsd_core.tracking_contract import ACCURACY_METRICS, PAIRED_PREFIX, eval_metric
 from steps import tracking
 from steps.plan import Branch
 
 TABLE_COLUMNS = (
     "index", "question", "response", "extracted_strict", "extracted_flexible", "ground_truth", "correct_strict",
-    "correct_flexible",
+    "correct_flexible", "has_answer_line", "degenerate", "length_tokens", "truncated", "heldout_kl",
 )  # fmt: skip
+SCORE_FIELDS = ("correct_strict", "correct_flexible", "has_answer_line", "degenerate", "length_tokens", "truncated")
 
 
 @dataclass
@@ -37,11 +38,24 @@ class EvalResult:
     accuracy_strict: float
     accuracy_flexible: float
     examples: list[dict[str, Any]]  # one row per question, keys = TABLE_COLUMNS
+    # Held-out metrics with 95% intervals (`pcsd_core.eval_metrics.summarize_scores`) and the held-out KL.
+    summary: dict[str, float] = field(default_factory=dict)
 
     def metrics(self, phase: str) -> dict[str, float]:
-        """{'eval/<phase>/gsm8k_accuracy_strict': ..., 'eval/<phase>/gsm8k_accuracy_flexible': ...}"""
+        """`eval/<phase>/gsm8k_accuracy_strict` and `_flexible` (with `_low`/`_high` intervals), and the
+        held-out metrics `eval/<phase>/<name>` (`repetition_rate`, `heldout_kl`, ...)."""
         strict, flexible = ACCURACY_METRICS
-        return {eval_metric(phase, strict): self.accuracy_strict, eval_metric(phase, flexible): self.accuracy_flexible}
+        metrics = {eval_metric(phase, strict): self.accuracy_strict, eval_metric(phase, flexible): self.accuracy_flexible}
+        for key, value in self.summary.items():
+            name = f"gsm8k_{key}" if key.startswith("accuracy_") else key  # accuracy_strict_low -> gsm8k_accuracy_...
+            metrics.setdefault(eval_metric(phase, name), float(value))
+        return metrics
+
+    def scores(self) -> list:
+        """Per-question `eval_metrics.ResponseScore`s, for paired comparisons on the same questions."""
+        from pcsd_core.eval_metrics import ResponseScore
+
+        return [ResponseScore(**{name: row[name] for name in SCORE_FIELDS}) for row in self.examples]
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -55,8 +69,9 @@ class EvalResult:
 
 
 def evaluate(model_path: str, test_path: str | Path, cfg: PCSDConfig, engine: RolloutEngine | None = None) -> EvalResult:
-    """Greedy GSM8K accuracy of `model_path` (alias, hub id or checkpoint folder) on the test parquet."""
-    from pcsd_core.data import load_prompt_records
+    """Greedy GSM8K accuracy and held-out metrics of `model_path` (alias, hub id or folder) on the test parquet."""
+    from pcsd_core.data import load_prompt_records, load_solutions
+    from pcsd_core.eval_metrics import score_responses, summarize_scores
     from pcsd_core.models import load_tokenizer, resolve_model
     from pcsd_core.prompts import render_prompt_ids
 
@@ -68,22 +83,42 @@ def evaluate(model_path: str, test_path: str | Path, cfg: PCSDConfig, engine: Ro
     source = resolve_model(model_path)
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
     prompt_ids = [render_prompt_ids(tokenizer, record.student_messages) for record in records]
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens,
+                              stop_at_answer=cfg.eval.stop_at_answer)
     own_engine = engine is None
     engine = engine or _make_engine(cfg, source)
     try:
-        generations = engine.generate(prompt_ids, 1, SamplingParams(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens))
+        generations = engine.generate(prompt_ids, 1, sampling)
+        response_ids = [list(g.response_ids) for g in generations]
+        # The teacher sees each question's TRUE solution, whatever context this run trained with (control arms).
+        kl = _heldout_kl(engine, tokenizer, records, load_solutions(test_path)[: len(records)], response_ids, cfg)
     finally:
         if own_engine:
             engine.close()
-    responses = [tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in generations]
-    examples = [_score(record, response) for record, response in zip(records, responses)]
+    responses = [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids]
+    scores = score_responses(responses, response_ids, [r.ground_truth for r in records],
+                             max_new_tokens=cfg.eval.max_new_tokens, finished=[g.finished for g in generations])
+    examples = [{**_score(record, response), **asdict(score), "heldout_kl": row_kl}
+                for record, response, score, row_kl in zip(records, responses, scores, kl.per_response)]  # fmt: skip
     return EvalResult(
         model_path=str(model_path),
         num_examples=len(examples),
         accuracy_strict=sum(row["correct_strict"] for row in examples) / len(examples),
         accuracy_flexible=sum(row["correct_flexible"] for row in examples) / len(examples),
         examples=examples,
+        summary={**summarize_scores(scores, seed=cfg.train.seed), "heldout_kl": kl.mean_per_token},
     )
+
+
+def _heldout_kl(engine, tokenizer, records, solutions, response_ids, cfg: PCSDConfig):
+    """KL(teacher || student) per token on the greedy answers, with the model the engine generated with."""
+    from pcsd_core.eval_metrics import HeldoutKL, heldout_kl
+
+    model = getattr(engine, "model", None)  # the HF engine's model; SGLang keeps its weights to itself
+    if model is None:
+        return HeldoutKL(mean_per_token=float("nan"), per_response=[float("nan")] * len(records), num_tokens=0)
+    return heldout_kl(model, tokenizer, [r.student_messages for r in records], solutions, response_ids,
+                      teacher_template=cfg.data.teacher_template, batch_size=cfg.eval.batch_size)
 
 
 def log_evaluation(run_id: str, result: EvalResult, phase: str) -> None:
@@ -126,6 +161,7 @@ class BranchEvaluation:
     checkpoint_dir: str
     metrics: dict[str, float]  # eval/before/*, eval/after/*, eval/delta/* and the headline eval/*
     num_examples: int = 0  # test questions scored
+    result_path: str = ""  # the distilled model's EvalResult JSON (per-question scores for paired tests)
 
 
 def evaluate_branch(branch: Branch, checkpoint_dir: str | Path, run_id: str, base: BaseModelEvaluation) -> BranchEvaluation:
@@ -135,15 +171,20 @@ def evaluate_branch(branch: Branch, checkpoint_dir: str | Path, run_id: str, bas
     torch.set_num_threads(branch.threads())
     before = EvalResult.load(base.result_path)
     after = evaluate(str(checkpoint_dir), branch.test_path, branch.config)
+    from pcsd_core.eval_metrics import compare_paired
+
     metrics = {**before.metrics("before"), **after.metrics("after")}
     for name in ACCURACY_METRICS:
         metrics[eval_metric("delta", name)] = metrics[eval_metric("after", name)] - metrics[eval_metric("before", name)]
         metrics[eval_metric("", name)] = metrics[eval_metric("after", name)]
+    paired = compare_paired(after.scores(), before.scores(), seed=branch.config.train.seed)  # a = after, b = base
+    metrics.update({PAIRED_PREFIX + key: float(value) for key, value in paired.items()})
     log_evaluation(run_id, before, "before")
     log_evaluation(run_id, after, "after")
     tracking.log_metrics(run_id, metrics)
+    after_path = after.save(Path(branch.config.train.output_dir) / "eval" / "after.json")
     return BranchEvaluation(label=branch.label, run_id=run_id, checkpoint_dir=str(checkpoint_dir), metrics=metrics,
-                            num_examples=after.num_examples)
+                            num_examples=after.num_examples, result_path=str(after_path))
 
 
 def _score(record: Any, response: str) -> dict[str, Any]:

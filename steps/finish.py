@@ -30,6 +30,8 @@ def finish(parent_run_id: str, summary: SweepSummary, registration: RegisterResu
     if registration is not None:
         client.set_tag(parent_run_id, contract.TAG_REGISTERED_MODEL, registration.model_uri)
     tracking.log_metrics(parent_run_id, metrics)
+    if summary.paired_tests:
+        client.log_dict(parent_run_id, summary.paired_tests, contract.PAIRED_TESTS_ARTIFACT)
     report_path = _log_report(parent_run_id)
     tracking.finish_run(parent_run_id, "FINISHED" if summary.best is not None else "FAILED")
     print(results_summary(summary, registration))
@@ -51,6 +53,13 @@ def results_summary(summary: SweepSummary, registration: RegisterResult | None) 
         star = "  <- best" if summary.best is not None and outcome.label == summary.best.label else ""
         lines.append(f"  {outcome.label}: {', '.join(cells)}; {outcome.steps} steps in {outcome.train_s:.0f} s, "
                      f"final train KL {outcome.final_kl:.4f}{star}")
+        vs_base = contract.PAIRED_PREFIX + "strict/"
+        if vs_base + "difference" in metrics:
+            lines.append(f"      strict vs base {metrics[vs_base + 'difference']:+.1%} "
+                         f"[{metrics[vs_base + 'difference_low']:+.1%}, {metrics[vs_base + 'difference_high']:+.1%}] "
+                         f"(paired bootstrap 95%), McNemar p={metrics[vs_base + 'mcnemar_p']:.3g}; held-out "
+                         f"KL(teacher||student) {metrics.get(contract.eval_metric('before', 'heldout_kl'), float('nan')):.4f}"
+                         f" -> {metrics.get(contract.eval_metric('after', 'heldout_kl'), float('nan')):.4f} nats/token")
     if registration is not None:
         holder = f"holds alias '{registration.alias}'" if registration.is_champion else \
             f"did not beat the holder of alias '{registration.alias}'"

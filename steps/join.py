@@ -2,7 +2,9 @@
 
 A branch fails when its distill or evaluate task raised (Metaflow's `@catch` stores the exception); the
 others' results are kept. The best branch follows the tracking contract's rule
-(`pcsd_core.tracking_contract.best_branch`), the same one the HTML report applies.
+(`pcsd_core.tracking_contract.best_branch`), the same one the HTML report applies. Every pair of evaluated
+branches is compared on the same test questions (paired bootstrap interval of the accuracy difference, exact
+McNemar test): the treatment-vs-control answer of a sweep over control arms.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 from pcsd_core import tracking_contract as contract
 from steps.distill import DistillResult
-from steps.evaluate import BranchEvaluation
+from steps.evaluate import BranchEvaluation, EvalResult
 from steps.plan import Branch
 
 _STRICT, _FLEXIBLE = contract.ACCURACY_METRICS
@@ -45,6 +47,8 @@ class SweepSummary:
     outcomes: list[BranchOutcome]
     best: BranchOutcome | None
     failed: list[str] = field(default_factory=list)
+    # One row per pair of evaluated branches: {"a", "b", "strict/difference", ..., "strict/mcnemar_p", ...}.
+    paired_tests: list[dict[str, Any]] = field(default_factory=list)
 
     def table(self) -> list[list[str]]:
         """Rows for cards and logs: label, strict before/after/delta, flexible after, status."""
@@ -65,7 +69,22 @@ def summarize_sweep(outcomes: list[BranchOutcome]) -> SweepSummary:
         metrics_of=lambda outcome: outcome.evaluation.metrics,
         label_of=lambda outcome: outcome.label,
     )
-    return SweepSummary(outcomes=outcomes, best=best, failed=[o.label for o in outcomes if not o.succeeded])
+    return SweepSummary(outcomes=outcomes, best=best, failed=[o.label for o in outcomes if not o.succeeded],
+                        paired_tests=paired_tests([outcome for outcome in outcomes if outcome.succeeded]))
+
+
+def paired_tests(outcomes: list[BranchOutcome], seed: int = 0) -> list[dict[str, Any]]:
+    """Every pair of evaluated branches on the same questions (A - B), from their saved per-question scores."""
+    from pcsd_core.eval_metrics import compare_paired
+
+    scored = [(o.label, EvalResult.load(o.evaluation.result_path).scores())
+              for o in outcomes if o.evaluation.result_path]  # fmt: skip
+    rows = []
+    for index, (label_a, scores_a) in enumerate(scored):
+        for label_b, scores_b in scored[index + 1:]:
+            if len(scores_a) == len(scores_b):
+                rows.append({"a": label_a, "b": label_b, **compare_paired(scores_a, scores_b, seed=seed)})
+    return rows
 
 
 def outcome_of(branch: Branch | None, trained: DistillResult | None, evaluation: BranchEvaluation | None,

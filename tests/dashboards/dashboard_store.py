@@ -23,6 +23,10 @@ EVAL = {
     "lr=1e-05,divergence=forward_kl": {"before_strict": 0.25, "after_strict": 0.375, "before_flex": 0.5, "after_flex": 0.5},
     "lr=0.0001,divergence=reverse_kl": {"before_strict": 0.25, "after_strict": 0.5, "before_flex": 0.5, "after_flex": 0.625},
 }
+# The end step's paired test between the two branches (A = the best branch).
+PAIRED_TEST = {"strict/difference": 0.125, "strict/difference_low": -0.25, "strict/difference_high": 0.375,
+               "strict/mcnemar_p": 0.6875, "flexible/difference": 0.125, "flexible/difference_low": -0.125,
+               "flexible/difference_high": 0.375, "flexible/mcnemar_p": 1.0}
 SAMPLE_TOKENS = ["Tom", " has", " 3", " apples", " <b>", " so", " ####", " 42"]
 SAMPLE_KL = [0.01, 0.02, 0.4, 0.05, 0.0, 0.1, 0.3, 2.5]
 
@@ -38,6 +42,13 @@ def _eval_metrics(values: dict[str, float], step: int) -> list[Metric]:
         "eval/delta/gsm8k_accuracy_flexible": values["after_flex"] - values["before_flex"],
         "eval/gsm8k_accuracy_strict": values["after_strict"],
         "eval/gsm8k_accuracy_flexible": values["after_flex"],
+        # 95% intervals and the paired test against the base model, as steps/evaluate.py logs them.
+        "eval/after/gsm8k_accuracy_strict_low": values["after_strict"] - 0.2,
+        "eval/after/gsm8k_accuracy_strict_high": values["after_strict"] + 0.2,
+        "eval/vs_base/strict/difference": values["after_strict"] - values["before_strict"],
+        "eval/vs_base/strict/difference_low": -0.125,
+        "eval/vs_base/strict/difference_high": 0.5,
+        "eval/vs_base/strict/mcnemar_p": 0.5,
     }
     return [Metric(key, value, now, step) for key, value in named.items()]
 
@@ -80,5 +91,7 @@ def fill_store(tracking_uri: str, workdir: Path) -> dict[str, str]:
         client.log_artifact(run.info.run_id, str(samples), artifact_path="samples")
         client.set_terminated(run.info.run_id)
         ids[name] = run.info.run_id
+    first, second = BRANCHES
+    client.log_dict(parent.info.run_id, [PAIRED_TEST | {"a": second, "b": first}], "eval/paired_tests.json")
     client.set_terminated(parent.info.run_id)
     return ids

@@ -103,4 +103,7 @@ def test_report_renders_in_chromium(mlflow_server, chromium, tmp_path):
     assert_no_error_banner(text, path.as_uri())
     for expected in (f"PCSD sweep report: pcsd-{FLOW_RUN_ID}", *BRANCHES, "Training loss", "★ best", "####"):
         assert expected in text
+    # Arms side by side with their 95% intervals, and the paired test between them.
+    assert "0.5 [0.3, 0.7]" in text and "strict vs base (paired)" in text  # the best branch's strict after
+    assert "Paired tests between branches" in text and "0.125 [-0.25, 0.375]" in text and "0.6875" in text
     assert screenshot.stat().st_size > 50_000  # charts, not a blank page

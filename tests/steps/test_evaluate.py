@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import asdict
+
 import mlflow
 import pytest
 import torch
@@ -74,17 +78,43 @@ def test_accuracy_counts_strict_and_flexible_answers(setup, smollm2_tokenizer):
     assert [row["correct_flexible"] for row in result.examples] == [True, True, False]
     assert (result.accuracy_strict, result.accuracy_flexible) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
     assert result.examples[0]["extracted_strict"] == truths[0]
-    assert result.metrics("after") == {
-        "eval/after/gsm8k_accuracy_strict": result.accuracy_strict,
-        "eval/after/gsm8k_accuracy_flexible": result.accuracy_flexible,
-    }
+    metrics = result.metrics("after")
+    assert metrics["eval/after/gsm8k_accuracy_strict"] == result.accuracy_strict
+    assert metrics["eval/after/gsm8k_accuracy_flexible"] == result.accuracy_flexible
+    # The held-out metrics ride along, with 95% intervals (Wilson, checked against statsmodels in test_stats.py).
+    assert metrics["eval/after/answer_format_rate"] == pytest.approx(1 / 3)  # only the first has a #### line
+    assert metrics["eval/after/gsm8k_accuracy_strict_low"] < 1 / 3 < metrics["eval/after/gsm8k_accuracy_strict_high"]
+    assert (metrics["eval/after/repetition_rate"], metrics["eval/after/truncation_rate"]) == (0.0, 0.0)
+    assert metrics["eval/after/num_questions"] == 3
+    assert [row["has_answer_line"] for row in result.examples] == [True, False, False]
+
+
+def test_heldout_kl_is_scored_with_the_true_solution_on_the_models_own_answers(setup):
+    """The evaluation's held-out KL equals eval_metrics.heldout_kl run by hand with the test split's solutions."""
+    from pcsd_core.data import load_solutions
+    from pcsd_core.eval_metrics import heldout_kl
+    from pcsd_core.models import load_model, load_tokenizer
+
+    cfg, test_path, model_dir = setup
+    result = evaluate(str(model_dir), test_path, cfg)
+    tokenizer = load_tokenizer(str(model_dir))
+    records = load_prompt_records(test_path)[:3]
+    responses = [tokenizer(row["response"], add_special_tokens=False)["input_ids"] for row in result.examples]
+    if [row["length_tokens"] for row in result.examples] == [len(ids) for ids in responses]:  # no EOS to re-add
+        expected = heldout_kl(load_model(str(model_dir), dtype="float32", device="cpu"), tokenizer,
+                              [r.student_messages for r in records], load_solutions(test_path)[:3], responses,
+                              teacher_template=cfg.data.teacher_template)
+        assert result.summary["heldout_kl"] == pytest.approx(expected.mean_per_token, rel=1e-4)
+    assert result.summary["heldout_kl"] > 0 and len({row["heldout_kl"] for row in result.examples}) == 3
 
 
 def test_results_round_trip_and_log_to_mlflow_as_metrics_and_table(setup, smollm2_tokenizer, tmp_path, monkeypatch):
     cfg, test_path, model_dir = setup
     texts = ["#### 1", "#### 2", "#### 3"]
     result = evaluate(str(model_dir), test_path, cfg, engine=ScriptedEngine(smollm2_tokenizer, texts))
-    assert EvalResult.load(result.save(tmp_path / "eval.json")) == result
+    loaded = EvalResult.load(result.save(tmp_path / "eval.json"))
+    assert json.dumps(asdict(loaded)) == json.dumps(asdict(result))  # JSON, so NaN (no held-out KL here) compares
+    assert math.isnan(result.summary["heldout_kl"])  # a scripted engine has no model to score with
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

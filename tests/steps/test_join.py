@@ -64,3 +64,26 @@ def test_card_and_report_name_the_same_best_branch_on_a_tie():
         report_branches = [ReportBranch(run_id=label, name=label, status="FINISHED", params={},
                                         metrics=_metrics(*scores[label]), curves={}) for label in labels]
         assert join_best == report_best_branch(report_branches).name == expected
+
+
+def test_every_pair_of_evaluated_branches_is_compared_on_the_same_questions(tmp_path):
+    from steps.evaluate import EvalResult
+
+    def saved(label, correct):
+        rows = [{"correct_strict": c, "correct_flexible": c, "has_answer_line": c, "degenerate": False,
+                 "length_tokens": 5, "truncated": False} for c in correct]
+        result = EvalResult(model_path=label, num_examples=len(rows), accuracy_strict=sum(correct) / len(rows),
+                            accuracy_flexible=sum(correct) / len(rows), examples=rows)
+        return str(result.save(tmp_path / f"{label}.json"))
+
+    outcomes = [_outcome(label, 0.5, 0.5) for label in ("solution", "shuffled", "answer_only")]
+    answers = {"solution": [True] * 8 + [False] * 2, "shuffled": [True] * 3 + [False] * 7,
+               "answer_only": [True] * 5 + [False] * 5}
+    for outcome in outcomes:
+        outcome.evaluation.result_path = saved(outcome.label, answers[outcome.label])
+    rows = summarize_sweep(outcomes).paired_tests
+    assert [(row["a"], row["b"]) for row in rows] == [("solution", "shuffled"), ("solution", "answer_only"),
+                                                      ("shuffled", "answer_only")]
+    first = rows[0]
+    assert first["strict/difference"] == 0.5 and (first["strict/only_a"], first["strict/only_b"]) == (5, 0)
+    assert first["strict/mcnemar_p"] == 0.0625  # exact two-sided binomial, 5 discordant pairs all one way
