@@ -17,10 +17,8 @@ from typing import Any, Literal, get_args, get_type_hints
 
 import yaml
 
-DEFAULT_TEACHER_TEMPLATE = (
-    "{question}\n\nHere is a worked solution to this problem:\n{context}\n\n"
-    "Now answer the question yourself."
-)
+from pcsd_core.prompts import DEFAULT_TEACHER_TEMPLATE, DEFAULT_TEACHER_TEMPLATE_NAME, resolve_teacher_template  # noqa: F401
+
 GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
 
 
@@ -63,8 +61,10 @@ class DataConfig:
     max_test_rows: int = 0
     # Instruction appended to each question in the student prompt (verl's GSM8K convention).
     instruction: str = GSM8K_INSTRUCTION
-    # How the teacher prompt adds the privileged context to the question.
-    teacher_template: str = DEFAULT_TEACHER_TEMPLATE
+    # How the teacher prompt adds the privileged context to the question: a name from
+    # `pcsd_core.prompts.TEACHER_TEMPLATES` ("reference": question, blank line, context, as the verl reference;
+    # "worked_solution") or a custom format string holding {question} and {context}.
+    teacher_template: str = DEFAULT_TEACHER_TEMPLATE_NAME
     # `data_source` written into the parquet (verl uses it to pick a reward function).
     data_source: str = "openai/gsm8k"
 
@@ -75,11 +75,7 @@ class DataConfig:
             f"data.privileged_context ({ctx!r}) must be 'solution', 'answer_only' or 'column:<name>'; "
             "for example 'column:hint' for a dataset with a `hint` column.",
         )
-        for placeholder in ("{question}", "{context}"):
-            _require(
-                placeholder in self.teacher_template,
-                f"data.teacher_template must contain {placeholder}; got {self.teacher_template!r}.",
-            )
+        resolve_teacher_template(self.teacher_template)  # raises ValueError naming the field and the names
         _require(self.max_train_rows >= 0, f"data.max_train_rows ({self.max_train_rows}) must be >= 0.")
         _require(self.max_test_rows >= 0, f"data.max_test_rows ({self.max_test_rows}) must be >= 0.")
 

@@ -58,7 +58,7 @@ def test_from_yaml_reads_a_file_and_applies_overrides(tmp_path):
         ({}, {"rollout.n": 2.5}, "rollout.n (2.5) must be a whole number"),
         ({}, {"loss.divergence": "kl"}, "loss.divergence ('kl') must be one of ['forward_kl', 'reverse_kl', 'jsd']"),
         ({}, {"data.privileged_context": "hint"}, "data.privileged_context ('hint') must be 'solution', 'answer_only' or 'column:<name>'"),
-        ({}, {"data.teacher_template": "{question}"}, "data.teacher_template must contain {context}"),
+        ({}, {"data.teacher_template": "{question}"}, "data.teacher_template ('{question}') is neither a template name (['reference', 'worked_solution']) nor a format string with {question} and {context} (it lacks {context})"),
     ],
 )
 def test_bad_keys_and_values_are_named(raw, overrides, message):
