@@ -107,7 +107,7 @@ def _ground_truth(reward_model: dict[str, Any], where: str) -> str:
     number = parse_final_answer(raw) if raw else None
     if number is None:
         raise DataValidationError(
-            f"{where} field reward_model.ground_truth ({raw!r}) must be the final number (e.g. '72'), as verl's "
+            f"{where} field reward_model.ground_truth ({reward_model.get('ground_truth')!r}) must be the final number (e.g. '72'), as verl's "
             "GSM8K preprocessing writes it."
         )
     return number
