@@ -40,7 +40,9 @@ def is_verl_schema(rows: list[dict[str, Any]]) -> bool:
     return bool(rows) and all(column in rows[0] for column in VERL_COLUMNS)
 
 
-def flatten_verl_splits(raw_splits: dict[str, RawSplit], data_cfg: DataConfig) -> tuple[dict[str, RawSplit], DataConfig]:
+def flatten_verl_splits(
+    raw_splits: dict[str, RawSplit], data_cfg: DataConfig
+) -> tuple[dict[str, RawSplit], DataConfig]:
     """Flat question/answer rows and the data config to read them with; non-verl input comes back unchanged."""
     verl_splits = sorted(split for split, raw in raw_splits.items() if is_verl_schema(raw.rows))
     if not verl_splits:
@@ -62,7 +64,9 @@ def flatten_verl_splits(raw_splits: dict[str, RawSplit], data_cfg: DataConfig) -
     return flat, data_cfg
 
 
-def _flatten_row(row: dict[str, Any], index: int, source: str, cfg: DataConfig, use_context_field: bool) -> dict[str, Any]:
+def _flatten_row(
+    row: dict[str, Any], index: int, source: str, cfg: DataConfig, use_context_field: bool
+) -> dict[str, Any]:
     where = f"{source}: row {index}"
     extra_info = _mapping(row, "extra_info", where, required=False)
     reward_model = _mapping(row, "reward_model", where, required=True)
@@ -107,8 +111,8 @@ def _ground_truth(reward_model: dict[str, Any], where: str) -> str:
     number = parse_final_answer(raw) if raw else None
     if number is None:
         raise DataValidationError(
-            f"{where} field reward_model.ground_truth ({reward_model.get('ground_truth')!r}) must be the final number (e.g. '72'), as verl's "
-            "GSM8K preprocessing writes it."
+            f"{where} field reward_model.ground_truth ({reward_model.get('ground_truth')!r}) must be the final "
+            "number (e.g. '72'), as verl's GSM8K preprocessing writes it."
         )
     return number
 
