@@ -25,10 +25,8 @@ import yaml
 if TYPE_CHECKING:  # the loss module imports torch; it is loaded only when a config is validated
     from pcsd_core.losses import LossSpec
 
-DEFAULT_TEACHER_TEMPLATE = (
-    "{question}\n\nHere is a worked solution to this problem:\n{context}\n\n"
-    "Now answer the question yourself."
-)
+from pcsd_core.prompts import DEFAULT_TEACHER_TEMPLATE, DEFAULT_TEACHER_TEMPLATE_NAME, resolve_teacher_template  # noqa: F401
+
 GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
 # The `generic_hint` control's context: advice any question could get, holding no part of a solution.
 GENERIC_HINT = "Work carefully step by step, check each calculation, and end with '#### <number>'."
@@ -125,8 +123,10 @@ class DataConfig:
     max_test_rows: int = 0
     # Instruction appended to each question in the student prompt (verl's GSM8K convention).
     instruction: str = GSM8K_INSTRUCTION
-    # How the teacher prompt adds the privileged context to the question.
-    teacher_template: str = DEFAULT_TEACHER_TEMPLATE
+    # How the teacher prompt adds the privileged context to the question: a name from
+    # `pcsd_core.prompts.TEACHER_TEMPLATES` ("reference": question, blank line, context, as the verl reference;
+    # "worked_solution") or a custom format string holding {question} and {context}.
+    teacher_template: str = DEFAULT_TEACHER_TEMPLATE_NAME
     # `data_source` written into the parquet (verl uses it to pick a reward function).
     data_source: str = "openai/gsm8k"
 
@@ -149,11 +149,7 @@ class DataConfig:
             isinstance(self.shuffle_seed, int) and self.shuffle_seed >= 0,
             f"data.shuffle_seed ({self.shuffle_seed!r}) must be a whole number >= 0; for example 0.",
         )
-        for placeholder in ("{question}", "{context}"):
-            _require(
-                placeholder in self.teacher_template,
-                f"data.teacher_template must contain {placeholder}; got {self.teacher_template!r}.",
-            )
+        resolve_teacher_template(self.teacher_template)  # raises ValueError naming the field and the names
         _require(self.max_train_rows >= 0, f"data.max_train_rows ({self.max_train_rows}) must be >= 0.")
         _require(self.max_test_rows >= 0, f"data.max_test_rows ({self.max_test_rows}) must be >= 0.")
 

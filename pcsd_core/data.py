@@ -6,8 +6,9 @@
     records = load_prompt_records(prepared.train_path)      # list[PromptRecord]
 
 Input: `openai/gsm8k` (config `main`) from the hub when `data.path` is empty, else a local folder holding
-`train.jsonl` / `test.jsonl` (or `train.parquet` / `test.parquet`). Columns map in through
-`data.question_column`, `data.answer_column` and `data.id_column`. The answer must hold a final number:
+`train.jsonl` / `test.jsonl` (or `train.parquet` / `test.parquet`), or verl RL parquet (verl's GSM8K
+preprocessing output, with or without `extra_info.privileged_context`: `pcsd_core/verl_data.py`). Columns
+map in through `data.question_column`, `data.answer_column` and `data.id_column`. The answer must hold a final number:
 a `#### <number>` line as in GSM8K, or just the number.
 
 Output: `<output_dir>/train.parquet` and `test.parquet`, one row per question, in verl's RL schema so verl
@@ -118,6 +119,9 @@ def prepare_dataset(data_cfg: DataConfig, output_dir: str | Path, tokenizer: Any
     With a `tokenizer`, the stats include token-length percentiles of the student and teacher prompts.
     """
     raw_splits = load_raw_splits(data_cfg)
+    from pcsd_core.verl_data import flatten_verl_splits  # imports this module, so not at the top
+
+    raw_splits, data_cfg = flatten_verl_splits(raw_splits, data_cfg)  # verl-schema parquet -> question/answer rows
     limits = {"train": data_cfg.max_train_rows, "test": data_cfg.max_test_rows}
     rows_by_split = {split: build_rows(raw_splits[split], split, data_cfg, limits[split]) for split in SPLITS}
     stats = compute_stats(rows_by_split, data_cfg, tokenizer)

@@ -7,6 +7,9 @@
   (default `~/.cache/pcsd/models/`) and every later load reads the plain checkpoint (< 1 s).
 - `deepseek-math-7b-base`: `deepseek-ai/deepseek-math-7b-base` on the hub.
 - anything else: a local folder (must hold `config.json`) or a hub id, passed through.
+
+An alias may carry a recipe (`MODEL_RECIPES`): the preset it runs with and the GPUs it needs.
+`check_hardware(cfg)` refuses, within milliseconds and before any download, a config this machine cannot run.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from importlib import util as importlib_util
 from pathlib import Path
 from typing import Any
@@ -168,3 +172,99 @@ def _convert_bundled(alias: str) -> Path:
         if not (target / "config.json").is_file():  # another process may have won the race
             raise
     return target
+
+
+# ---- model recipes and the hardware check ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The preset a model alias runs with (dtype, device, rollout engine, batch shapes) and the GPUs it needs."""
+
+    preset: str  # repo-relative path of the preset YAML
+    min_gpus: int  # CUDA devices the preset's layout uses (0 = runs on CPU)
+    min_gpu_memory_gb: float  # memory each of those devices needs (0 = no GPU)
+    why: str  # where the numbers come from, shown in the error
+
+
+MODEL_RECIPES = {
+    # 6.9B parameters in bf16: 13.8 GB of weights. Actor: weights, gradients and both AdamW moments in bf16 =
+    # 8 bytes/parameter = 55 GB, sharded over 4 FSDP GPUs = 14 GB each, plus activations (gradient
+    # checkpointing). Rollout: SGLang must fit the 13.8 GB of weights and a KV cache in 0.6 of each of its
+    # 4 GPUs. So 40 GB cards (A100-40GB) are the floor of the preset's 4 + 4 layout.
+    "deepseek-math-7b-base": Recipe(
+        preset="configs/gpu_gsm8k_7b.yaml", min_gpus=8, min_gpu_memory_gb=40,
+        why="bf16 weights 13.8 GB; 4 FSDP actor GPUs hold 8 bytes/parameter = 55 GB of training state, "
+            "4 SGLang rollout GPUs hold the weights and a KV cache",
+    ),
+    "smollm2-135m": Recipe(preset="configs/cpu_smollm2.yaml", min_gpus=0, min_gpu_memory_gb=0,
+                           why="135M parameters, fp32, runs on 2 CPU cores"),
+}
+CPU_DEFAULT_COMMAND = "python flows/pcsd_flow.py run   (no --model, no MODEL_PATH: the embedded CPU default)"
+
+
+class HardwareError(RuntimeError):
+    """The machine lacks the GPUs (count or memory) the config needs; raised before any download or load."""
+
+
+def recipe_for(model_name: str) -> Recipe | None:
+    """The recipe of an alias, or of the hub id an alias stands for; None for other models."""
+    if model_name in MODEL_RECIPES:
+        return MODEL_RECIPES[model_name]
+    aliases = [alias for alias, hub_id in HUB_ALIASES.items() if hub_id.lower() == model_name.lower()]
+    return MODEL_RECIPES.get(aliases[0]) if aliases else None
+
+
+def recipe_preset(model_name: str) -> str | None:
+    """Absolute path of the preset the model's recipe runs with, or None when the model has no recipe."""
+    recipe = recipe_for(model_name)
+    return str(Path(__file__).resolve().parents[1] / recipe.preset) if recipe else None
+
+
+def gpus_required(cfg) -> int:
+    """CUDA devices the config itself asks for: FSDP actor workers on cuda plus a split rollout's GPUs."""
+    on_gpu = cfg.train.device == "cuda" or cfg.rollout.engine == "sglang"
+    actor = cfg.train.num_workers if on_gpu else 0
+    rollout = cfg.rollout.num_gpus if cfg.rollout.placement == "split" else 0
+    return actor + rollout
+
+
+def check_hardware(cfg, visible_gpus: int | None = None, gpu_memory_gb: list[float] | None = None) -> None:
+    """Raise HardwareError when this machine cannot run `cfg` (a PCSDConfig); reads no weights, downloads nothing.
+
+    `visible_gpus` / `gpu_memory_gb` default to what torch sees (they are parameters so a GPU machine's answer
+    can be checked on a CPU one).
+    """
+    recipe = recipe_for(cfg.model.name)
+    needed = gpus_required(cfg)
+    if recipe is not None and recipe.min_gpus and needed == 0:
+        needed = recipe.min_gpus  # a GPU model in a CPU config (e.g. --model on the CPU preset)
+    if needed == 0:
+        return
+    if visible_gpus is None:
+        visible_gpus = torch.cuda.device_count()
+    memory_gb = recipe.min_gpu_memory_gb if recipe is not None else 0
+    need_text = f"{needed} CUDA GPU(s)" + (f" with >= {memory_gb:g} GB each" if memory_gb else "")
+    reason = f" ({recipe.why})" if recipe is not None else ""
+    fix = (f"Run it on a machine with {need_text}"
+           + (f": python flows/pcsd_flow.py --config config {recipe.preset} run" if recipe else "")
+           + f"; or run the embedded CPU default instead: {CPU_DEFAULT_COMMAND}.")
+    if visible_gpus < needed:
+        raise HardwareError(
+            f"model {cfg.model.name!r} needs {need_text}{reason}; this machine has {visible_gpus} visible "
+            f"(train.device {cfg.train.device!r}, train.num_workers {cfg.train.num_workers}, rollout.engine "
+            f"{cfg.rollout.engine!r}, rollout.num_gpus {cfg.rollout.num_gpus}). {fix}"
+        )
+    if recipe is not None and recipe.min_gpus and gpus_required(cfg) == 0:
+        raise HardwareError(
+            f"model {cfg.model.name!r} needs {need_text}{reason}, but this config does not put it on GPUs "
+            f"(train.device {cfg.train.device!r}, rollout.engine {cfg.rollout.engine!r}). {fix}"
+        )
+    if memory_gb:
+        if gpu_memory_gb is None:
+            gpu_memory_gb = [torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(visible_gpus)]
+        small = [f"cuda:{i} {gb:.0f} GB" for i, gb in enumerate(gpu_memory_gb[:needed]) if gb < memory_gb]
+        if small:
+            raise HardwareError(
+                f"model {cfg.model.name!r} needs {need_text}{reason}; too small here: {', '.join(small)}. {fix}"
+            )

@@ -5,6 +5,12 @@ prompt is the same conversation whose last user turn is rewritten by the teacher
 privileged context. Both are rendered with the model's chat template, or, for base models without one
 (deepseek-math-7b-base), with a plain `User: ...\\n\\nAssistant:` layout.
 
+The teacher template is a name from `TEACHER_TEMPLATES` or a custom format string with `{question}` and
+`{context}`; `resolve_teacher_template` turns either into the format string. `reference` is the verl
+reference's layout (question, blank line, context); `worked_solution` frames the context as a worked solution
+and asks the model to answer itself. Which one is the default, and the measurement that chose it, is in
+`benchmarks/README.md` ("Teacher template").
+
 Responses are sampled once, as token ids, and appended to both prompts as ids: never decoded and
 re-tokenized. So the teacher and the student score exactly the same response tokens, and
 `response_logits_slice` names the same response positions in both sequences.
@@ -19,6 +25,39 @@ Messages = list[dict[str, str]]
 
 PLAIN_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
+TEACHER_TEMPLATES = {
+    # The verl reference's teacher prompt: "What is 2 + 2?\n\nLet's solve step by step: 2 + 2 = 4\n#### 4".
+    "reference": "{question}\n\n{context}",
+    "worked_solution": (
+        "{question}\n\nHere is a worked solution to this problem:\n{context}\n\n"
+        "Now answer the question yourself."
+    ),
+}
+DEFAULT_TEACHER_TEMPLATE_NAME = "worked_solution"
+DEFAULT_TEACHER_TEMPLATE = TEACHER_TEMPLATES[DEFAULT_TEACHER_TEMPLATE_NAME]
+TEMPLATE_PLACEHOLDERS = ("{question}", "{context}")
+
+
+def resolve_teacher_template(value: str) -> str:
+    """The format string for a template name (`TEACHER_TEMPLATES`) or a custom `{question}`/`{context}` string."""
+    if value in TEACHER_TEMPLATES:
+        return TEACHER_TEMPLATES[value]
+    missing = [placeholder for placeholder in TEMPLATE_PLACEHOLDERS if placeholder not in value]
+    if missing:
+        raise ValueError(
+            f"data.teacher_template ({value!r}) is neither a template name ({sorted(TEACHER_TEMPLATES)}) nor a "
+            f"format string with {{question}} and {{context}} (it lacks {', '.join(missing)}); use a name, or "
+            "write e.g. '{question}\\n\\nHint: {context}'."
+        )
+    try:
+        value.format(question="", context="")
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(
+            f"data.teacher_template ({value!r}) is not a valid format string ({error!r}); only {{question}} and "
+            "{context} may appear in braces: write other braces doubled, '{{' and '}}'."
+        ) from None
+    return value
+
 
 def build_student_messages(question: str, instruction: str = "") -> Messages:
     content = f"{question} {instruction}".strip() if instruction else question
@@ -26,7 +65,8 @@ def build_student_messages(question: str, instruction: str = "") -> Messages:
 
 
 def build_teacher_messages(student_messages: Messages, privileged_context: str, template: str) -> Messages:
-    """Rewrite the last user turn with the teacher template; earlier turns stay as they are."""
+    """Rewrite the last user turn with the teacher template (a name or a format string); earlier turns stay."""
+    template = resolve_teacher_template(template)
     last_user = max(i for i, message in enumerate(student_messages) if message["role"] == "user")
     teacher = [dict(message) for message in student_messages]
     teacher[last_user]["content"] = template.format(

@@ -29,9 +29,9 @@ from typing import Any
 from pcsd_core.config import PCSDConfig
 from pcsd_core.presets import Preset, load_preset, parse_overrides, parse_sweep, read_preset_text
 
-HUB_DATA = "hub"
+HUB_DATA = "hub"  # `--data-path hub` loads the hub dataset even when DATA_PATH is set
 # Data fields that only shape the teacher prompt (what the base-model evaluation never sees).
-TEACHER_ONLY = frozenset({"privileged_context", "shuffle_seed", "teacher_template"})  # `--data-path hub` loads the hub dataset even when DATA_PATH is set
+TEACHER_ONLY = frozenset({"privileged_context", "shuffle_seed", "teacher_template"})
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def test_from_yaml_reads_a_file_and_applies_overrides(tmp_path):
         ({}, {"loss.divergence": "kl"}, "loss.divergence ('kl') must be one of ['forward_kl', 'reverse_kl', 'jsd']"),
         ({}, {"data.privileged_context": "hint"}, "data.privileged_context ('hint') must be one of ['solution', 'answer_only', 'shuffled', 'generic_hint'] or 'column:<name>'"),
         ({}, {"data.shuffle_seed": -1}, "data.shuffle_seed (-1) must be a whole number >= 0"),
-        ({}, {"data.teacher_template": "{question}"}, "data.teacher_template must contain {context}"),
+        ({}, {"data.teacher_template": "{question}"}, "data.teacher_template ('{question}') is neither a template name (['reference', 'worked_solution']) nor a format string with {question} and {context} (it lacks {context})"),
     ],
 )
 def test_bad_keys_and_values_are_named(raw, overrides, message):

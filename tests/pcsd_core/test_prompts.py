@@ -20,6 +20,7 @@ from pcsd_core.prompts import (
     build_student_messages,
     build_teacher_messages,
     render_prompt_ids,
+    resolve_teacher_template,
     response_logits_slice,
 )
 
@@ -73,6 +74,34 @@ def test_only_the_teacher_prompt_holds_the_context(tokenizer):
     assert "worked solution" not in student_text and CONTEXT in teacher_text
     assert QUESTION in student_text and QUESTION in teacher_text
     assert len(pair.teacher_ids) > len(pair.student_ids)
+
+
+def test_reference_template_is_question_blank_line_context(plain_tokenizer):
+    """The verl reference's teacher prompt, literally: "What is 2 + 2?\\n\\n<solution>"."""
+    teacher = build_teacher_messages(build_student_messages(QUESTION), CONTEXT, "reference")
+    assert teacher == [{"role": "user", "content": QUESTION + "\n\n" + CONTEXT}]
+    pair = build_prompt_pair(plain_tokenizer, build_student_messages(QUESTION), CONTEXT, "reference")
+    assert plain_tokenizer.decode(pair.teacher_ids) == f"User: {QUESTION}\n\n{CONTEXT}\n\nAssistant:"
+
+
+def test_template_names_and_custom_strings_resolve():
+    assert resolve_teacher_template("worked_solution") == DEFAULT_TEACHER_TEMPLATE
+    assert resolve_teacher_template("{question} | {context}") == "{question} | {context}"
+    custom = build_teacher_messages(build_student_messages(QUESTION), CONTEXT, "{question} | {context}")
+    assert custom[0]["content"] == f"{QUESTION} | {CONTEXT}"
+    with pytest.raises(ValueError, match=r"neither a template name \(\['reference', 'worked_solution'\]\).*lacks \{context\}"):
+        resolve_teacher_template("refrence {question}")
+    with pytest.raises(ValueError, match=r"not a valid format string.*braces doubled"):
+        resolve_teacher_template("{question} {context} {x}")
+
+
+def test_config_takes_template_names():
+    from pcsd_core.config import DataConfig
+
+    assert DataConfig().teacher_template in ("reference", "worked_solution")
+    assert DataConfig(teacher_template="reference").teacher_template == "reference"
+    with pytest.raises(ValueError, match="data.teacher_template \\('refrence'\\)"):
+        DataConfig(teacher_template="refrence")
 
 
 def _prefix_logits(model, ids: list[int], start: int, count: int) -> torch.Tensor:

@@ -31,7 +31,8 @@ def test_gpu_preset_mirrors_the_reference_script():
     raw = parse_preset((REPO_ROOT / "configs" / "gpu_gsm8k_7b.yaml").read_text())
     cfg = plan_run(raw, flow_run_id="1", env={}).branches[0].config
     assert cfg.model.name == "deepseek-math-7b-base" and cfg.rollout.engine == "sglang"
-    assert (cfg.train.lr, cfg.train.mini_batch_size, cfg.rollout.temperature, cfg.train.ppo_epochs) == (1e-6, 16, 1.0, 1)
+    # The reference's mini-batch is 16 prompts; ours counts their responses: 16 x rollout.n.
+    assert (cfg.train.lr, cfg.train.mini_batch_size, cfg.rollout.temperature, cfg.train.ppo_epochs) == (1e-6, 16 * cfg.rollout.n, 1.0, 1)
 
 
 def test_sweep_grid_is_the_cartesian_product_with_readable_labels():
