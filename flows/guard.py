@@ -30,9 +30,9 @@ from pathlib import Path
 
 from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
 
-# The kinds of error that mean "fix your input or environment": our own (DataValidationError is a ValueError,
-# ModelNotFoundError a FileNotFoundError, HubUnreachableError a ConnectionError) and the config's ValueErrors.
-USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, PermissionError)
+# The kinds of error that mean "fix your input or environment": the config's ValueErrors and our own
+# (DataValidationError is a ValueError; ModelNotFoundError, HubUnreachableError and HardwareError are OSErrors).
+USER_ERRORS = (ValueError, OSError)
 _PR_SET_PDEATHSIG = 1
 
 

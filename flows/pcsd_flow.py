@@ -50,7 +50,7 @@ class PCSDFlow(FlowSpec):
         with guarded_step("start"):
             knobs = {name: getattr(self, name) for name in KNOBS}
             self.plan = plan_run(self.config, flow_run_id=current.run_id, sweep=self.sweep,
-                                 overrides=self.overrides, **knobs)
+                                 overrides=self.overrides, check_machine=True, **knobs)
             self.mlflow_run_id = tracking.start_parent_run(current.run_id, current.pathspec, self.plan.flat_params())
         self.next(self.preprocess)
 

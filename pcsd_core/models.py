@@ -203,8 +203,10 @@ MODEL_RECIPES = {
 CPU_DEFAULT_COMMAND = "python flows/pcsd_flow.py run   (no --model, no MODEL_PATH: the embedded CPU default)"
 
 
-class HardwareError(RuntimeError):
-    """The machine lacks the GPUs (count or memory) the config needs; raised before any download or load."""
+class HardwareError(OSError):
+    """The machine lacks the GPUs (count or memory) the config needs; raised before any download or load.
+
+    An OSError: like a missing file or an unreachable server, it is the environment, and no retry fixes it."""
 
 
 def recipe_for(model_name: str) -> Recipe | None:

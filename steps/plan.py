@@ -156,12 +156,24 @@ def resolve_overrides(*, overrides: str = "", env: Mapping[str, str] | None = No
 
 def plan_run(
     preset: Preset | Mapping[str, Any], *, flow_run_id: str, sweep: str = "", overrides: str = "",
-    env: Mapping[str, str] | None = None, **knobs: Any,
+    env: Mapping[str, str] | None = None, check_machine: bool = False, **knobs: Any,
 ) -> RunPlan:
-    """Resolve preset + env + `--set` + flow knobs, expand the sweep and validate every branch's config."""
+    """Resolve preset + env + `--set` + flow knobs, expand the sweep and validate every branch's config.
+
+    A model alias carries its recipe (`pcsd_core.models.MODEL_RECIPES`): `--model deepseek-math-7b-base` (or
+    MODEL_PATH) on a preset written for another model runs that model's preset (dtype, device, rollout engine,
+    batch shapes), with the same overrides on top. `check_machine` refuses, in milliseconds and before any
+    download, a plan this machine has not the GPUs for (`check_hardware`); the flow's start step sets it.
+    """
+    from pcsd_core.models import check_hardware, recipe_preset
+
     preset = preset if isinstance(preset, Preset) else load_preset(preset)
+    resolved = resolve_overrides(overrides=overrides, env=env, **knobs)
+    model = resolved.get("model.name")
+    if model and model != preset.sections.get("model", {}).get("name") and recipe_preset(model):
+        preset = load_preset(recipe_preset(model))
     grid = parse_sweep(sweep) if sweep and sweep.strip() else preset.sweep
-    base = _absolute_paths(preset.config(resolve_overrides(overrides=overrides, env=env, **knobs)))
+    base = _absolute_paths(preset.config(resolved))
     output_root = Path(base.train.output_dir) / str(flow_run_id)
     branches: list[Branch] = []
     for point in expand_grid(grid):
@@ -174,6 +186,8 @@ def plan_run(
         if twin is not None:
             raise ValueError(f"sweep branches {twin.label!r} and {label!r} are the same point (or write to the same "
                              "folder); remove the duplicate value from the sweep grid.")
+        if check_machine:
+            check_hardware(config)
         branches.append(Branch(label=label, overrides=point, config=config))
     for branch in branches:
         branch.sweep_size = len(branches)

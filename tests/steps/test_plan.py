@@ -127,3 +127,24 @@ def test_control_arms_share_one_base_model_evaluation_but_not_their_data():
     assert first.base_model_key == second.base_model_key  # the student prompts (all the base model sees) do not
     other_model = plan_run(raw, flow_run_id="1", env={}, sweep='{"eval.max_new_tokens": [64, 128]}')
     assert other_model.branches[0].base_model_key != other_model.branches[1].base_model_key
+
+
+def test_a_model_alias_brings_its_recipe_and_the_machine_check_refuses_it_in_seconds():
+    """`--model deepseek-math-7b-base` on the CPU default preset runs the 7B GPU recipe; on this CPU machine the
+    plan stops at once with the memory it needs and the command for the CPU default."""
+    import time
+
+    from pcsd_core.models import HardwareError
+
+    raw = parse_preset((REPO_ROOT / "configs" / "cpu_smollm2.yaml").read_text())
+    recipe = plan_run(raw, flow_run_id="1", env={}, model="deepseek-math-7b-base").base_config
+    seven_b = load_preset(REPO_ROOT / "configs" / "gpu_gsm8k_7b.yaml").config()
+    assert (recipe.model.dtype, recipe.rollout.engine, recipe.train.mini_batch_size) == (
+        seven_b.model.dtype, seven_b.rollout.engine, seven_b.train.mini_batch_size)
+    from_env = plan_run(raw, flow_run_id="1", env={"MODEL_PATH": "deepseek-math-7b-base"}).base_config
+    assert from_env.rollout.engine == "sglang"
+    started = time.perf_counter()
+    with pytest.raises(HardwareError, match=r"needs 8 CUDA GPU\(s\) with >= 40 GB each.*python flows/pcsd_flow.py run"):
+        plan_run(raw, flow_run_id="1", env={}, model="deepseek-math-7b-base", check_machine=True)
+    assert time.perf_counter() - started < 10
+    plan_run(raw, flow_run_id="1", env={}, check_machine=True)  # the CPU default passes the check
