@@ -14,12 +14,14 @@ model; the base model is evaluated once per distinct (model, data, eval) setting
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pcsd_core.config import PCSDConfig
-from pcsd_core.rollout.base import RolloutEngine, SamplingParams
+from pcsd_core.rollout.base import Generation, RolloutEngine, SamplingParams
 from pcsd_core.tracking_contract import ACCURACY_METRICS, PAIRED_PREFIX, eval_metric
 from steps import tracking
 from steps.plan import Branch
@@ -68,8 +70,13 @@ class EvalResult:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def evaluate(model_path: str, test_path: str | Path, cfg: PCSDConfig, engine: RolloutEngine | None = None) -> EvalResult:
-    """Greedy GSM8K accuracy and held-out metrics of `model_path` (alias, hub id or folder) on the test parquet."""
+def evaluate(model_path: str, test_path: str | Path, cfg: PCSDConfig, engine: RolloutEngine | None = None,
+             progress: Callable[[dict[str, float], int], None] | None = None, label: str = "") -> EvalResult:
+    """Greedy GSM8K accuracy and held-out metrics of `model_path` (alias, hub id or folder) on the test parquet.
+
+    Questions go through the engine a batch at a time (longest first, so padding stays small and the ETA errs
+    high), each batch printing questions done, tokens/s and ETA, and calling `progress(metrics, questions_done)`
+    (the steps pass one that logs to MLflow)."""
     from pcsd_core.data import load_prompt_records, load_solutions
     from pcsd_core.eval_metrics import score_responses, summarize_scores
     from pcsd_core.models import load_tokenizer, resolve_model
@@ -88,7 +95,8 @@ def evaluate(model_path: str, test_path: str | Path, cfg: PCSDConfig, engine: Ro
     own_engine = engine is None
     engine = engine or _make_engine(cfg, source)
     try:
-        generations = engine.generate(prompt_ids, 1, sampling)
+        generations = _generate_with_progress(engine, prompt_ids, sampling, cfg.eval.batch_size, progress,
+                                              label or Path(str(model_path)).name)
         response_ids = [list(g.response_ids) for g in generations]
         # The teacher sees each question's TRUE solution, whatever context this run trained with (control arms).
         kl = _heldout_kl(engine, tokenizer, records, load_solutions(test_path)[: len(records)], response_ids, cfg)
@@ -108,6 +116,28 @@ def evaluate(model_path: str, test_path: str | Path, cfg: PCSDConfig, engine: Ro
         examples=examples,
         summary={**summarize_scores(scores, seed=cfg.train.seed), "heldout_kl": kl.mean_per_token},
     )
+
+
+def _generate_with_progress(engine: RolloutEngine, prompt_ids: list[list[int]], sampling: SamplingParams,
+                            batch_size: int, progress, label: str) -> list:
+    """One greedy response per prompt, in prompt order, generated batch by batch with a progress line each."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    generations: dict[int, Any] = {}
+    started, tokens = time.perf_counter(), 0
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        for index, generation in zip(batch, engine.generate([prompt_ids[i] for i in batch], 1, sampling)):
+            generations[index] = generation
+            tokens += len(generation.response_ids)
+        done, elapsed = len(generations), time.perf_counter() - started
+        metrics = {"eval/progress/questions_done": float(done), "eval/progress/tokens_per_s": tokens / elapsed}
+        eta_s = elapsed / done * (len(order) - done)
+        print(f"[eval {label}] {done}/{len(order)} questions, {metrics['eval/progress/tokens_per_s']:.0f} tok/s, "
+              f"ETA {eta_s:.0f} s", flush=True)
+        if progress is not None:
+            progress(metrics, done)
+    return [Generation(prompt_index=i, response_ids=generations[i].response_ids, finished=generations[i].finished)
+            for i in range(len(prompt_ids))]
 
 
 def _heldout_kl(engine, tokenizer, records, solutions, response_ids, cfg: PCSDConfig):
@@ -146,7 +176,8 @@ def evaluate_base_models(branches: list[Branch], parent_run_id: str, output_root
         if branch.base_model_key in evaluations:
             continue
         cfg = branch.config
-        result = evaluate(cfg.model.name, branch.test_path, cfg)
+        result = evaluate(cfg.model.name, branch.test_path, cfg, progress=tracking.metric_logger(parent_run_id),
+                          label=f"base model {cfg.model.name}")
         path = result.save(Path(output_root) / "base_model_eval" / f"{branch.base_model_key}.json")
         if not evaluations:  # the parent run shows the first branch's base model
             log_evaluation(parent_run_id, result, "before")
@@ -170,7 +201,8 @@ def evaluate_branch(branch: Branch, checkpoint_dir: str | Path, run_id: str, bas
 
     torch.set_num_threads(branch.threads())
     before = EvalResult.load(base.result_path)
-    after = evaluate(str(checkpoint_dir), branch.test_path, branch.config)
+    after = evaluate(str(checkpoint_dir), branch.test_path, branch.config, progress=tracking.metric_logger(run_id),
+                     label=branch.label)
     from pcsd_core.eval_metrics import compare_paired
 
     metrics = {**before.metrics("before"), **after.metrics("after")}

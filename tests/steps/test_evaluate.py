@@ -59,21 +59,30 @@ def test_evaluate_is_greedy_batched_and_scored_per_example(setup, smollm2_tokeni
 
 
 class ScriptedEngine:
-    """Answers with fixed texts, to check the scoring path on known-correct and known-wrong responses."""
+    """Answers each test question with a fixed text, to check the scoring path on known-correct and known-wrong
+    responses. Keyed by the question's prompt: evaluation sends the questions in batches, longest first."""
 
-    def __init__(self, tokenizer, texts):
-        self.ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    def __init__(self, tokenizer, texts, test_path=None):
+        records = load_prompt_records(test_path)[: len(texts)]
+        prompts = [tuple(render_prompt_ids(tokenizer, record.student_messages)) for record in records]
+        self.ids = {prompt: tokenizer(text, add_special_tokens=False)["input_ids"] for prompt, text in zip(prompts, texts)}
+        self.calls = []
 
     def generate(self, prompt_ids, n, sampling):
         assert sampling.temperature == 0.0 and n == 1  # evaluation is greedy, one response per question
-        return [Generation(prompt_index=i, response_ids=self.ids[i], finished=True) for i in range(len(prompt_ids))]
+        self.calls.append(len(prompt_ids))
+        return [Generation(prompt_index=i, response_ids=self.ids[tuple(ids)], finished=True)
+                for i, ids in enumerate(prompt_ids)]
 
 
 def test_accuracy_counts_strict_and_flexible_answers(setup, smollm2_tokenizer):
     cfg, test_path, model_dir = setup
     truths = [record.ground_truth for record in load_prompt_records(test_path)[:3]]
     texts = [f"So the answer is\n#### {truths[0]}", f"The answer is {truths[1]}.", "I do not know."]
-    result = evaluate(str(model_dir), test_path, cfg, engine=ScriptedEngine(smollm2_tokenizer, texts))
+    engine = ScriptedEngine(smollm2_tokenizer, texts, test_path)
+    progress = []
+    result = evaluate(str(model_dir), test_path, cfg, engine=engine, progress=lambda metrics, done: progress.append(done))
+    assert engine.calls == [2, 1] and progress == [2, 3]  # eval.batch_size 2: two batches, progress after each
     assert [row["correct_strict"] for row in result.examples] == [True, False, False]
     assert [row["correct_flexible"] for row in result.examples] == [True, True, False]
     assert (result.accuracy_strict, result.accuracy_flexible) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
@@ -111,7 +120,7 @@ def test_heldout_kl_is_scored_with_the_true_solution_on_the_models_own_answers(s
 def test_results_round_trip_and_log_to_mlflow_as_metrics_and_table(setup, smollm2_tokenizer, tmp_path, monkeypatch):
     cfg, test_path, model_dir = setup
     texts = ["#### 1", "#### 2", "#### 3"]
-    result = evaluate(str(model_dir), test_path, cfg, engine=ScriptedEngine(smollm2_tokenizer, texts))
+    result = evaluate(str(model_dir), test_path, cfg, engine=ScriptedEngine(smollm2_tokenizer, texts, test_path))
     loaded = EvalResult.load(result.save(tmp_path / "eval.json"))
     assert json.dumps(asdict(loaded)) == json.dumps(asdict(result))  # JSON, so NaN (no held-out KL here) compares
     assert math.isnan(result.summary["heldout_kl"])  # a scripted engine has no model to score with
