@@ -16,7 +16,9 @@ The student row (no context) is the baseline: the accuracy the teacher should be
     python benchmarks/teacher_template.py                  # N=32, SmolLM2-135M, 256 new tokens
     python benchmarks/teacher_template.py --n 8 --max-new-tokens 64 --model /path/to/checkpoint
 
-The last line is machine-readable: `best_teacher_template=<name> <name>_strict=<acc> ...`.
+The last line is machine-readable: `best_teacher_template=<name> <name>_strict=<acc> ...` (best = highest
+strict teacher accuracy, then KL). The measured table, with machine and date, is in
+`examples/privileged_context_distillation/README.md` ("Teacher prompt").
 """
 
 from __future__ import annotations

@@ -124,8 +124,8 @@ class DataConfig:
     # Instruction appended to each question in the student prompt (verl's GSM8K convention).
     instruction: str = GSM8K_INSTRUCTION
     # How the teacher prompt adds the privileged context to the question: a name from
-    # `pcsd_core.prompts.TEACHER_TEMPLATES` ("reference": question, blank line, context, as the verl reference;
-    # "worked_solution") or a custom format string holding {question} and {context}.
+    # `pcsd_core.prompts.TEACHER_TEMPLATES` ("reference", the default: question, blank line, context, as the verl
+    # reference; "worked_solution") or a custom format string holding {question} and {context}.
     teacher_template: str = DEFAULT_TEACHER_TEMPLATE_NAME
     # `data_source` written into the parquet (verl uses it to pick a reward function).
     data_source: str = "openai/gsm8k"

@@ -85,7 +85,8 @@ def test_reference_template_is_question_blank_line_context(plain_tokenizer):
 
 
 def test_template_names_and_custom_strings_resolve():
-    assert resolve_teacher_template("worked_solution") == DEFAULT_TEACHER_TEMPLATE
+    assert resolve_teacher_template("reference") == DEFAULT_TEACHER_TEMPLATE == "{question}\n\n{context}"
+    assert resolve_teacher_template("worked_solution").startswith("{question}\n\nHere is a worked solution")
     assert resolve_teacher_template("{question} | {context}") == "{question} | {context}"
     custom = build_teacher_messages(build_student_messages(QUESTION), CONTEXT, "{question} | {context}")
     assert custom[0]["content"] == f"{QUESTION} | {CONTEXT}"
