@@ -148,3 +148,14 @@ def test_a_model_alias_brings_its_recipe_and_the_machine_check_refuses_it_in_sec
         plan_run(raw, flow_run_id="1", env={}, model="deepseek-math-7b-base", check_machine=True)
     assert time.perf_counter() - started < 10
     plan_run(raw, flow_run_id="1", env={}, check_machine=True)  # the CPU default passes the check
+
+
+def test_parallel_branches_split_the_cores_instead_of_oversubscribing_them(monkeypatch):
+    raw = parse_preset((REPO_ROOT / "configs" / "sweep_cpu_smollm2.yaml").read_text())
+    branches = plan_run(raw, flow_run_id="1", env={}).branches
+    assert [b.sweep_size for b in branches] == [4] * 4
+    for cores, expected in ((2, 1), (8, 2), (16, 4)):
+        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
+        assert branches[0].threads() == expected  # 4 branches at once share the cores
+    single = plan_run(raw, flow_run_id="1", env={}, sweep='{"train.lr": [1e-5]}').branches[0]
+    assert single.threads() == 16  # alone, it may use them all
