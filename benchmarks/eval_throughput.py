@@ -28,7 +28,7 @@ from pcsd_core.models import load_tokenizer, resolve_model  # noqa: E402
 from pcsd_core.prompts import build_student_messages, render_prompt_ids  # noqa: E402
 from pcsd_core.rollout.base import SamplingParams  # noqa: E402
 from pcsd_core.rollout.hf import HFRolloutEngine  # noqa: E402
-from pcsd_core.scoring import extract_answer, is_correct  # noqa: E402
+from pcsd_core.scoring import extract_answer, is_correct, text_through_first_answer_line  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
@@ -39,14 +39,6 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data-path", default=str(REPO_ROOT.parent / "shared" / "data" / "gsm8k"))
     return parser.parse_args()
-
-
-def _cut_after_first_answer_line(text: str) -> str:
-    lines = text.split("\n")
-    for index, line in enumerate(lines[:-1]):
-        if extract_answer(line, "strict") is not None:
-            return "\n".join(lines[: index + 1]) + "\n"
-    return text
 
 
 def _generate_timed(engine, prompts, max_new_tokens: int, batch_size: int) -> dict:
@@ -87,7 +79,7 @@ def _consistency_failures(full: dict, stopped: dict) -> int:
     failures = 0
     for whole, cut, whole_text, cut_text in zip(full["generations"], stopped["generations"], full["texts"], stopped["texts"]):
         prefix = whole.response_ids[: len(cut.response_ids)] == cut.response_ids
-        same = extract_answer(cut_text, "strict") == extract_answer(_cut_after_first_answer_line(whole_text), "strict")
+        same = extract_answer(cut_text, "strict") == extract_answer(text_through_first_answer_line(whole_text), "strict")
         failures += not (prefix and same)
     return failures
 

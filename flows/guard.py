@@ -71,6 +71,9 @@ def guarded_step(step_name: str, parent_run_id: str = "", *, branch: bool = Fals
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
+    # One stop is enough: a second SIGTERM (the runtime's own, after the kernel's) must not cut the cleanup short,
+    # which would leave runs RUNNING and Ray up. SIGKILL still ends the task.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 

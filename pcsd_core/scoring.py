@@ -88,3 +88,15 @@ def is_correct(text: str, ground_truth: str | int | float, mode: Mode = "strict"
     answer = extract_answer(text, mode)
     expected = normalize_number(str(ground_truth))
     return answer is not None and expected is not None and answer == expected
+
+
+def text_through_first_answer_line(text: str) -> str:
+    """`text` up to and including the newline that ends its first `#### <number>` line (all of it if none).
+
+    What a generation that stops at its answer (`SamplingParams.stop_at_answer`) should have produced: strict
+    scoring of it reads that first answer line."""
+    lines = text.split("\n")
+    for index, line in enumerate(lines[:-1]):
+        if extract_answer(line, "strict") is not None:
+            return "\n".join(lines[: index + 1]) + "\n"
+    return text

@@ -199,7 +199,12 @@ def open_run(run_id: str, system_metrics: bool = True, end: bool = True) -> Iter
         yield run
     except BaseException as error:
         # An error in the body failed the run; an interrupt (Ctrl-C, a stop turned into SystemExit) killed it.
-        retry_when_locked(mlflow.end_run, status="FAILED" if isinstance(error, Exception) else "KILLED")
+        status = "FAILED" if isinstance(error, Exception) else "KILLED"
+        try:
+            retry_when_locked(mlflow.end_run, status=status)
+        except Exception:  # the interrupted client may be unusable; a fresh one still records the outcome
+            with contextlib.suppress(Exception):
+                MlflowClient(tracking_uri=tracking_uri()).set_terminated(run_id, status=status)
         raise
     retry_when_locked(mlflow.end_run, status="FINISHED" if end else "RUNNING")
 

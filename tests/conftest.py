@@ -85,21 +85,32 @@ class TinyFlowRun:
     learning_rates: tuple[float, ...] = tuple(FLOW_LEARNING_RATES)
 
 
+def tiny_flow_preset(model_dir: Path, data_dir: Path, output_dir: Path, *, steps: int, eval_questions: int) -> dict:
+    """A flow preset on the tiny model and a few GSM8K rows: 2 prompts x 2 responses of <= 8 tokens a step."""
+    return {
+        "model": {"name": str(model_dir)},
+        "data": {"path": str(data_dir), "max_train_rows": 4, "max_test_rows": max(eval_questions, 2)},
+        "rollout": {"n": 2, "max_response_tokens": 8, "batch_size": 4},
+        "train": {"total_training_steps": steps, "prompts_per_step": 2, "mini_batch_size": 4,
+                  "micro_batch_size": 2, "device": "cpu", "output_dir": str(output_dir)},
+        "eval": {"num_examples": eval_questions, "max_new_tokens": 8, "batch_size": min(eval_questions, 4)},
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_preset():
+    """`tiny_flow_preset`, for tests that run the flow themselves."""
+    return tiny_flow_preset
+
+
 @pytest.fixture(scope="session")
 def tiny_flow_run(tmp_path_factory, tiny_model_dir, gsm8k_dir) -> TinyFlowRun:
     """`python flows/pcsd_flow.py run` on the tiny model: 4 GSM8K rows, 2 steps, a 2-branch lr sweep."""
     import yaml
 
     root = tmp_path_factory.mktemp("flow_run")
-    preset = {
-        "model": {"name": str(tiny_model_dir)},
-        "data": {"path": str(gsm8k_dir), "max_train_rows": 4, "max_test_rows": 4},
-        "rollout": {"n": 2, "max_response_tokens": 8, "batch_size": 4},
-        "train": {"total_training_steps": FLOW_STEPS, "prompts_per_step": 2, "mini_batch_size": 4,
-                  "micro_batch_size": 2, "device": "cpu", "output_dir": str(root / "outputs")},
-        "eval": {"num_examples": 4, "max_new_tokens": 8, "batch_size": 4},
-        "sweep": {"train.lr": FLOW_LEARNING_RATES},
-    }  # fmt: skip
+    preset = tiny_flow_preset(tiny_model_dir, gsm8k_dir, root / "outputs", steps=FLOW_STEPS, eval_questions=4)
+    preset["sweep"] = {"train.lr": FLOW_LEARNING_RATES}
     (root / "tiny.yaml").write_text(yaml.safe_dump(preset))
     datastore = root / "metaflow"
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"

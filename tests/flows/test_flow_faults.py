@@ -30,17 +30,9 @@ def _flow_env(root: Path) -> dict[str, str]:
     return env
 
 
-def _write_preset(root: Path, model_dir: Path, data_dir: Path, steps: int) -> Path:
-    preset = {
-        "model": {"name": str(model_dir)},
-        "data": {"path": str(data_dir), "max_train_rows": 4, "max_test_rows": 2},
-        "rollout": {"n": 2, "max_response_tokens": 8, "batch_size": 4},
-        "train": {"total_training_steps": steps, "prompts_per_step": 2, "mini_batch_size": 4,
-                  "micro_batch_size": 2, "device": "cpu", "output_dir": str(root / "outputs")},
-        "eval": {"num_examples": 2, "max_new_tokens": 8, "batch_size": 2},
-    }  # fmt: skip
+def _write_preset(tiny_preset, root: Path, model_dir: Path, data_dir: Path, steps: int) -> Path:
     path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(preset))
+    path.write_text(yaml.safe_dump(tiny_preset(model_dir, data_dir, root / "outputs", steps=steps, eval_questions=2)))
     return path
 
 
@@ -58,8 +50,9 @@ def _parent_runs(root: Path) -> list:
     return [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
 
 
-def test_bad_data_path_fails_once_with_one_clear_line_and_a_failed_parent_run(tmp_path, tiny_model_dir, gsm8k_dir):
-    preset = _write_preset(tmp_path, tiny_model_dir, gsm8k_dir, steps=1)
+def test_bad_data_path_fails_once_with_one_clear_line_and_a_failed_parent_run(tmp_path, tiny_preset, tiny_model_dir,
+                                                                             gsm8k_dir):
+    preset = _write_preset(tiny_preset, tmp_path, tiny_model_dir, gsm8k_dir, steps=1)
     missing = tmp_path / "no_such_folder"
     started = time.perf_counter()
     completed = subprocess.run(_flow_command(preset, "--data-path", str(missing)), cwd=tmp_path,
@@ -75,8 +68,8 @@ def test_bad_data_path_fails_once_with_one_clear_line_and_a_failed_parent_run(tm
     assert time.perf_counter() - started < 180
 
 
-def test_sigterm_to_the_flow_ends_its_tasks_and_marks_the_runs_killed(tmp_path, tiny_model_dir, gsm8k_dir):
-    preset = _write_preset(tmp_path, tiny_model_dir, gsm8k_dir, steps=200)  # long enough to be stopped mid-distill
+def test_sigterm_to_the_flow_ends_its_tasks_and_marks_the_runs_killed(tmp_path, tiny_preset, tiny_model_dir, gsm8k_dir):
+    preset = _write_preset(tiny_preset, tmp_path, tiny_model_dir, gsm8k_dir, steps=200)  # long enough to be stopped mid-distill
     runner = subprocess.Popen(_flow_command(preset), cwd=tmp_path, env=_flow_env(tmp_path),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

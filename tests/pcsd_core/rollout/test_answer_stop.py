@@ -8,12 +8,12 @@ import json
 
 import pytest
 
-from pcsd_core.config import DEFAULT_TEACHER_TEMPLATE, GSM8K_INSTRUCTION
+from pcsd_core.config import GSM8K_INSTRUCTION
 from pcsd_core.prompts import build_prompt_pair, build_student_messages
 from pcsd_core.rollout.answer_stop import AnswerLineStop, TokenTexts
 from pcsd_core.rollout.base import SamplingParams
 from pcsd_core.rollout.hf import HFRolloutEngine
-from pcsd_core.scoring import extract_answer
+from pcsd_core.scoring import extract_answer, text_through_first_answer_line
 
 PIECES = ["####", " ", "1", "6", "\n", "So", " 2", " + 2", "\n\n", ".", "6\n", "#### .", "x"]
 
@@ -60,15 +60,6 @@ def test_token_texts_decode_each_id_once(smollm2_tokenizer):
     assert len(texts._texts) == len(set(ids))
 
 
-def _cut_after_first_answer_line(text: str) -> str:
-    """The text up to and including the newline ending its first `#### <number>` line (all of it if none)."""
-    lines = text.split("\n")
-    for index, line in enumerate(lines[:-1]):
-        if extract_answer(line, "strict") is not None:
-            return "\n".join(lines[: index + 1]) + "\n"
-    return text
-
-
 def test_stopped_greedy_generation_is_a_prefix_with_the_first_answer_line(smollm2_path, smollm2_tokenizer, gsm8k_dir):
     """SmolLM2 given the worked solution (teacher prompt) writes `#### <n>` lines, then more text; the stopped
     generation ends at the first such line. Test questions 1, 4 and 5: one ends with EOS and no `####` line,
@@ -76,7 +67,7 @@ def test_stopped_greedy_generation_is_a_prefix_with_the_first_answer_line(smollm
     rows = [json.loads(line) for line in (gsm8k_dir / "test.jsonl").read_text().splitlines()]
     prompts = [
         build_prompt_pair(smollm2_tokenizer, build_student_messages(rows[i]["question"], GSM8K_INSTRUCTION),
-                          rows[i]["answer"], DEFAULT_TEACHER_TEMPLATE).teacher_ids
+                          rows[i]["answer"], "worked_solution").teacher_ids
         for i in (1, 4, 5)
     ]  # fmt: skip
     engine = HFRolloutEngine(smollm2_path, batch_size=3)
@@ -87,10 +78,10 @@ def test_stopped_greedy_generation_is_a_prefix_with_the_first_answer_line(smollm
         assert whole.response_ids[: len(cut.response_ids)] == cut.response_ids
         whole_text = smollm2_tokenizer.decode(whole.response_ids, skip_special_tokens=True)
         cut_text = smollm2_tokenizer.decode(cut.response_ids, skip_special_tokens=True)
-        assert extract_answer(cut_text, "strict") == extract_answer(_cut_after_first_answer_line(whole_text), "strict")
+        assert extract_answer(cut_text, "strict") == extract_answer(text_through_first_answer_line(whole_text), "strict")
         if len(cut.response_ids) < len(whole.response_ids):
             early += 1
-            assert cut.finished and cut_text == _cut_after_first_answer_line(whole_text)
+            assert cut.finished and cut_text == text_through_first_answer_line(whole_text)
         else:
             assert cut.finished == whole.finished
     assert early == 2  # the test would be empty if no row stopped early
