@@ -105,3 +105,22 @@ def _artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[st
     for item in client.list_artifacts(run_id, path):
         found |= _artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
     return found
+
+
+def test_the_end_of_the_run_prints_the_headline_results(flow_run):
+    """Not only where to look: accuracy before -> after with the question count, vs-base test, steps, time, registry."""
+    import re
+
+    run, client, run_dir = flow_run
+    log = (run_dir / "flow.log").read_text()
+    assert "Results (GSM8K accuracy of the base model -> the distilled model, greedy):" in log
+    summary = run["join"].task.data.summary
+    for outcome in summary.outcomes:
+        line = next(line for line in log.splitlines() if f"{outcome.label}: strict " in line)
+        metrics = outcome.evaluation.metrics
+        before, after = (round(metrics[f"eval/{phase}/gsm8k_accuracy_strict"] * 4) for phase in ("before", "after"))
+        assert f"strict {before}/4 " in line and f"-> {after}/4 " in line
+        assert re.search(rf"{STEPS} steps in \d+ s, final train KL \d+\.\d{{4}}", line)
+    assert re.search(r"strict vs base [+-]\d+\.\d% \[[+-]\d+\.\d%, [+-]\d+\.\d%\] \(paired bootstrap 95%\), McNemar p=", log)
+    registration = run["register"].task.data.registration
+    assert f"registered {registration.model_uri} (holds alias 'champion')" in log

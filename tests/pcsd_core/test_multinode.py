@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pcsd_core.actor import Actor
-from test_workers import config, random_batch
+from test_workers import config, random_batch, single_process_reference
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
@@ -48,10 +47,7 @@ def test_two_fsdp_workers_on_two_nodes_match_one_process(tiny_model_dir, two_nod
     from pcsd_core.workers import ensure_ray, launch_train_workers
 
     batch = random_batch(8)
-    single = Actor(config(), str(tiny_model_dir))
-    single_teacher = single.compute_distributions(batch)
-    single_stats = single.update_policy_with_distillation(batch, single_teacher)
-    expected = single.full_state_dict()
+    single_teacher, single_stats, expected, _ = single_process_reference(tiny_model_dir, batch)
 
     raylets = raylet_count()
     assert raylets >= 2

@@ -51,16 +51,21 @@ def ray_session():
         ray.shutdown()
 
 
+def single_process_reference(model_dir, batch):
+    """(teacher outputs, update stats, updated weights) of one in-process actor: what FSDP ranks must reproduce."""
+    single = Actor(config(), str(model_dir))
+    teacher = single.compute_distributions(batch)
+    stats = single.update_policy_with_distillation(batch, teacher)
+    return teacher, stats, single.full_state_dict(), single
+
+
 def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session):
     """Same batch, same loss (rel 1e-5) and same updated weights (atol 2e-5 after Adam steps of ~1e-3)."""
     from pcsd_core.rollout.hf import HFRolloutEngine
     from pcsd_core.workers import launch_train_workers
 
     batch = random_batch(8)
-    single = Actor(config(), str(tiny_model_dir))
-    single_teacher = single.compute_distributions(batch)
-    single_stats = single.update_policy_with_distillation(batch, single_teacher)
-    expected = single.full_state_dict()
+    single_teacher, single_stats, expected, single = single_process_reference(tiny_model_dir, batch)
 
     group = launch_train_workers(config(use_ray=True, num_workers=2), str(tiny_model_dir), device_type="cpu")
     try:
