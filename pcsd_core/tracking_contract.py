@@ -60,7 +60,7 @@ HEADLINE_METRIC = eval_metric("", "gsm8k_accuracy_strict")  # what the registry 
 # Held-out metrics of an evaluated model, beside the accuracies, as `eval/<phase>/<name>` (see
 # `pcsd_core.eval_metrics`); a metric with a 95% interval also has `<name>_low` and `<name>_high`.
 HELDOUT_METRICS = ("answer_format_rate", "repetition_rate", "truncation_rate", "mean_response_tokens", "heldout_kl",
-                   "num_questions")
+                   "heldout_kl_questions", "num_questions")
 INTERVAL_SUFFIXES = ("_low", "_high")
 # A distilled model against the base model on the same questions (paired): `eval/vs_base/<mode>/<statistic>`,
 # statistics `difference` (+ interval), `mcnemar_p`, `only_a` (right only after training), `only_b` (only before).

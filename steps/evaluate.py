@@ -99,22 +99,26 @@ def evaluate(model_path: str, test_path: str | Path, cfg: PCSDConfig, engine: Ro
                                               label or Path(str(model_path)).name)
         response_ids = [list(g.response_ids) for g in generations]
         # The teacher sees each question's TRUE solution, whatever context this run trained with (control arms).
-        kl = _heldout_kl(engine, tokenizer, records, load_solutions(test_path)[: len(records)], response_ids, cfg)
+        kl_rows = min(cfg.eval.heldout_kl_questions or len(records), len(records))
+        kl = _heldout_kl(engine, tokenizer, records[:kl_rows], load_solutions(test_path)[:kl_rows],
+                         response_ids[:kl_rows], cfg)
     finally:
         if own_engine:
             engine.close()
     responses = [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids]
     scores = score_responses(responses, response_ids, [r.ground_truth for r in records],
                              max_new_tokens=cfg.eval.max_new_tokens, finished=[g.finished for g in generations])
+    row_kls = kl.per_response + [float("nan")] * (len(records) - len(kl.per_response))  # NaN: not computed
     examples = [{**_score(record, response), **asdict(score), "heldout_kl": row_kl}
-                for record, response, score, row_kl in zip(records, responses, scores, kl.per_response)]  # fmt: skip
+                for record, response, score, row_kl in zip(records, responses, scores, row_kls)]  # fmt: skip
     return EvalResult(
         model_path=str(model_path),
         num_examples=len(examples),
         accuracy_strict=sum(row["correct_strict"] for row in examples) / len(examples),
         accuracy_flexible=sum(row["correct_flexible"] for row in examples) / len(examples),
         examples=examples,
-        summary={**summarize_scores(scores, seed=cfg.train.seed), "heldout_kl": kl.mean_per_token},
+        summary={**summarize_scores(scores, seed=cfg.train.seed), "heldout_kl": kl.mean_per_token,
+                 "heldout_kl_questions": float(len(kl.per_response))},
     )
 
 

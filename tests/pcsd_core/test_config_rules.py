@@ -83,6 +83,7 @@ BAD_VALUES: dict[str, list] = {
     "train.resume_from": ["  "],
     "eval.num_examples": [-1],
     "eval.stop_at_answer": ["maybe", 2],
+    "eval.heldout_kl_questions": [-1, 2.5],
     "eval.max_new_tokens": [0],
     "eval.batch_size": [0],
 }

@@ -95,6 +95,10 @@ def test_accuracy_counts_strict_and_flexible_answers(setup, smollm2_tokenizer):
     assert metrics["eval/after/gsm8k_accuracy_strict_low"] < 1 / 3 < metrics["eval/after/gsm8k_accuracy_strict_high"]
     assert (metrics["eval/after/repetition_rate"], metrics["eval/after/truncation_rate"]) == (0.0, 0.0)
     assert metrics["eval/after/num_questions"] == 3
+    from pcsd_core.tracking_contract import ACCURACY_METRICS, HELDOUT_METRICS, INTERVAL_SUFFIXES
+
+    contract_names = {name + suffix for name in (*ACCURACY_METRICS, *HELDOUT_METRICS) for suffix in ("", *INTERVAL_SUFFIXES)}
+    assert {key.removeprefix("eval/after/") for key in metrics} <= contract_names  # every name is in the contract
     assert [row["has_answer_line"] for row in result.examples] == [True, False, False]
 
 
@@ -145,3 +149,12 @@ def test_evaluate_rejects_an_empty_selection(setup):
     pq.write_table(pq.read_table(test_path).slice(0, 0), tmp)
     with pytest.raises(ValueError):
         evaluate(str(model_dir), empty, cfg)
+
+
+def test_heldout_kl_covers_only_the_first_questions_it_is_asked_for(setup):
+    """eval.heldout_kl_questions bounds its cost (two forward passes a question); the rest are marked NaN."""
+    cfg, test_path, model_dir = setup
+    limited = PCSDConfig.from_dict(cfg.to_dict(), {"eval.heldout_kl_questions": 2})
+    result = evaluate(str(model_dir), test_path, limited)
+    kls = [row["heldout_kl"] for row in result.examples]
+    assert result.summary["heldout_kl_questions"] == 2 and all(k > 0 for k in kls[:2]) and math.isnan(kls[2])
