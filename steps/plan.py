@@ -68,6 +68,7 @@ class Branch:
     train_path: str = ""
     test_path: str = ""
     data_stats: dict[str, Any] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # `sharing_keys`, set by plan_run
 
     def threads(self) -> int:
         """Torch threads for this branch's task: the cores split between the branches running at once, so a
@@ -78,18 +79,25 @@ class Branch:
     @property
     def data_key(self) -> str:
         """Branches with the same data section share one preprocessed dataset."""
-        return _digest(dataclasses.asdict(self.config.data))
+        return self.keys["data"]
 
     @property
     def base_model_key(self) -> str:
-        """Branches with the same model, test questions and eval settings share one base-model evaluation.
+        """Branches with the same model, test questions and eval settings share one base-model evaluation."""
+        return self.keys["base_model"]
 
-        The base model sees student prompts only, so the teacher's side of the data section (the privileged
-        context and its template) does not change its evaluation: control arms share the base model's.
-        """
-        data = {key: value for key, value in dataclasses.asdict(self.config.data).items() if key not in TEACHER_ONLY}
-        return _digest({"model": dataclasses.asdict(self.config.model), "data": data,
-                        "eval": dataclasses.asdict(self.config.eval)})
+
+def sharing_keys(config: PCSDConfig) -> dict[str, str]:
+    """What a branch shares with others, computed once, at plan time, and stored on the branch: a key recomputed
+    in a later task could differ (code with a new config field, a resumed run) and miss the shared result.
+
+    The base model sees student prompts only, so the teacher's side of the data section (the privileged context
+    and its template) does not change its evaluation: control arms share the base model's.
+    """
+    data = dataclasses.asdict(config.data)
+    student_side = {key: value for key, value in data.items() if key not in TEACHER_ONLY}
+    return {"data": _digest(data), "base_model": _digest({"model": dataclasses.asdict(config.model),
+                                                          "data": student_side, "eval": dataclasses.asdict(config.eval)})}
 
 
 @dataclass
@@ -188,7 +196,7 @@ def plan_run(
                              "folder); remove the duplicate value from the sweep grid.")
         if check_machine:
             check_hardware(config)
-        branches.append(Branch(label=label, overrides=point, config=config))
+        branches.append(Branch(label=label, overrides=point, config=config, keys=sharing_keys(config)))
     for branch in branches:
         branch.sweep_size = len(branches)
     return RunPlan(base_config=base, sweep=grid, branches=branches, output_root=str(output_root))

@@ -159,3 +159,13 @@ def test_parallel_branches_split_the_cores_instead_of_oversubscribing_them(monke
         assert branches[0].threads() == expected  # 4 branches at once share the cores
     single = plan_run(raw, flow_run_id="1", env={}, sweep='{"train.lr": [1e-5]}').branches[0]
     assert single.threads() == 16  # alone, it may use them all
+
+
+def test_sharing_keys_are_fixed_at_plan_time():
+    """A later task must find the shared base-model evaluation even if the config it unpickles differs (new code
+    with a new field default, a resumed run): the keys are stored on the branch, not recomputed."""
+    raw = parse_preset((REPO_ROOT / "configs" / "cpu_smollm2.yaml").read_text())
+    branch = plan_run(raw, flow_run_id="1", env={}).branches[0]
+    keys = (branch.data_key, branch.base_model_key)
+    branch.config.eval.batch_size += 1
+    assert (branch.data_key, branch.base_model_key) == keys
