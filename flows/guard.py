@@ -24,6 +24,8 @@ import os
 import signal
 import sys
 import tempfile
+import threading
+import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +36,10 @@ from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
 # (DataValidationError is a ValueError; ModelNotFoundError, HubUnreachableError and HardwareError are OSErrors).
 USER_ERRORS = (ValueError, OSError)
 _PR_SET_PDEATHSIG = 1
+# After a stop, the cleanup gets this long; then the task marks its runs KILLED and exits anyway (a library that
+# swallows the KeyboardInterrupt, or a wait that never returns, must not keep it alive).
+STOP_GRACE_S = 30.0
+_parent_run = {"id": ""}  # the flow's parent MLflow run, for the stop watchdog
 
 
 @contextlib.contextmanager
@@ -44,37 +50,55 @@ def guarded_step(step_name: str, parent_run_id: str = "", *, branch: bool = Fals
     so its errors go to `@catch` unchanged and the parent run stays RUNNING.
     """
     _die_with_the_runtime()
+    _parent_run["id"] = parent_run_id
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     if parent_run_id and not branch:
-        _mark_parent(parent_run_id, "RUNNING")  # a retry of a failed step runs again
+        _mark_run(parent_run_id, "RUNNING")  # a retry of a failed step runs again
     try:
         yield
     except KeyboardInterrupt:
-        _mark_parent(parent_run_id, "KILLED")
+        _mark_run(parent_run_id, "KILLED")
         print(f"error: the {step_name} step was stopped (Ctrl-C or SIGTERM); the parent MLflow run is marked KILLED.",
               file=sys.stderr, flush=True)
         sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
     except USER_ERRORS as error:
         if branch:
             raise
-        _mark_parent(parent_run_id, "FAILED")
+        _mark_run(parent_run_id, "FAILED")
         log = _save_traceback(step_name)
         print(f"error: {error}\n       (the {step_name} step stopped; a retry cannot fix this, so none is made; "
               f"traceback: {log})", file=sys.stderr, flush=True)
         sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
     except BaseException:
         if not branch:
-            _mark_parent(parent_run_id, "FAILED")  # a retry that succeeds sets it RUNNING again
+            _mark_run(parent_run_id, "FAILED")  # a retry that succeeds sets it RUNNING again
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
-    # One stop is enough: a second SIGTERM (the runtime's own, after the kernel's) must not cut the cleanup short,
-    # which would leave runs RUNNING and Ray up. SIGKILL still ends the task.
+    # One stop is enough: a second SIGTERM must not cut the cleanup short, which would leave runs RUNNING and Ray
+    # up. The watchdog bounds the cleanup; SIGKILL still ends the task at once.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _start_stop_watchdog()
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _start_stop_watchdog() -> None:
+    """In STOP_GRACE_S, mark this task's runs KILLED (if still RUNNING) and exit, whatever the main thread does."""
+    import mlflow
+
+    active = mlflow.active_run()  # a branch's child run, when the stop came inside it
+    run_ids = [run_id for run_id in (active.info.run_id if active else "", _parent_run["id"]) if run_id]
+
+    def stop_for_good() -> None:
+        time.sleep(STOP_GRACE_S)
+        for run_id in run_ids:
+            _mark_run(run_id, "KILLED")
+        os._exit(METAFLOW_EXIT_DISALLOW_RETRY)
+
+    threading.Thread(target=stop_for_good, name="pcsd-stop-watchdog", daemon=True).start()
 
 
 def _die_with_the_runtime() -> None:
@@ -85,18 +109,18 @@ def _die_with_the_runtime() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _mark_parent(parent_run_id: str, status: str) -> None:
-    if not parent_run_id:
+def _mark_run(run_id: str, status: str) -> None:
+    if not run_id:
         return
     try:
         from steps import tracking
 
         if status == "RUNNING":
-            tracking.set_run_status(parent_run_id, status)
+            tracking.set_run_status(run_id, status)
         else:
-            tracking.mark_failed(parent_run_id, status)  # a run that already ended keeps its status
+            tracking.mark_failed(run_id, status)  # a run that already ended keeps its status
     except Exception as error:  # the tracking server may be the problem; the step's own error matters more
-        print(f"warning: could not mark MLflow run {parent_run_id} {status}: {error}", file=sys.stderr)
+        print(f"warning: could not mark MLflow run {run_id} {status}: {error}", file=sys.stderr)
 
 
 def _save_traceback(step_name: str) -> str:
