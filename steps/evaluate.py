@@ -109,7 +109,7 @@ def evaluate(model_path: str, test_path: str | Path, cfg: PCSDConfig, engine: Ro
     scores = score_responses(responses, response_ids, [r.ground_truth for r in records],
                              max_new_tokens=cfg.eval.max_new_tokens, finished=[g.finished for g in generations])
     row_kls = kl.per_response + [float("nan")] * (len(records) - len(kl.per_response))  # NaN: not computed
-    examples = [{**_score(record, response), **asdict(score), "heldout_kl": row_kl}
+    examples = [{**_example_row(record, response), **asdict(score), "heldout_kl": row_kl}
                 for record, response, score, row_kl in zip(records, responses, scores, row_kls)]  # fmt: skip
     return EvalResult(
         model_path=str(model_path),
@@ -223,8 +223,9 @@ def evaluate_branch(branch: Branch, checkpoint_dir: str | Path, run_id: str, bas
                             num_examples=after.num_examples, result_path=str(after_path))
 
 
-def _score(record: Any, response: str) -> dict[str, Any]:
-    from pcsd_core.scoring import extract_answer, is_correct
+def _example_row(record: Any, response: str) -> dict[str, Any]:
+    """A question's row apart from its scores (correctness and the rest come from `score_responses`)."""
+    from pcsd_core.scoring import extract_answer
 
     return {
         "index": record.index,
@@ -233,8 +234,6 @@ def _score(record: Any, response: str) -> dict[str, Any]:
         "extracted_strict": extract_answer(response, mode="strict"),
         "extracted_flexible": extract_answer(response, mode="flexible"),
         "ground_truth": record.ground_truth,
-        "correct_strict": is_correct(response, record.ground_truth, mode="strict"),
-        "correct_flexible": is_correct(response, record.ground_truth, mode="flexible"),
     }
 
 
