@@ -1,12 +1,10 @@
 """Metaflow card contents for the PCSD flow: training curves and before/after GSM8K accuracy.
 
 Kept beside the flow (cards are Metaflow's; `steps/` never imports Metaflow). The inputs are the small
-results the steps return; the curve PNG was already written by the distill step.
+results the steps return, the distill step's curve PNG included (as bytes: the join may run on another machine).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from metaflow.cards import Image, Markdown, Table
 
@@ -17,7 +15,7 @@ def training_card(trained) -> list:
     rows = [[name, f"{value:.4g}"] for name, value in sorted(last.items())]
     return [
         Markdown(f"## Branch `{trained.label}`: {trained.steps} steps\nMLflow run `{trained.run_id}`"),
-        Image(Path(trained.curves_png).read_bytes(), label="training curves"),
+        Image(trained.curves_png, label="training curves"),
         Markdown("### Last step"),
         Table(rows, headers=["metric", "value"]),
     ]
@@ -29,8 +27,8 @@ def sweep_card(summary, headers: list[str], registration=None, report_path: str 
     if summary.best is not None:
         components.append(Markdown(f"Best branch: **{summary.best.label}** (MLflow run `{summary.best.run_id}`)"))
     for outcome in summary.outcomes:
-        if outcome.curves_png and Path(outcome.curves_png).is_file():
-            components.append(Image(Path(outcome.curves_png).read_bytes(), label=outcome.label))
+        if outcome.curves_png:
+            components.append(Image(outcome.curves_png, label=outcome.label))
     if registration is not None:
         champion = "champion" if registration.is_champion else "not champion"
         components.append(Markdown(f"Registered `{registration.model_uri}` ({champion})"))

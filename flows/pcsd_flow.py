@@ -14,7 +14,7 @@ one nested child run per branch. Look at it with `mlflow ui --backend-store-uri 
 `python flows/pcsd_flow.py card view <step>`. Steps only wire: the work is in `steps/`.
 """
 
-from metaflow import Config, FlowSpec, Parameter, card, catch, current, retry, step, timeout
+from metaflow import Config, FlowSpec, Parameter, card, catch, current, resources, retry, step, timeout
 
 from flows.guard import guarded_step
 from steps.plan import FLOW_KNOBS
@@ -22,6 +22,7 @@ from steps.plan import FLOW_KNOBS
 DISTILL_TIMEOUT_S = 12 * 3600  # a 7B preset on GPUs; a hung Ray worker must not hold the flow forever
 CARD_TIMEOUT_S = 300  # card rendering is a subprocess; the default 45 s is too short on a busy 2-core machine
 KNOBS = {knob.name: knob for knob in FLOW_KNOBS}
+REMOTE_COMPUTE = {"kubernetes", "batch"}  # `--with kubernetes` / `--with batch`: tasks run on other machines
 
 
 def knob_parameter(name: str) -> Parameter:
@@ -49,9 +50,15 @@ class PCSDFlow(FlowSpec):
 
         with guarded_step("start"):
             knobs = {name: getattr(self, name) for name in KNOBS}
+            # The GPU check runs here only when distill runs on this machine; on a compute backend, distill checks.
+            distill_here = not any(deco.name in REMOTE_COMPUTE for deco in PCSDFlow.distill.decorators)
             self.plan = plan_run(self.config, flow_run_id=current.run_id, sweep=self.sweep,
-                                 overrides=self.overrides, check_machine=True, **knobs)
+                                 overrides=self.overrides, check_machine=distill_here, **knobs)
             self.mlflow_run_id = tracking.start_parent_run(current.run_id, current.pathspec, self.plan.flat_params())
+        for sized in (PCSDFlow.distill, PCSDFlow.evaluate):  # what `--with kubernetes` / `--with batch` will ask for
+            sizes = next(deco.attributes for deco in sized.decorators if deco.name == "resources")
+            print(f"{sized.__name__} tasks ask compute backends for cpu={sizes['cpu']} memory={sizes['memory']} MB "
+                  f"gpu={sizes['gpu']} (preset resources:)")
         self.next(self.preprocess)
 
     @retry(times=1)
@@ -72,9 +79,14 @@ class PCSDFlow(FlowSpec):
             self.base_evaluations = evaluate_base_models(self.branches, self.mlflow_run_id, self.plan.output_root)
         self.next(self.distill, foreach="branches")
 
+    # A dead Ray worker or a lost machine fails the task; the retry continues from its last checkpoint
+    # (train.checkpoint_every) in the same MLflow run. Sizes for compute backends come from the preset.
     @card(type="blank", id="training", timeout=CARD_TIMEOUT_S)
     @catch(var="distill_failure")
+    @retry(times=1)
     @timeout(seconds=DISTILL_TIMEOUT_S)
+    @resources(cpu=config.resources.distill.cpu, memory=config.resources.distill.memory,
+               gpu=config.resources.distill.gpu)
     @step
     def distill(self):
         from flows.cards import training_card
@@ -89,6 +101,8 @@ class PCSDFlow(FlowSpec):
 
     @catch(var="eval_failure")
     @retry(times=1)
+    @resources(cpu=config.resources.evaluate.cpu, memory=config.resources.evaluate.memory,
+               gpu=config.resources.evaluate.gpu)
     @step
     def evaluate(self):
         from steps.evaluate import evaluate_branch

@@ -225,8 +225,8 @@ class Actor:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         module = self.student if which == "student" else self.teacher
-        if self.world_size == 1:
-            return {name: tensor.detach() for name, tensor in module.lm.state_dict().items()}
+        if self.world_size == 1:  # in-process, or one FSDP2 worker: its parameters are whole DTensors, made plain
+            return {name: full_tensor(tensor.detach()) for name, tensor in module.lm.state_dict().items()}
         state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {name.removeprefix("lm."): tensor for name, tensor in state.items()}
 

@@ -279,6 +279,8 @@ class TrainConfig:
     device: str = "auto"
     # Save a checkpoint every K steps (0 = only at the end).
     checkpoint_every: int = 0
+    # A local folder, or (flow only) a storage URI that every step's machine reaches: s3://, gs://, file://
+    # (steps/storage.py).
     output_dir: str = "outputs/run"
     # Checkpoint folder to continue from (same step, same data order).
     resume_from: str = ""

@@ -225,10 +225,18 @@ def recipe_preset(model_name: str) -> str | None:
 
 def gpus_required(cfg) -> int:
     """CUDA devices the config itself asks for: FSDP actor workers on cuda plus a split rollout's GPUs."""
-    on_gpu = cfg.train.device == "cuda" or cfg.rollout.engine == "sglang"
-    actor = cfg.train.num_workers if on_gpu else 0
+    actor = cfg.train.num_workers if runs_on_gpus(cfg) else 0
     rollout = cfg.rollout.num_gpus if cfg.rollout.placement == "split" else 0
     return actor + rollout
+
+
+def rollout_gpus_required(cfg) -> int:
+    """CUDA devices the rollout engine alone needs (evaluation): its tensor-parallel GPUs, or none on CPU."""
+    return max(1, cfg.rollout.num_gpus) if runs_on_gpus(cfg) else 0
+
+
+def runs_on_gpus(cfg) -> bool:
+    return cfg.train.device == "cuda" or cfg.rollout.engine == "sglang"
 
 
 def check_hardware(cfg, visible_gpus: int | None = None, gpu_memory_gb: list[float] | None = None) -> None:

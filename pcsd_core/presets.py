@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +66,22 @@ def read_preset_text(text: str, where: str = "config preset") -> dict[str, Any]:
 
 
 SWEEP_KEY = "sweep"  # a preset's optional top-level sweep grid (not a PCSDConfig section)
+# A preset's optional top-level machine sizes for the flow's distill and evaluate tasks: Metaflow's @resources
+# (CPUs, memory in MB, GPUs), which `--with kubernetes` / `--with batch` turn into requests. Not a PCSDConfig
+# section: the engine never reads it. Fields left out are derived from the config (steps/plan.py).
+RESOURCES_KEY = "resources"
+RESOURCE_STEPS = ("distill", "evaluate")
+RESOURCE_FIELDS = ("cpu", "memory", "gpu")
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A YAML preset: the config sections and the optional sweep grid (dotted key -> list of values)."""
+    """A YAML preset: the config sections, the optional sweep grid (dotted key -> list of values) and the
+    optional task resources (step -> {cpu, memory, gpu}, only the fields given)."""
 
     sections: dict[str, Any]
     sweep: dict[str, list[Any]]
+    resources: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def config(self, overrides: dict[str, Any] | None = None) -> PCSDConfig:
         return PCSDConfig.from_dict(self.sections, overrides)
@@ -87,10 +95,31 @@ def load_preset(source: str | Path | Any) -> Preset:
         raw = _plain(source)
         _require(isinstance(raw, dict), f"config preset: the top level must be a mapping of sections, got "
                  f"{type(raw).__name__}.")
-    sections = {key: value for key, value in raw.items() if key != SWEEP_KEY}
-    preset = Preset(sections=sections, sweep=parse_sweep(raw.get(SWEEP_KEY)))
+    sections = {key: value for key, value in raw.items() if key not in (SWEEP_KEY, RESOURCES_KEY)}
+    preset = Preset(sections=sections, sweep=parse_sweep(raw.get(SWEEP_KEY)),
+                    resources=parse_resources(raw.get(RESOURCES_KEY)))
     preset.config()  # validate now, before any work
     return preset
+
+
+def parse_resources(spec: Mapping[str, Any] | None) -> dict[str, dict[str, int]]:
+    """A preset's `resources:` section, e.g. {"distill": {"gpu": 8, "memory": 500000}}, checked field by field."""
+    if spec is None:
+        return {}
+    example = "resources: {distill: {cpu: 32, memory: 240000, gpu: 8}, evaluate: {gpu: 4}}"
+    _require(isinstance(spec, Mapping), f"resources must map steps to sizes, e.g. {example}; got {spec!r}.")
+    resources: dict[str, dict[str, int]] = {}
+    for step, sizes in spec.items():
+        _require(step in RESOURCE_STEPS, f"resources.{step}: unknown step; sized steps are {list(RESOURCE_STEPS)}.")
+        _require(isinstance(sizes, Mapping), f"resources.{step} must map {list(RESOURCE_FIELDS)} to whole numbers, "
+                 f"got {sizes!r}.")
+        for name, value in sizes.items():
+            _require(name in RESOURCE_FIELDS, f"resources.{step}.{name}: unknown field; use {list(RESOURCE_FIELDS)} "
+                     "(memory in MB).")
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= (0 if name == "gpu" else 1),
+                     f"resources.{step}.{name} ({value!r}) must be a whole number >= {0 if name == 'gpu' else 1}.")
+        resources[step] = dict(sizes)
+    return resources
 
 
 def parse_sweep(spec: str | Mapping[str, Any] | None) -> dict[str, list[Any]]:

@@ -71,10 +71,16 @@ def prompt_indices_for_step(step: int, prompts_per_step: int, num_records: int, 
 class Distiller:
     """On-policy self-distillation: the student samples, the context-conditioned teacher scores."""
 
-    def __init__(self, cfg: PCSDConfig, train_parquet: str | Path, log_metrics: Callable[[dict, int], None] = no_op):
+    def __init__(self, cfg: PCSDConfig, train_parquet: str | Path, log_metrics: Callable[[dict, int], None] = no_op,
+                 on_checkpoint: Callable[[Path], None] | None = None):
+        """`on_checkpoint(path)` runs after each checkpoint is saved (the flow uploads it to shared storage)."""
+        if "://" in cfg.train.output_dir:
+            raise ValueError(f"train.output_dir ({cfg.train.output_dir!r}) is a URI; the engine writes to a local "
+                             "folder. The flow (flows/pcsd_flow.py) stages a URI through one; here, give a folder.")
         self.cfg = cfg
         self.train_parquet = Path(train_parquet)
         self.log_metrics = log_metrics
+        self.on_checkpoint = on_checkpoint
         self.output_dir = Path(cfg.train.output_dir)
         self.workers: TrainWorkers | None = None
         self.engine = None
@@ -266,10 +272,13 @@ class Distiller:
         teacher_state = self.workers.full_state_dict("teacher") if self.cfg.train.teacher_mode == "ema" else None
         trainer_state = {"seed": self.cfg.train.seed, "num_records": len(self.records),
                          "prompts_per_step": self.cfg.train.prompts_per_step, "base_model": self.base_model_path}
-        return ckpt.save_checkpoint(self.output_dir, step, model_source=self.base_model_path,
+        path = ckpt.save_checkpoint(self.output_dir, step, model_source=self.base_model_path,
                                     model_state=self.workers.full_state_dict("student"), tokenizer=self.tokenizer,
                                     training_state=training_state, trainer_state=trainer_state,
                                     teacher_state=teacher_state)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(path)
+        return path
 
     def close(self) -> None:
         """Shut down the Ray workers (and Ray, if they started it) and free the rollout engine."""

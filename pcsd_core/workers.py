@@ -93,8 +93,10 @@ class TrainWorker:
     def update_policy_with_distillation(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats:
         return self.actor.update_policy_with_distillation(batch, teacher_outputs)
 
-    def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]:
-        return self.actor.full_state_dict(which)
+    def full_state_dict(self, which: str = "student") -> list[tuple[str, Any, str]]:
+        """Rank 0's unsharded weights as wire arrays (`tensor_to_wire`), as the sync buckets travel: numpy arrays
+        cross the object store without a copy or a pickle of torch storages."""
+        return [tensor_to_wire(name, tensor) for name, tensor in self.actor.full_state_dict(which).items()]
 
     def state_dict_bucket_plan(self, which: str, bucket_bytes: int) -> list[list[str]]:
         """Names of each bucket, from global shapes: the same on every rank, so the gathers line up."""
@@ -239,7 +241,8 @@ class RayWorkers:
         return UpdateStats.merged(parts)
 
     def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]:
-        return self._get([w.full_state_dict.remote(which) for w in self.workers], "full_state_dict")[0]  # rank 0
+        wire = self._get([w.full_state_dict.remote(which) for w in self.workers], "full_state_dict")[0]  # rank 0
+        return dict(wire_to_tensor(item) for item in wire)
 
     def iter_state_dict_buckets(self, which: str, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
         # One Ray round trip per bucket: every rank all-gathers the bucket's tensors, rank 0 ships them through

@@ -23,7 +23,7 @@ from typing import Any
 from pcsd_core.config import PCSDConfig
 from pcsd_core.rollout.base import Generation, RolloutEngine, SamplingParams
 from pcsd_core.tracking_contract import ACCURACY_METRICS, PAIRED_PREFIX, eval_metric
-from steps import tracking
+from steps import storage, tracking
 from steps.plan import Branch
 
 TABLE_COLUMNS = (
@@ -59,15 +59,14 @@ class EvalResult:
 
         return [ResponseScore(**{name: row[name] for name in SCORE_FIELDS}) for row in self.examples]
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
-        return path
+    def save(self, location: str | Path) -> str:
+        """Write to a local path or a storage URI (`steps.storage`), where any later step can read it."""
+        storage.write_text(location, json.dumps(asdict(self), indent=1))
+        return str(location)
 
     @classmethod
-    def load(cls, path: str | Path) -> EvalResult:
-        return cls(**json.loads(Path(path).read_text()))
+    def load(cls, location: str | Path) -> EvalResult:
+        return cls(**json.loads(storage.read_text(location)))
 
 
 def evaluate(model_path: str, test_path: str | Path, cfg: PCSDConfig, engine: RolloutEngine | None = None,
@@ -169,23 +168,25 @@ def log_evaluation(run_id: str, result: EvalResult, phase: str) -> None:
 class BaseModelEvaluation:
     """The base model's evaluation, shared by the branches with the same model, data and eval settings."""
 
-    result_path: str  # EvalResult JSON (per-example table included)
+    result_path: str  # EvalResult JSON (per-example table included): a local path or a storage URI
     metrics: dict[str, float]  # eval/before/*
 
 
-def evaluate_base_models(branches: list[Branch], parent_run_id: str, output_root: str | Path) -> dict[str, BaseModelEvaluation]:
+def evaluate_base_models(branches: list[Branch], parent_run_id: str,
+                         output_root: str) -> dict[str, BaseModelEvaluation]:
     """Evaluate each distinct base model once; {Branch.base_model_key: its evaluation}."""
     evaluations: dict[str, BaseModelEvaluation] = {}
     for branch in branches:
         if branch.base_model_key in evaluations:
             continue
         cfg = branch.config
-        result = evaluate(cfg.model.name, branch.test_path, cfg, progress=tracking.metric_logger(parent_run_id),
-                          label=f"base model {cfg.model.name}")
-        path = result.save(Path(output_root) / "base_model_eval" / f"{branch.base_model_key}.json")
+        with storage.scratch() as scratch:
+            result = evaluate(cfg.model.name, storage.local_copy(branch.test_path, scratch), cfg,
+                              progress=tracking.metric_logger(parent_run_id), label=f"base model {cfg.model.name}")
+        path = result.save(storage.join(output_root, "base_model_eval", f"{branch.base_model_key}.json"))
         if not evaluations:  # the parent run shows the first branch's base model
             log_evaluation(parent_run_id, result, "before")
-        evaluations[branch.base_model_key] = BaseModelEvaluation(result_path=str(path), metrics=result.metrics("before"))
+        evaluations[branch.base_model_key] = BaseModelEvaluation(result_path=path, metrics=result.metrics("before"))
     return evaluations
 
 
@@ -196,17 +197,21 @@ class BranchEvaluation:
     checkpoint_dir: str
     metrics: dict[str, float]  # eval/before/*, eval/after/*, eval/delta/* and the headline eval/*
     num_examples: int = 0  # test questions scored
-    result_path: str = ""  # the distilled model's EvalResult JSON (per-question scores for paired tests)
+    result_path: str = ""  # the distilled model's EvalResult JSON (per-question scores for paired tests), path or URI
 
 
-def evaluate_branch(branch: Branch, checkpoint_dir: str | Path, run_id: str, base: BaseModelEvaluation) -> BranchEvaluation:
-    """Evaluate a branch's distilled checkpoint and log before, after, delta and both tables to its run."""
+def evaluate_branch(branch: Branch, checkpoint_dir: str, run_id: str, base: BaseModelEvaluation) -> BranchEvaluation:
+    """Evaluate a branch's distilled checkpoint (a local folder or a storage URI) and log before, after, delta and
+    both tables to its run."""
     import torch
 
     torch.set_num_threads(branch.threads())
     before = EvalResult.load(base.result_path)
-    after = evaluate(str(checkpoint_dir), branch.test_path, branch.config, progress=tracking.metric_logger(run_id),
-                     label=branch.label)
+    with storage.scratch() as scratch:
+        local_checkpoint = storage.local_copy(checkpoint_dir, scratch)
+        after = evaluate(str(local_checkpoint), storage.local_copy(branch.test_path, scratch), branch.config,
+                         progress=tracking.metric_logger(run_id), label=branch.label)
+    after.model_path = str(checkpoint_dir)
     from pcsd_core.eval_metrics import compare_paired
 
     metrics = {**before.metrics("before"), **after.metrics("after")}
@@ -218,9 +223,9 @@ def evaluate_branch(branch: Branch, checkpoint_dir: str | Path, run_id: str, bas
     log_evaluation(run_id, before, "before")
     log_evaluation(run_id, after, "after")
     tracking.log_metrics(run_id, metrics)
-    after_path = after.save(Path(branch.config.train.output_dir) / "eval" / "after.json")
+    after_path = after.save(storage.join(branch.config.train.output_dir, "eval", "after.json"))
     return BranchEvaluation(label=branch.label, run_id=run_id, checkpoint_dir=str(checkpoint_dir), metrics=metrics,
-                            num_examples=after.num_examples, result_path=str(after_path))
+                            num_examples=after.num_examples, result_path=after_path)
 
 
 def _example_row(record: Any, response: str) -> dict[str, Any]:

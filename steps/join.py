@@ -31,7 +31,7 @@ class BranchOutcome:
     run_id: str  # the branch's child MLflow run ("" when it failed before creating one)
     evaluation: BranchEvaluation | None = None  # None when the branch failed
     error: str = ""
-    curves_png: str = ""  # the branch's training-curve plot, when it trained
+    curves_png: bytes = b""  # the branch's training-curve plot (PNG), when it trained
     config: Any = None  # the branch's PCSDConfig, when known
     steps: int = 0  # training steps run
     train_s: float = 0.0  # wall time of the training

@@ -27,9 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from pcsd_core.config import PCSDConfig
-from pcsd_core.presets import Preset, load_preset, parse_overrides, parse_sweep, read_preset_text
+from pcsd_core.presets import RESOURCES_KEY, Preset, load_preset, parse_overrides, parse_sweep, read_preset_text
+from steps import storage
 
 HUB_DATA = "hub"  # `--data-path hub` loads the hub dataset even when DATA_PATH is set
+# What a compute backend gives a distill or evaluate task when the preset's `resources:` does not say.
+DEFAULT_TASK_CPUS = 4
+DEFAULT_TASK_MEMORY_MB = 16_000
 # Data fields that only shape the teacher prompt (what the base-model evaluation never sees).
 TEACHER_ONLY = frozenset({"privileged_context", "shuffle_seed", "teacher_template"})
 
@@ -64,7 +68,7 @@ class Branch:
     overrides: dict[str, Any]
     config: PCSDConfig
     sweep_size: int = 1  # branches of this flow run; they run at once and share the machine's cores
-    # Filled by the preprocess step.
+    # Filled by the preprocess step: local paths, or storage URIs when train.output_dir is one (`steps.storage`).
     train_path: str = ""
     test_path: str = ""
     data_stats: dict[str, Any] = field(default_factory=dict)
@@ -105,7 +109,7 @@ class RunPlan:
     base_config: PCSDConfig
     sweep: dict[str, list[Any]]
     branches: list[Branch]
-    output_root: str
+    output_root: str  # a local folder or a storage URI (`steps.storage`)
 
     def flat_params(self) -> dict[str, Any]:
         """The parent run's params: the base config plus the sweep grid."""
@@ -116,10 +120,24 @@ class RunPlan:
 
 
 def parse_preset(text: str) -> dict[str, Any]:
-    """Metaflow `Config` parser: YAML text -> dict, validated (bad presets fail before any step runs)."""
+    """Metaflow `Config` parser: YAML text -> dict, validated (bad presets fail before any step runs), with the
+    `resources:` of the distill and evaluate tasks filled in (`task_resources`) for the flow's `@resources`."""
     raw = read_preset_text(text)
-    load_preset(raw)
-    return raw
+    return {**raw, RESOURCES_KEY: task_resources(load_preset(raw))}
+
+
+def task_resources(preset: Preset) -> dict[str, dict[str, int]]:
+    """{step: {cpu, memory (MB), gpu}} for distill and evaluate: the preset's `resources:` fields, the others
+    derived from its config (distill: the actor's and rollout's GPUs; evaluate: the rollout engine's).
+
+    Fixed when the flow is deployed (Metaflow decorators read the Config, not the Parameters): a `--model` whose
+    recipe needs GPUs does not resize them; pass that model's preset with `--config config` instead."""
+    from pcsd_core.models import gpus_required, rollout_gpus_required
+
+    cfg = preset.config()
+    derived = {"distill": gpus_required(cfg), "evaluate": rollout_gpus_required(cfg)}
+    return {step: {"cpu": DEFAULT_TASK_CPUS, "memory": DEFAULT_TASK_MEMORY_MB, "gpu": gpus,
+                   **preset.resources.get(step, {})} for step, gpus in derived.items()}
 
 
 def expand_grid(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
@@ -182,12 +200,14 @@ def plan_run(
         preset = load_preset(recipe_preset(model))
     grid = parse_sweep(sweep) if sweep and sweep.strip() else preset.sweep
     base = _absolute_paths(preset.config(resolved))
-    output_root = Path(base.train.output_dir) / str(flow_run_id)
+    storage.check_location(base.train.output_dir)
+    output_root = storage.join(base.train.output_dir, str(flow_run_id))
     branches: list[Branch] = []
     for point in expand_grid(grid):
         label = branch_label(point)
         try:
-            config = PCSDConfig.from_dict(base.to_dict(), {**point, "train.output_dir": str(output_root / slug(label))})
+            branch_dir = storage.join(output_root, slug(label))
+            config = PCSDConfig.from_dict(base.to_dict(), {**point, "train.output_dir": branch_dir})
         except ValueError as error:
             raise ValueError(f"sweep branch {label!r}: {error}") from None
         twin = next((b for b in branches if b.config == config or b.config.train.output_dir == config.train.output_dir), None)
@@ -199,12 +219,14 @@ def plan_run(
         branches.append(Branch(label=label, overrides=point, config=config, keys=sharing_keys(config)))
     for branch in branches:
         branch.sweep_size = len(branches)
-    return RunPlan(base_config=base, sweep=grid, branches=branches, output_root=str(output_root))
+    return RunPlan(base_config=base, sweep=grid, branches=branches, output_root=output_root)
 
 
 def _absolute_paths(config: PCSDConfig) -> PCSDConfig:
     """Relative paths are resolved now: Metaflow tasks may run in another working directory."""
-    paths: dict[str, Any] = {"train.output_dir": str(Path(config.train.output_dir).expanduser().resolve())}
+    paths: dict[str, Any] = {}
+    if not storage.is_remote(config.train.output_dir):
+        paths["train.output_dir"] = str(Path(config.train.output_dir).expanduser().resolve())
     if config.data.path:
         paths["data.path"] = str(Path(config.data.path).expanduser().resolve())
     model_path = Path(config.model.name).expanduser()

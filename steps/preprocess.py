@@ -25,7 +25,7 @@ from typing import Any
 from pcsd_core.config import PCSDConfig
 from pcsd_core.data import prepare_dataset
 from pcsd_core.models import load_tokenizer
-from steps import tracking
+from steps import storage, tracking
 from steps.plan import Branch, RunPlan
 
 STATS_ARTIFACT = "data/stats.json"
@@ -49,17 +49,23 @@ def preprocess(cfg: PCSDConfig, output_dir: str | Path) -> PreprocessResult:
 def preprocess_branches(plan: RunPlan, parent_run_id: str) -> list[Branch]:
     """Preprocess once per distinct data section and point every branch at its parquet files."""
     prepared: dict[str, PreprocessResult] = {}
-    for branch in plan.branches:
-        if branch.data_key not in prepared:
-            output_dir = Path(plan.output_root) / "data" / branch.data_key
-            if not prepared:  # the parent run shows the first dataset's stats (one set of params per run)
-                with tracking.open_run(parent_run_id, system_metrics=False, end=False):  # the end step finishes it
+    datasets = len({branch.data_key for branch in plan.branches})
+    print(f"[preprocess] {datasets} dataset(s) for {len(plan.branches)} branch(es) -> {plan.output_root}", flush=True)
+    with storage.scratch() as scratch:
+        for branch in plan.branches:
+            location = storage.join(plan.output_root, "data", branch.data_key)
+            if branch.data_key not in prepared:
+                output_dir = storage.workspace(location, scratch)
+                if not prepared:  # the parent run shows the first dataset's stats (one set of params per run)
+                    with tracking.open_run(parent_run_id, system_metrics=False, end=False):  # the end step ends it
+                        prepared[branch.data_key] = preprocess(branch.config, output_dir)
+                else:
                     prepared[branch.data_key] = preprocess(branch.config, output_dir)
-            else:
-                prepared[branch.data_key] = preprocess(branch.config, output_dir)
-        result = prepared[branch.data_key]
-        branch.train_path, branch.test_path = str(result.train_path), str(result.test_path)
-        branch.data_stats = dict(result.stats)
+                storage.publish(output_dir, location)
+            result = prepared[branch.data_key]
+            branch.train_path = storage.join(location, result.train_path.name)
+            branch.test_path = storage.join(location, result.test_path.name)
+            branch.data_stats = dict(result.stats)
     return plan.branches
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pcsd_core.tracking_contract import (HEADLINE_METRIC, TAG_BRANCH, TAG_EVAL_METRIC, TAG_EVAL_VALUE,
                                          TAG_FLOW_RUN_ID)
-from steps import tracking
+from steps import storage, tracking
 from steps.join import BranchOutcome
 from steps.plan import slug
 
@@ -169,12 +169,13 @@ def register_best(best: BranchOutcome | None, flow_run_id: str) -> RegisterResul
     if best is None:
         return None
     data = best.config.data
-    return register(
-        best.evaluation.checkpoint_dir,
-        model=best.config.model.name,
-        dataset=data.path or data.hub_name,
-        metric_value=best.evaluation.metrics[HEADLINE_METRIC],
-        flow_run_id=flow_run_id,
-        source_run_id=best.run_id,
-        branch=best.label,
-    )
+    with storage.scratch() as scratch:  # a checkpoint at a storage URI is downloaded; MLflow copies it anyway
+        return register(
+            storage.local_copy(best.evaluation.checkpoint_dir, scratch),
+            model=best.config.model.name,
+            dataset=data.path or data.hub_name,
+            metric_value=best.evaluation.metrics[HEADLINE_METRIC],
+            flow_run_id=flow_run_id,
+            source_run_id=best.run_id,
+            branch=best.label,
+        )

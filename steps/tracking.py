@@ -170,7 +170,8 @@ def start_parent_run(flow_run_id: str, pathspec: str, params: dict[str, Any], ex
 
 
 def start_child_run(parent_run_id: str, label: str, flow_run_id: str, pathspec: str, params: dict[str, Any]) -> str:
-    """Create the nested run of one sweep branch under `parent_run_id`; return its id."""
+    """The nested run of one sweep branch under `parent_run_id`: created, or on a retried task the first attempt's
+    run, so a branch keeps one run and one metric history whatever its retries."""
     parent = client().get_run(parent_run_id)
     tags = {
         TAG_PARENT_RUN: parent_run_id,
@@ -178,9 +179,21 @@ def start_child_run(parent_run_id: str, label: str, flow_run_id: str, pathspec: 
         TAG_FLOW_RUN_ID: str(flow_run_id),
         TAG_PATHSPEC: pathspec,
     }
+    siblings = client().search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    earlier = [run for run in siblings
+               if run.data.tags.get(TAG_BRANCH) == label and run.data.tags.get(TAG_FLOW_RUN_ID) == str(flow_run_id)]
+    if earlier:
+        run_id = earlier[0].info.run_id
+        client().set_tag(run_id, TAG_PATHSPEC, pathspec)
+        return run_id
     run = client().create_run(parent.info.experiment_id, run_name=label, tags=tags)
     _log_params(run.info.run_id, params)
     return run.info.run_id
+
+
+def last_logged_step(run_id: str, metric: str) -> int | None:
+    """The highest step at which `metric` was logged to `run_id` (None when never)."""
+    return max((m.step for m in client().get_metric_history(run_id, metric)), default=None)
 
 
 @contextlib.contextmanager
@@ -242,8 +255,9 @@ class MetricLogger:
     Resending a batch the server did store is harmless: MLflow skips a metric identical in key, value, step
     and timestamp. Errors no retry can fix (a bad value, a deleted run) are raised."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, after_step: int | None = None):
         self.run_id = run_id
+        self.after_step = after_step  # steps up to this one are already in the run (a retried task's first attempt)
         self.pending: list[Metric] = []  # a run's whole history fits in memory (~10 metrics a step)
         self._client = client()
         self._outage_since: float | None = None
@@ -251,6 +265,8 @@ class MetricLogger:
         _LOGGERS.add(self)
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
+        if self.after_step is not None and step <= self.after_step:
+            return
         timestamp_ms = int(time.time() * 1000)
         self.pending += [Metric(key, float(value), timestamp_ms, int(step)) for key, value in metrics.items()]
         if self._outage_since is None or time.monotonic() - self._last_try >= OUTAGE_RETRY_INTERVAL_S:
@@ -296,9 +312,10 @@ def _flush_at_exit() -> None:
                                len(metric_logger_.pending), metric_logger_.run_id, tracking_uri())
 
 
-def metric_logger(run_id: str) -> MetricLogger:
-    """A `log_metrics(metrics, step)` callable for the Distiller that writes to `run_id` (see `MetricLogger`)."""
-    return MetricLogger(run_id)
+def metric_logger(run_id: str, after_step: int | None = None) -> MetricLogger:
+    """A `log_metrics(metrics, step)` callable for the Distiller that writes to `run_id` (see `MetricLogger`);
+    steps up to `after_step` are dropped."""
+    return MetricLogger(run_id, after_step)
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:

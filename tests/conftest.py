@@ -73,11 +73,12 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
 
 FLOW_STEPS = 2
 FLOW_LEARNING_RATES = [1.0e-4, 1.0e-3]  # two sweep branches: "lr=0.0001", "lr=0.001"
+FLOW_RESOURCES = {"distill": {"cpu": 3, "memory": 5000}, "evaluate": {"memory": 6000}}  # the preset's `resources:`
 
 
 @dataclass(frozen=True)
 class TinyFlowRun:
-    root: Path  # cwd of the run: tiny.yaml, outputs/, flow.log
+    root: Path  # cwd of the run: tiny.yaml, store/ (the storage URI's folder), tmp/ (TMPDIR), flow.log
     run_id: str
     datastore: Path  # METAFLOW_DATASTORE_SYSROOT_LOCAL
     tracking_uri: str  # the run's SQLite MLflow store
@@ -105,12 +106,19 @@ def tiny_preset():
 
 @pytest.fixture(scope="session")
 def tiny_flow_run(tmp_path_factory, tiny_model_dir, gsm8k_dir) -> TinyFlowRun:
-    """`python flows/pcsd_flow.py run` on the tiny model: 4 GSM8K rows, 2 steps, a 2-branch lr sweep."""
+    """`python flows/pcsd_flow.py run` on the tiny model: 4 GSM8K rows, 2 steps, a 2-branch lr sweep.
+
+    As on separate machines: the run's files go to a storage URI (`file://<root>/store` stands in for s3://), each
+    task works in a scratch folder under `<root>/tmp` that is deleted when it ends, and the preset sizes the tasks.
+    """
     import yaml
 
     root = tmp_path_factory.mktemp("flow_run")
     preset = tiny_flow_preset(tiny_model_dir, gsm8k_dir, root / "outputs", steps=FLOW_STEPS, eval_questions=4)
+    preset["train"]["output_dir"] = f"file://{root / 'store'}"
     preset["sweep"] = {"train.lr": FLOW_LEARNING_RATES}
+    preset["resources"] = FLOW_RESOURCES
+    (root / "tmp").mkdir()
     (root / "tiny.yaml").write_text(yaml.safe_dump(preset))
     datastore = root / "metaflow"
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -120,6 +128,7 @@ def tiny_flow_run(tmp_path_factory, tiny_model_dir, gsm8k_dir) -> TinyFlowRun:
         "METAFLOW_CARD_LOCALROOT": str(datastore / "cards"),
         "MLFLOW_TRACKING_URI": tracking_uri,
         "OMP_NUM_THREADS": "1",  # two branches share the cores
+        "TMPDIR": str(root / "tmp"),
     }
     for variable in ("MODEL_PATH", "DATA_PATH", "TOTAL_STEPS", "ACTOR_NUM_GPUS", "ROLLOUT_NUM_GPUS"):
         env.pop(variable, None)

@@ -124,3 +124,38 @@ def test_the_end_of_the_run_prints_the_headline_results(flow_run):
     assert re.search(r"strict vs base [+-]\d+\.\d% \[[+-]\d+\.\d%, [+-]\d+\.\d%\] \(paired bootstrap 95%\), McNemar p=", log)
     registration = run["register"].task.data.registration
     assert f"registered {registration.model_uri} (holds alias 'champion')" in log
+
+
+def test_steps_share_nothing_but_the_storage_uri(flow_run):
+    """train.output_dir is a file:// URI (object storage's stand-in): every file a step hands on is published there,
+    and each step's local scratch folder is gone when it ends, so evaluate, join and register read only the store."""
+    from steps import storage
+
+    run, client, run_dir = flow_run
+    store = run_dir / "store" / run.id
+    summary = run["join"].task.data.summary
+    for outcome in summary.outcomes:
+        checkpoint = outcome.evaluation.checkpoint_dir
+        assert checkpoint.startswith(f"file://{store}/") and storage.is_published(checkpoint)
+        assert (Path(checkpoint.removeprefix("file://")) / "model.safetensors").is_file()
+        assert outcome.evaluation.result_path.startswith("file://") and outcome.curves_png.startswith(b"\x89PNG")
+    assert list(store.glob("data/*/_PUBLISHED.json")) and list(store.glob("base_model_eval/*.json"))
+    # Nothing a step wrote stayed on "its" disk: no scratch folder left, no weights or data outside the store.
+    assert not list((run_dir / "tmp").glob("pcsd-scratch-*"))
+    mlflow_artifacts = run_dir / "mlruns"  # where register copies the model: MLflow's own store
+    for pattern in ("*.safetensors", "*.parquet", "after.json"):
+        strays = [p for p in run_dir.rglob(pattern) if store not in p.parents and mlflow_artifacts not in p.parents]
+        assert not strays, strays
+    registration = run["register"].task.data.registration
+    registered = client.get_model_version(registration.name, registration.version)
+    logged_model = registered.source.removeprefix("models:/")  # the registered version's own copy of the weights
+    assert list(mlflow_artifacts.rglob(f"{logged_model}/artifacts/model/model.safetensors"))
+
+
+def test_the_preset_sizes_the_distill_and_evaluate_tasks(flow_run):
+    """The preset's `resources:` reach the steps' @resources (what --with kubernetes/batch request); the rest is
+    derived from the config (no GPUs on this CPU preset), as the start step reports."""
+    run, client, run_dir = flow_run
+    log = (run_dir / "flow.log").read_text()
+    assert "distill tasks ask compute backends for cpu=3 memory=5000 MB gpu=0" in log
+    assert "evaluate tasks ask compute backends for cpu=4 memory=6000 MB gpu=0" in log

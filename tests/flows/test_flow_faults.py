@@ -10,10 +10,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -83,18 +85,23 @@ def test_sigterm_to_the_flow_ends_its_tasks_and_marks_the_runs_killed(tmp_path, 
                                               f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
                 child = next((c for c in children if "train/loss" in c.data.metrics), None)
         assert child is not None, "distill never logged a step"
-        family = [runner.pid] + [p.pid for p in psutil.Process(runner.pid).children(recursive=True)]
-        assert len(family) > 1
-        runner.send_signal(signal.SIGTERM)  # what `kill <pid>` or a scheduler's stop sends
-        runner.wait(timeout=60)
-        survivors = _wait_for_exit(family, timeout_s=90)
-        assert not survivors, f"processes of the flow still running: {survivors}"
+        _stop_the_flow(runner)
     finally:
         if runner.poll() is None:
             runner.kill()
     (parent,) = _parent_runs(tmp_path)
     assert parent.info.status == "KILLED"
     assert client.get_run(child.info.run_id).info.status in ("FAILED", "KILLED")
+
+
+def _stop_the_flow(runner: subprocess.Popen) -> None:
+    """SIGTERM to the flow runner (what `kill <pid>` or a scheduler's stop sends); every process of the flow ends."""
+    family = [runner.pid] + [p.pid for p in psutil.Process(runner.pid).children(recursive=True)]
+    assert len(family) > 1
+    runner.send_signal(signal.SIGTERM)
+    runner.wait(timeout=60)
+    survivors = _wait_for_exit(family, timeout_s=90)
+    assert not survivors, f"processes of the flow still running: {survivors}"
 
 
 def _wait_for_exit(pids: list[int], timeout_s: float) -> list[str]:
@@ -112,3 +119,38 @@ def _wait_for_exit(pids: list[int], timeout_s: float) -> list[str]:
             return []
         time.sleep(1)
     return alive
+
+
+def test_sigterm_during_preprocess_leaves_no_half_written_data_and_a_killed_parent_run(tmp_path, tiny_preset,
+                                                                                      tiny_model_dir, gsm8k_dir):
+    preset_path = _write_preset(tiny_preset, tmp_path, tiny_model_dir, gsm8k_dir, steps=1)
+    preset = yaml.safe_load(preset_path.read_text())
+    preset["data"].update(max_train_rows=3000, max_test_rows=500)  # seconds of preprocessing to be stopped in
+    preset_path.write_text(yaml.safe_dump(preset))
+    runner = subprocess.Popen(_flow_command(preset_path), cwd=tmp_path, env=_flow_env(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+
+    def drain() -> None:  # keeps the pipe from filling up while the test waits
+        for line in runner.stdout:
+            lines.append(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any("[preprocess]" in line for line in lines):  # until the preprocess task is inside its step
+            assert time.monotonic() < deadline and runner.poll() is None, "".join(lines[-30:])
+            time.sleep(0.2)
+        time.sleep(1.0)
+        _stop_the_flow(runner)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    (parent,) = _parent_runs(tmp_path)
+    assert parent.info.status == "KILLED"
+    for folder in (tmp_path / "outputs").glob("*/data/*"):
+        left = sorted(path.name for path in folder.iterdir())
+        assert all(name in ("train.parquet", "test.parquet") for name in left), left  # no temporary file
+        for name in left:
+            rows = pq.read_table(folder / name).num_rows
+            assert rows == (3000 if name == "train.parquet" else 500), (name, rows)

@@ -33,9 +33,10 @@ def test_every_preset_loads_with_every_sweep_point(preset):
     loaded = load_preset(preset)
     raw = yaml.safe_load(preset.read_text())
     assert loaded.sweep == (raw.get("sweep") or {})
+    assert loaded.resources == (raw.get("resources") or {})  # the flow's task sizes, not a config section
     base = loaded.config()
     for section, values in raw.items():  # every value written in the preset is what the config holds
-        if section != "sweep":
+        if section not in ("sweep", "resources"):
             assert {key: getattr(getattr(base, section), key) for key in values} == values, section
     for values in itertools.product(*loaded.sweep.values()):
         point = dict(zip(loaded.sweep, values))

@@ -11,7 +11,7 @@ import torch
 from pcsd_core.actor import Actor
 from pcsd_core.batch import RolloutBatch, TeacherOutputs
 from pcsd_core.config import PCSDConfig
-from pcsd_core.weight_sync import drain
+from pcsd_core.weight_sync import drain, wire_to_tensor
 
 ray = pytest.importorskip("ray")
 
@@ -73,7 +73,7 @@ def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session
         for got, want in zip(teacher.hidden, single_teacher.hidden, strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         stats = group.update(batch, teacher)
-        states = ray.get([w.full_state_dict.remote() for w in group.workers])
+        wires = ray.get([w.full_state_dict.remote() for w in group.workers])  # (name, numpy array, dtype) lists
         optimizer_states = ray.get([w.training_state.remote() for w in group.workers])
         bucket_bytes = 2**17  # 128 KiB: several buckets on the tiny model, the embedding alone in its own
         buckets = list(group.iter_state_dict_buckets("student", bucket_bytes))
@@ -83,11 +83,12 @@ def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session
     assert stats.loss_sum == pytest.approx(single_stats.loss_sum, rel=1e-5)
     assert stats.num_tokens == single_stats.num_tokens
     assert stats.grad_norms == pytest.approx(single_stats.grad_norms, rel=1e-4)
-    assert states[1] == {}  # only rank 0 receives the gathered weights
-    assert set(states[0]) == set(expected)
+    assert wires[1] == []  # only rank 0 receives the gathered weights
+    gathered = dict(wire_to_tensor(item) for item in wires[0])
+    assert set(gathered) == set(expected)
     initial = Actor(config(), str(tiny_model_dir)).full_state_dict()
     for name, tensor in expected.items():
-        torch.testing.assert_close(states[0][name], tensor, rtol=0, atol=2e-5, msg=name)
+        torch.testing.assert_close(gathered[name], tensor, rtol=0, atol=2e-5, msg=name)
         assert not torch.equal(tensor, initial[name]), f"{name} did not move"
     assert len(optimizer_states[0]["optimizer"]["state"]) == len(list(single.student.parameters()))
 
@@ -95,9 +96,9 @@ def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session
     assert_buckets_bounded(buckets, bucket_bytes)
     assert len(buckets) > 2
     streamed = {name: tensor for bucket in buckets for name, tensor in bucket}
-    assert set(states[0]) - set(streamed) <= {"lm_head.weight"}
+    assert set(gathered) - set(streamed) <= {"lm_head.weight"}
     for name, tensor in streamed.items():
-        assert torch.equal(tensor, states[0][name]), name
+        assert torch.equal(tensor, gathered[name]), name
 
     # Weight sync from the bucket stream of the FSDP shards: the rollout engine's logits equal the actor's.
     engine = HFRolloutEngine(str(tiny_model_dir))

@@ -15,19 +15,23 @@ from steps.plan import plan_run
 STEPS = 2
 
 
-@pytest.fixture()
-def branch(tmp_path, tiny_model_dir, gsm8k_dir):
+def make_branch(tmp_path, model_dir, data_dir, **train):
     preset = {
-        "model": {"name": str(tiny_model_dir)},
-        "data": {"path": str(gsm8k_dir), "max_train_rows": 4, "max_test_rows": 2},
+        "model": {"name": str(model_dir)},
+        "data": {"path": str(data_dir), "max_train_rows": 4, "max_test_rows": 2},
         "rollout": {"n": 2, "max_response_tokens": 6, "batch_size": 4},
         "train": {"total_training_steps": STEPS, "prompts_per_step": 2, "mini_batch_size": 4, "micro_batch_size": 2,
-                  "lr": 1e-3, "device": "cpu", "output_dir": str(tmp_path / "outputs")},
+                  "lr": 1e-3, "device": "cpu", "output_dir": str(tmp_path / "outputs"), **train},
     }  # fmt: skip
     branch = plan_run(preset, flow_run_id="42", env={}).branches[0]
     prepared = prepare_dataset(branch.config.data, tmp_path / "data")
     branch.train_path, branch.test_path, branch.data_stats = str(prepared.train_path), str(prepared.test_path), prepared.stats
     return branch
+
+
+@pytest.fixture()
+def branch(tmp_path, tiny_model_dir, gsm8k_dir):
+    return make_branch(tmp_path, tiny_model_dir, gsm8k_dir)
 
 
 def test_distill_logs_a_nested_run_with_per_step_metrics_and_artifacts(branch, tmp_path, monkeypatch):
@@ -82,3 +86,46 @@ def test_training_curves_png_is_a_png_even_for_missing_metrics():
     png = training_curves_png([{"train/loss": 1.0, "train/kl": 0.5}, {"train/loss": 0.8, "train/kl": 0.4}], title="t")
     assert png.startswith(b"\x89PNG")
     assert training_curves_png([]).startswith(b"\x89PNG")
+
+
+def test_a_retry_after_a_dead_ray_worker_continues_from_the_last_checkpoint_in_the_same_run(
+        tmp_path, tiny_model_dir, gsm8k_dir, monkeypatch):
+    """What the flow's @retry does after a Ray worker dies: the failed attempt names the rank within seconds; the
+    next attempt reopens the branch's MLflow run, downloads the last checkpoint from the storage URI and continues
+    from it, and no step appears twice in the metric history."""
+    import time
+
+    import ray
+
+    from pcsd_core.trainer import Distiller
+    from steps import storage
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    branch = make_branch(tmp_path, tiny_model_dir, gsm8k_dir, total_training_steps=4, checkpoint_every=2,
+                         use_ray=True, num_workers=1, output_dir=f"file://{tmp_path / 'store'}")
+    parent_id = tracking.start_parent_run("42", "PCSDFlow/42/start/1", {})
+    original_step, killed = Distiller._train_step, []
+
+    def step_after_a_worker_death(self, step):
+        if step == 3 and not killed:  # steps 1-3 are logged, the checkpoint is at step 2
+            ray.kill(self.workers.workers[0])
+            killed.append(time.perf_counter())
+        return original_step(self, step)
+
+    monkeypatch.setattr(Distiller, "_train_step", step_after_a_worker_death)
+    with pytest.raises(RuntimeError, match=r"train worker rank 0 on node \S+ .*died"):
+        distill(branch, parent_run_id=parent_id, flow_run_id="42", pathspec="PCSDFlow/42/distill/3")
+    assert time.perf_counter() - killed[0] < 120  # failed, not hung until the 12-hour timeout
+    client = MlflowClient(uri)
+    (child,) = client.search_runs([client.get_run(parent_id).info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert child.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")] == [1, 2, 3]
+
+    result = distill(branch, parent_run_id=parent_id, flow_run_id="42", pathspec="PCSDFlow/42/distill/3")
+
+    assert result.resumed_from_step == 2 and result.steps == 4
+    assert result.run_id == child.info.run_id and client.get_run(result.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [1, 2, 3, 4]
+    assert result.checkpoint_dir == storage.join(branch.config.train.output_dir, "checkpoints", "step_000004")
+    assert storage.is_published(result.checkpoint_dir)

@@ -169,3 +169,30 @@ def test_sharing_keys_are_fixed_at_plan_time():
     keys = (branch.data_key, branch.base_model_key)
     branch.config.eval.batch_size += 1
     assert (branch.data_key, branch.base_model_key) == keys
+
+
+def test_task_resources_come_from_the_preset_and_its_config():
+    from pcsd_core.presets import load_preset
+    from steps.plan import DEFAULT_TASK_CPUS, DEFAULT_TASK_MEMORY_MB, parse_preset, task_resources
+
+    gpu = parse_preset((REPO_ROOT / "configs" / "gpu_gsm8k_7b.yaml").read_text())["resources"]
+    # 4 FSDP workers on cuda + 4 split rollout GPUs for distill; the rollout's tensor-parallel 4 for evaluate.
+    assert gpu == {"distill": {"cpu": 32, "memory": 320000, "gpu": 8},
+                   "evaluate": {"cpu": 16, "memory": 64000, "gpu": 4}}
+    cpu = task_resources(load_preset(REPO_ROOT / "configs" / "cpu_smollm2.yaml"))
+    assert cpu["distill"] == cpu["evaluate"] == {"cpu": DEFAULT_TASK_CPUS, "memory": DEFAULT_TASK_MEMORY_MB, "gpu": 0}
+
+
+@pytest.mark.parametrize(("resources", "message"), [
+    ({"distill": {"gpu": -1}}, r"resources.distill.gpu \(-1\) must be a whole number >= 0"),
+    ({"distill": {"memory": 0}}, r"resources.distill.memory \(0\) must be a whole number >= 1"),
+    ({"distill": {"cpu": 2.5}}, r"resources.distill.cpu \(2.5\) must be a whole number"),
+    ({"distill": {"gpus": 1}}, r"resources.distill.gpus: unknown field; use \['cpu', 'memory', 'gpu'\]"),
+    ({"train": {"gpu": 1}}, r"resources.train: unknown step; sized steps are \['distill', 'evaluate'\]"),
+    ({"distill": 4}, r"resources.distill must map"),
+])  # fmt: skip
+def test_bad_task_resources_are_refused_naming_the_field(resources, message):
+    from pcsd_core.presets import load_preset
+
+    with pytest.raises(ValueError, match=message):
+        load_preset({"resources": resources})
