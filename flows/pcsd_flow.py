@@ -12,6 +12,9 @@ ROLLOUT_NUM_GPUS) > the YAML preset (`steps/plan.py`).
 Every run is tracked in MLflow (MLFLOW_TRACKING_URI, default sqlite:///<repo>/mlflow.db): one parent run,
 one nested child run per branch. Look at it with `mlflow ui --backend-store-uri sqlite:///mlflow.db` and
 `python flows/pcsd_flow.py card view <step>`. Steps only wire: the work is in `steps/`.
+With `train.output_dir` set to a storage URI (s3://, gs://, file://) no step reads another step's disk
+(`steps/storage.py`), so `--with kubernetes` / `--with batch` can put each task on its own machine, sized by the
+preset's `resources:` (README "Beyond one machine").
 """
 
 from metaflow import Config, FlowSpec, Parameter, card, catch, current, resources, retry, step, timeout
