@@ -10,6 +10,7 @@ Cases, each in a fresh subprocess (one case's heap cannot hide another's): the a
 Memory: the sum of PSS (proportional set size, /proc/<pid>/smaps_rollup) over the controller, the worker
 processes and the raylet (the object store), sampled every 5 ms in a thread; extra = peak during the syncs
 minus the sum just before. PSS counts a page shared by several processes (the object store's) once in total.
+Each process's own peak extra is printed beside it (the peaks need not coincide, so they may not add up to it).
 Weights are written once before measuring (a fresh load may leave them as file-backed pages that the first
 write would materialize: a loading cost, not a sync's). Time: mean of 2 syncs. The last line is machine-readable, for the 2-Ray-worker path at BUCKET_REPORTED_MB:
 sync_extra_mb=<bucketed> full_gather_extra_mb=<baseline> model_mb=<size>
@@ -43,10 +44,11 @@ def pss_mb(pid: int) -> float:
 
 
 class PeakSampler:
-    """Peak of the summed PSS of `pids` while running, sampled in a thread."""
+    """Peak of the summed PSS of `pids` while running, and each process's own peak, sampled in a thread."""
 
     def __init__(self, pids: list[int], interval_s: float = 0.005):
         self.pids, self.interval_s, self.peak = pids, interval_s, 0.0
+        self.peak_by_pid = {pid: 0.0 for pid in pids}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -55,7 +57,9 @@ class PeakSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.total())
+            sizes = {pid: pss_mb(pid) for pid in self.pids}
+            self.peak = max(self.peak, sum(sizes.values()))
+            self.peak_by_pid = {pid: max(self.peak_by_pid[pid], size) for pid, size in sizes.items()}
             time.sleep(self.interval_s)
 
     def __enter__(self):
@@ -98,11 +102,14 @@ def run_case(path: str, workers: str, bucket_mb: int) -> dict:
     cfg = PCSDConfig.from_dict({"model": {"name": path}, "train": train, "rollout": {"n": 2}})
     if workers == "ray":
         group = launch_train_workers(cfg, path, device_type="cpu")
-        pids = [os.getpid(), *ray.get([w.pid.remote() for w in group.workers]), *raylet_pids()]
+        ranks = ray.get([w.pid.remote() for w in group.workers])
+        names = {os.getpid(): "controller", **{pid: f"rank {r}" for r, pid in enumerate(ranks)},
+                 **{pid: "raylet" for pid in raylet_pids()}}
     else:
         from pcsd_core.actor import Actor
 
-        group, pids = InProcessWorkers(Actor(cfg, path)), [os.getpid()]
+        group, names = InProcessWorkers(Actor(cfg, path)), {os.getpid(): "controller"}
+    pids = list(names)
     engine = HFRolloutEngine(path)
     # Weights loaded from safetensors may be file-backed pages until first written; write them once now so that
     # the syncs measure what they allocate, not the one-time page-in of a fresh load.
@@ -114,6 +121,7 @@ def run_case(path: str, workers: str, bucket_mb: int) -> dict:
     durations = []
     sampler = PeakSampler(pids)
     before = sampler.total()
+    before_by_pid = {pid: pss_mb(pid) for pid in pids}
     with sampler:
         for _ in range(SYNCS):
             started = time.perf_counter()
@@ -123,7 +131,9 @@ def run_case(path: str, workers: str, bucket_mb: int) -> dict:
                 engine.update_weights(drain(group.iter_state_dict_buckets("student", bucket_mb * 2**20)))
             durations.append(time.perf_counter() - started)
     group.shutdown()
-    return {"extra_mb": sampler.peak - before, "sync_s": sum(durations) / len(durations), "model_mb": model_mb}
+    by_process = {names[pid]: sampler.peak_by_pid[pid] - before_by_pid[pid] for pid in pids}
+    return {"extra_mb": sampler.peak - before, "sync_s": sum(durations) / len(durations), "model_mb": model_mb,
+            "by_process": by_process}
 
 
 def main() -> None:
@@ -134,7 +144,7 @@ def main() -> None:
 
     path = resolve_model("smollm2-135m")
     rows = {}
-    print(f"{'workers':<12} {'sync':<12} {'extra_mb':>10} {'sync_s':>8}", flush=True)
+    print(f"{'workers':<12} {'sync':<12} {'extra_mb':>10} {'sync_s':>8}  each process's own peak extra MB", flush=True)
     for workers in ("in-process", "ray"):
         for bucket_mb in (0, *BUCKETS_MB):
             out = subprocess.run([sys.executable, __file__, "--case", path, f"{workers}:{bucket_mb}"], cwd=REPO_ROOT,
@@ -143,7 +153,8 @@ def main() -> None:
             rows[workers, bucket_mb] = result = json.loads(out.stdout.strip().splitlines()[-1])
             label = "full gather" if bucket_mb == 0 else f"bucket {bucket_mb}MB"
             name = "2 ray (fsdp)" if workers == "ray" else workers
-            print(f"{name:<12} {label:<12} {result['extra_mb']:>10.1f} {result['sync_s']:>8.2f}", flush=True)
+            own = ", ".join(f"{who} {mb:.0f}" for who, mb in result["by_process"].items())
+            print(f"{name:<12} {label:<12} {result['extra_mb']:>10.1f} {result['sync_s']:>8.2f}  {own}", flush=True)
     model_mb = rows["ray", 0]["model_mb"]
     print(f"model {model_mb:.0f} MB; target: bucketed extra <= {model_mb / 4:.0f} MB (1/4 of the model)")
     print(f"sync_extra_mb={rows['ray', BUCKET_REPORTED_MB]['extra_mb']:.1f} "
