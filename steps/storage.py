@@ -140,10 +140,7 @@ def _download(fs, folder: str, files: dict[str, int], target: Path, location: st
 
 
 def subfolders(location: str | Path) -> list[str]:
-    """The names of the folders directly under `location` ([] when it does not exist)."""
-    if not is_remote(location):
-        folder = Path(location)
-        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    """The names of the folders directly under `location`, a URI or a local path ([] when it does not exist)."""
     fs, root = _fs(str(location))
     if not fs.exists(root):
         return []

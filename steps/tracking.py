@@ -172,21 +172,22 @@ def start_parent_run(flow_run_id: str, pathspec: str, params: dict[str, Any], ex
 def start_child_run(parent_run_id: str, label: str, flow_run_id: str, pathspec: str, params: dict[str, Any]) -> str:
     """The nested run of one sweep branch under `parent_run_id`: created, or on a retried task the first attempt's
     run, so a branch keeps one run and one metric history whatever its retries."""
-    parent = client().get_run(parent_run_id)
+    store = client()
+    parent = store.get_run(parent_run_id)
     tags = {
         TAG_PARENT_RUN: parent_run_id,
         TAG_BRANCH: label,
         TAG_FLOW_RUN_ID: str(flow_run_id),
         TAG_PATHSPEC: pathspec,
     }
-    siblings = client().search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    siblings = store.search_runs([parent.info.experiment_id], f"tags.`{TAG_PARENT_RUN}` = '{parent_run_id}'")
     earlier = [run for run in siblings
                if run.data.tags.get(TAG_BRANCH) == label and run.data.tags.get(TAG_FLOW_RUN_ID) == str(flow_run_id)]
     if earlier:
         run_id = earlier[0].info.run_id
-        client().set_tag(run_id, TAG_PATHSPEC, pathspec)
+        store.set_tag(run_id, TAG_PATHSPEC, pathspec)
         return run_id
-    run = client().create_run(parent.info.experiment_id, run_name=label, tags=tags)
+    run = store.create_run(parent.info.experiment_id, run_name=label, tags=tags)
     _log_params(run.info.run_id, params)
     return run.info.run_id
 

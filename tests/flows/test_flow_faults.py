@@ -6,12 +6,14 @@ Metaflow datastore and SQLite MLflow store, and looks at the result with MLflow'
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -72,9 +74,7 @@ def test_bad_data_path_fails_once_with_one_clear_line_and_a_failed_parent_run(tm
 
 def test_sigterm_to_the_flow_ends_its_tasks_and_marks_the_runs_killed(tmp_path, tiny_preset, tiny_model_dir, gsm8k_dir):
     preset = _write_preset(tiny_preset, tmp_path, tiny_model_dir, gsm8k_dir, steps=200)  # long enough to be stopped mid-distill
-    runner = subprocess.Popen(_flow_command(preset), cwd=tmp_path, env=_flow_env(tmp_path),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with _running_flow(preset, tmp_path) as (runner, _):
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
         deadline = time.monotonic() + 400
         child = None
@@ -86,12 +86,29 @@ def test_sigterm_to_the_flow_ends_its_tasks_and_marks_the_runs_killed(tmp_path, 
                 child = next((c for c in children if "train/loss" in c.data.metrics), None)
         assert child is not None, "distill never logged a step"
         _stop_the_flow(runner)
-    finally:
-        if runner.poll() is None:
-            runner.kill()
     (parent,) = _parent_runs(tmp_path)
     assert parent.info.status == "KILLED"
     assert client.get_run(child.info.run_id).info.status in ("FAILED", "KILLED")
+
+
+@contextlib.contextmanager
+def _running_flow(preset: Path, root: Path) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+    """`python flows/pcsd_flow.py run` on `preset` in `root`, with its output lines as they come (read all along:
+    a pipe left unread fills up and stalls the runner); killed on the way out if the test left it running."""
+    runner = subprocess.Popen(_flow_command(preset), cwd=root, env=_flow_env(root), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+
+    def drain() -> None:
+        for line in runner.stdout:
+            lines.append(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        yield runner, lines
+    finally:
+        if runner.poll() is None:
+            runner.kill()
 
 
 def _stop_the_flow(runner: subprocess.Popen) -> None:
@@ -127,25 +144,13 @@ def test_sigterm_during_preprocess_leaves_no_half_written_data_and_a_killed_pare
     preset = yaml.safe_load(preset_path.read_text())
     preset["data"].update(max_train_rows=3000, max_test_rows=500)  # seconds of preprocessing to be stopped in
     preset_path.write_text(yaml.safe_dump(preset))
-    runner = subprocess.Popen(_flow_command(preset_path), cwd=tmp_path, env=_flow_env(tmp_path),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-
-    def drain() -> None:  # keeps the pipe from filling up while the test waits
-        for line in runner.stdout:
-            lines.append(line)
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
+    with _running_flow(preset_path, tmp_path) as (runner, lines):
         deadline = time.monotonic() + 300
         while not any("[preprocess]" in line for line in lines):  # until the preprocess task is inside its step
             assert time.monotonic() < deadline and runner.poll() is None, "".join(lines[-30:])
             time.sleep(0.2)
         time.sleep(1.0)
         _stop_the_flow(runner)
-    finally:
-        if runner.poll() is None:
-            runner.kill()
     (parent,) = _parent_runs(tmp_path)
     assert parent.info.status == "KILLED"
     for folder in (tmp_path / "outputs").glob("*/data/*"):
