@@ -123,6 +123,10 @@ def test_setup_errors_are_clear_and_early(tiny_model_dir, train_parquet, tmp_pat
         tiny_config(tiny_model_dir, tmp_path, **{"train.num_workers": 2})
     with pytest.raises(ValueError, match="rollout.placement 'split' needs rollout.num_gpus"):
         tiny_config(tiny_model_dir, tmp_path, **{"rollout.placement": "split"})
+    on_storage = tiny_config(tiny_model_dir, tmp_path, **{"train.output_dir": "s3://bucket/run"})
+    with pytest.raises(ValueError, match=r"train.output_dir \('s3://bucket/run'\) is a URI; the engine writes to a "
+                                         r"local folder\. The flow .* stages a URI"):
+        Distiller(on_storage, train_parquet)  # refused before anything is loaded
 
 
 def test_cli_reports_bad_arguments(tmp_path, capsys, train_parquet):
