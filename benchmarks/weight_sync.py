@@ -6,7 +6,11 @@ Cases, each in a fresh subprocess (one case's heap cannot hide another's): the a
 (`InProcessWorkers`) and 2 FSDP2 Ray workers (gloo, CPU), each with
 - full:  the old sync, `engine.update_weights(workers.full_state_dict("student").items())` (the whole model
          gathered to rank 0, shipped through the Ray object store at once);
-- bucket <N> MB: `engine.update_weights(drain(workers.iter_state_dict_buckets("student", N MiB)))`.
+- bucket <N> MB: `engine.update_weights(drain(workers.iter_state_dict_buckets("student", N MiB)))`, each rank
+         sending rows of its own shard (no gather);
+and one more Ray case, 16 MB buckets on a Ray started with Ray's default object freeing (in batches about once a
+second) instead of the trainer's (`workers.RAY_SYSTEM_CONFIG`, each object freed at once): what a joined cluster
+started without RAY_free_objects_period_milliseconds=0 costs.
 Memory: the sum of PSS (proportional set size, /proc/<pid>/smaps_rollup) over the controller, the worker
 processes and the raylet (the object store), sampled every 5 ms in a thread; extra = peak during the syncs
 minus the sum just before. PSS counts a page shared by several processes (the object store's) once in total.
@@ -90,17 +94,20 @@ def run_case(path: str, workers: str, bucket_mb: int) -> dict:
     from pcsd_core.config import PCSDConfig
     from pcsd_core.rollout.hf import HFRolloutEngine
     from pcsd_core.weight_sync import drain, unique_state_items
-    from pcsd_core.workers import InProcessWorkers, launch_train_workers
+    from pcsd_core.workers import InProcessWorkers, ensure_ray, launch_train_workers
 
     torch.set_num_threads(1)
     train = {"device": "cpu", "prompts_per_step": 2, "mini_batch_size": 4, "micro_batch_size": 2}
-    if workers == "ray":
+    if workers.startswith("ray"):
         import ray
 
         train.update(use_ray=True, num_workers=2)
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+        if workers == "ray-batched-free":
+            ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+        else:
+            ensure_ray()  # the Ray the trainer starts, with its object-freeing setting
     cfg = PCSDConfig.from_dict({"model": {"name": path}, "train": train, "rollout": {"n": 2}})
-    if workers == "ray":
+    if workers.startswith("ray"):
         group = launch_train_workers(cfg, path, device_type="cpu")
         ranks = ray.get([w.pid.remote() for w in group.workers])
         names = {os.getpid(): "controller", **{pid: f"rank {r}" for r, pid in enumerate(ranks)},
@@ -114,7 +121,7 @@ def run_case(path: str, workers: str, bucket_mb: int) -> dict:
     # Weights loaded from safetensors may be file-backed pages until first written; write them once now so that
     # the syncs measure what they allocate, not the one-time page-in of a fresh load.
     with torch.no_grad():
-        for module in (engine.model, *([] if workers == "ray" else [group.actor.student])):
+        for module in (engine.model, *([] if workers.startswith("ray") else [group.actor.student])):
             for tensor in module.state_dict().values():
                 tensor.mul_(1)
     model_mb = sum(t.numel() * t.element_size() for _, t in unique_state_items(engine.model)) / 2**20
@@ -144,17 +151,17 @@ def main() -> None:
 
     path = resolve_model("smollm2-135m")
     rows = {}
-    print(f"{'workers':<12} {'sync':<12} {'extra_mb':>10} {'sync_s':>8}  each process's own peak extra MB", flush=True)
-    for workers in ("in-process", "ray"):
-        for bucket_mb in (0, *BUCKETS_MB):
-            out = subprocess.run([sys.executable, __file__, "--case", path, f"{workers}:{bucket_mb}"], cwd=REPO_ROOT,
-                                 env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
-                                 check=True)
-            rows[workers, bucket_mb] = result = json.loads(out.stdout.strip().splitlines()[-1])
-            label = "full gather" if bucket_mb == 0 else f"bucket {bucket_mb}MB"
-            name = "2 ray (fsdp)" if workers == "ray" else workers
-            own = ", ".join(f"{who} {mb:.0f}" for who, mb in result["by_process"].items())
-            print(f"{name:<12} {label:<12} {result['extra_mb']:>10.1f} {result['sync_s']:>8.2f}  {own}", flush=True)
+    print(f"{'workers':<14} {'sync':<12} {'extra_mb':>10} {'sync_s':>8}  each process's own peak extra MB", flush=True)
+    cases = [(workers, bucket_mb) for workers in ("in-process", "ray") for bucket_mb in (0, *BUCKETS_MB)]
+    for workers, bucket_mb in [*cases, ("ray-batched-free", BUCKET_REPORTED_MB)]:
+        out = subprocess.run([sys.executable, __file__, "--case", path, f"{workers}:{bucket_mb}"], cwd=REPO_ROOT,
+                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
+                             check=True)
+        rows[workers, bucket_mb] = result = json.loads(out.stdout.strip().splitlines()[-1])
+        label = "full gather" if bucket_mb == 0 else f"bucket {bucket_mb}MB"
+        name = {"ray": "2 ray (fsdp)", "ray-batched-free": "2 ray, 1s free"}.get(workers, workers)
+        own = ", ".join(f"{who} {mb:.0f}" for who, mb in result["by_process"].items())
+        print(f"{name:<14} {label:<12} {result['extra_mb']:>10.1f} {result['sync_s']:>8.2f}  {own}", flush=True)
     model_mb = rows["ray", 0]["model_mb"]
     print(f"model {model_mb:.0f} MB; target: bucketed extra <= {model_mb / 4:.0f} MB (1/4 of the model)")
     print(f"sync_extra_mb={rows['ray', BUCKET_REPORTED_MB]['extra_mb']:.1f} "

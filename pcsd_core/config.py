@@ -272,8 +272,9 @@ class TrainConfig:
     # cluster); empty: RAY_ADDRESS if set, else a local Ray started for this run. A joined cluster is never
     # shut down by the run.
     ray_address: str = ""
-    # Weight sync streams the actor's full weights to the rollout engine in buckets of at most this many MiB
-    # (a bigger tensor goes alone): the sync's extra memory is about one bucket, not the whole model.
+    # Weight sync streams the actor's weights to the rollout engine in buckets of at most this many MiB, each
+    # rank sending rows of its own shard (a bigger tensor is cut by rows): the sync's extra memory is about one
+    # bucket, not the whole model (SGLang, which loads whole tensors, adds the largest tensor).
     weight_sync_bucket_mb: int = 256
     # "cpu", "cuda" or "auto" (cuda when available).
     device: str = "auto"

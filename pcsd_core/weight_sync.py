@@ -1,16 +1,70 @@
 """Weight sync in bounded buckets: the actor's weights go to the rollout engine one bucket at a time.
 
-A full gather of a 7B bf16 model is ~14 GB held at once (on rank 0, in the object store and in the controller);
-a bucket of `train.weight_sync_bucket_mb` bounds that to about one bucket plus the largest tensor. These helpers
-cut a (name, tensor) stream into buckets, ship bucket tensors through the Ray object store without a copy, and
-release each tensor as soon as the engine has taken it (`drain`).
+A full gather of a 7B bf16 model is ~14 GB held at once (on rank 0, in the object store and in the controller).
+Instead, each train rank sends rows of its own FSDP shard, and nothing is ever all-gathered:
+
+- `local_shards(lm, rank)`: each tensor's rows this rank holds (FSDP2 shards dim 0 into contiguous chunks in
+  rank order; a tensor that is not sharded is sent by rank 0 alone);
+- `plan_row_buckets(layouts, bucket_bytes)`: the slices to send, tensor by tensor and rank by rank, each at most
+  `bucket_bytes` (a tensor bigger than a bucket is cut by rows), grouped into buckets of at most `bucket_bytes`;
+- `WeightPiece`: what the engines' `update_weights` takes, rows `row_start..` of one parameter; the HF engine
+  copies them into its parameter in place, and `whole_tensors` assembles them for SGLang, whose API takes whole
+  tensors;
+- `tensor_to_wire` / `wire_to_tensor`: the slices cross the Ray object store as numpy arrays, without a copy;
+- `drain`: each piece is let go as soon as the engine has taken it.
+
+The extra memory of a sync is then a few buckets (one being copied in, the next being read, the last one not yet
+freed by Ray), plus, for SGLang only, the one tensor it is assembling. That needs Ray to free each object at once
+(`workers.RAY_SYSTEM_CONFIG`): with Ray's default, batched about once a second, a fast sync piles up a second's
+worth of buckets in the object store.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import torch
+
+Item = TypeVar("Item")
+
+
+class WeightPiece(NamedTuple):
+    """Rows [row_start, row_start + len(tensor)) of the parameter `name`, whose first dimension is `full_rows`
+    long; `full_rows` None means the tensor is whole. A plain (name, tensor) pair reads as a whole tensor."""
+
+    name: str
+    tensor: torch.Tensor
+    row_start: int = 0
+    full_rows: int | None = None
+
+    @property
+    def row_stop(self) -> int:
+        return self.row_start + rows_of(self.tensor)
+
+    @property
+    def is_whole(self) -> bool:
+        return self.full_rows is None or (self.row_start == 0 and self.row_stop == self.full_rows)
+
+
+def as_piece(item: tuple) -> WeightPiece:
+    """A `WeightPiece` from a (name, tensor) pair or a (name, tensor, row_start, full_rows) tuple."""
+    return WeightPiece(*item)
+
+
+def rows_of(tensor: torch.Tensor) -> int:
+    """Length of the first dimension; a 0-d tensor counts as one row (it only ever travels whole)."""
+    return tensor.shape[0] if tensor.dim() else 1
+
+
+def rows_tile(spans: list[tuple[int, int]], rows: int) -> bool:
+    """Whether the [start, stop) spans cover 0..rows exactly once."""
+    position = 0
+    for start, stop in sorted(spans):
+        if start != position:
+            return False
+        position = stop
+    return position == rows
 
 
 def unique_state_items(lm: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -22,19 +76,138 @@ def unique_state_items(lm: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
             yield name, tensor.detach()
 
 
-def bucket_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]],
-                         bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Consecutive lists of (name, tensor) of at most `bucket_bytes` (global size); a bigger tensor goes alone."""
-    bucket, size = [], 0
-    for name, tensor in named_tensors:
-        tensor_bytes = tensor.numel() * tensor.element_size()  # a DTensor reports its global shape
-        if bucket and size + tensor_bytes > bucket_bytes:
+# ---- the sender's side: which rows each rank holds, and the plan ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalShard:
+    """One tensor as one rank holds it: `local` (its FSDP shard, or the whole tensor), of which this rank sends
+    the first `rows_sent` rows; the tensor's global shape and element size."""
+
+    local: torch.Tensor
+    rows_sent: int
+    shape: tuple[int, ...]
+    element_bytes: int
+
+
+def local_shards(lm: torch.nn.Module, rank: int) -> dict[str, LocalShard]:
+    """Each unique state tensor of `lm` as `rank` holds it, in state-dict order (the same on every rank)."""
+    shards = {}
+    for name, tensor in unique_state_items(lm):
+        placements = getattr(tensor, "placements", None)  # a DTensor (FSDP2) has them; a plain tensor does not
+        shape = tuple(tensor.shape)  # a DTensor reports its global shape
+        if placements is None or all(placement.is_replicate() for placement in placements):
+            local = tensor.to_local() if placements is not None else tensor
+            shards[name] = LocalShard(local, rows_of(local) if rank == 0 else 0, shape, tensor.element_size())
+        elif len(placements) == 1 and placements[0].is_shard(dim=0):
+            local = tensor.to_local()  # rows [offset, offset + len) with offset = the lower ranks' rows
+            shards[name] = LocalShard(local, rows_of(local), shape, tensor.element_size())
+        else:
+            raise ValueError(f"weight sync: {name!r} is placed as {placements}; only dim-0 sharding on a 1-D mesh "
+                             "(FSDP2 fully_shard) or replication can be sent shard by shard.")
+    return shards
+
+
+def shard_layout(shards: dict[str, LocalShard]) -> list[tuple[str, int, tuple[int, ...], int]]:
+    """What `plan_row_buckets` needs of one rank: (name, rows sent, global shape, element bytes), small to ship."""
+    return [(name, shard.rows_sent, shard.shape, shard.element_bytes) for name, shard in shards.items()]
+
+
+@dataclass(frozen=True)
+class RowSlice:
+    """Rows [start, stop) of `rank`'s local `name`, which are rows [row_start, ...) of the whole tensor."""
+
+    rank: int
+    name: str
+    start: int
+    stop: int
+    row_start: int
+    full_rows: int
+    nbytes: int
+
+
+def plan_row_buckets(layouts: list[list[tuple[str, int, tuple[int, ...], int]]],
+                     bucket_bytes: int) -> list[list[RowSlice]]:
+    """The slices of every rank's shards (`layouts[rank]` from `shard_layout`), tensor by tensor and, within a
+    tensor, rank by rank, so one tensor's rows come one after another; each slice and each bucket at most
+    `bucket_bytes` (a single row bigger than that goes alone)."""
+    slices = []
+    for entries in zip(*layouts, strict=True):
+        name, _, shape, element_bytes = entries[0]
+        if any(entry[0] != name for entry in entries):
+            raise ValueError(f"weight sync: the ranks list different tensors ({[entry[0] for entry in entries]}).")
+        full_rows = shape[0] if shape else 1
+        row_bytes = max(1, element_bytes * (torch.Size(shape[1:]).numel() if shape else 1))
+        rows_per_slice = max(1, bucket_bytes // row_bytes)
+        offset = 0
+        for rank, (_, rows_sent, _, _) in enumerate(entries):
+            for start in range(0, rows_sent, rows_per_slice):
+                stop = min(start + rows_per_slice, rows_sent)
+                slices.append(RowSlice(rank, name, start, stop, offset + start, full_rows, (stop - start) * row_bytes))
+            offset += rows_sent
+        if offset != full_rows:
+            raise ValueError(f"weight sync: the ranks hold {offset} rows of {name!r} together, but it has "
+                             f"{full_rows}; its sharding is not FSDP2's dim-0 chunks.")
+    return list(bucketed(slices, lambda piece: piece.nbytes, bucket_bytes))
+
+
+def read_rows(shards: dict[str, LocalShard], piece: RowSlice) -> WeightPiece:
+    """The rows `piece` names, as a view of the local shard (no copy)."""
+    local = shards[piece.name].local
+    rows = local if local.dim() == 0 else local[piece.start:piece.stop]
+    return WeightPiece(piece.name, rows, piece.row_start, piece.full_rows)
+
+
+def bucketed(items: Iterable[Item], size: Callable[[Item], int], bucket_bytes: int) -> Iterator[list[Item]]:
+    """Consecutive lists of `items` of at most `bucket_bytes` in all; an item bigger than that goes alone."""
+    bucket, total = [], 0
+    for item in items:
+        if bucket and total + size(item) > bucket_bytes:
             yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += tensor_bytes
+            bucket, total = [], 0
+        bucket.append(item)
+        total += size(item)
     if bucket:
         yield bucket
+
+
+def tensor_bytes(named: tuple[str, torch.Tensor]) -> int:
+    return named[1].numel() * named[1].element_size()
+
+
+# ---- the receiver's side --------------------------------------------------------------------------------------
+
+
+def whole_tensors(items: Iterable[tuple]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) from `WeightPiece`s or (name, tensor) pairs, for an engine that loads whole tensors.
+
+    The rows of one tensor must come one after another (as `plan_row_buckets` orders them): only the tensor being
+    assembled is held, so the extra memory is the largest tensor, not the model. A whole tensor passes through
+    without a copy.
+    """
+    name, buffer, spans = None, None, []
+    for piece in map(as_piece, items):
+        if name is not None and piece.name != name:
+            raise ValueError(f"weight sync: rows of {name!r} stopped at {sum(b - a for a, b in spans)} of "
+                             f"{rows_of(buffer)} before {piece.name!r} began; send each tensor's rows together.")
+        if piece.is_whole:
+            yield piece.name, piece.tensor
+            continue
+        if name is None:
+            name, spans = piece.name, []
+            buffer = piece.tensor.new_empty((piece.full_rows, *piece.tensor.shape[1:]))
+        buffer[piece.row_start:piece.row_stop].copy_(piece.tensor)
+        spans.append((piece.row_start, piece.row_stop))
+        if sum(stop - start for start, stop in spans) >= piece.full_rows:
+            if not rows_tile(spans, piece.full_rows):
+                raise ValueError(f"weight sync: the rows sent of {name!r} overlap ({sorted(spans)}).")
+            yield name, buffer
+            name, buffer, spans = None, None, []
+    if name is not None:
+        raise ValueError(f"weight sync: {name!r} got only rows {sorted(spans)} of {rows_of(buffer)}.")
+
+
+# ---- across the Ray object store ---------------------------------------------------------------------------
 
 
 def tensor_to_wire(name: str, tensor: torch.Tensor) -> tuple[str, Any, str]:
@@ -55,8 +228,8 @@ def wire_to_tensor(item: tuple[str, Any, str]) -> tuple[str, torch.Tensor]:
     return name, tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
 
 
-def drain(buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The (name, tensor) pairs of `buckets`, each let go once consumed: about one bucket alive at a time."""
+def drain(buckets: Iterable[list[Item]]) -> Iterator[Item]:
+    """The items of `buckets`, each let go once consumed: about one bucket alive at a time."""
     for bucket in buckets:
         bucket.reverse()
         while bucket:

@@ -16,7 +16,8 @@ NCCL on GPU) at rank 0's node IP and a port free there. Each worker builds an `A
 Every worker receives the whole `RolloutBatch` and takes its own rows by rank (`batch.worker_rows`), so the
 ranks always run the same number of forward passes and their collectives line up. Methods that gather
 full weights or optimizer state are collective: call them on all workers at once; rank 0 returns the data.
-The weight sync gathers one bucket at a time (`iter_state_dict_buckets`), never the whole model.
+The weight sync (`iter_state_dict_buckets`) gathers nothing: each rank sends rows of its own shard, one bucket
+at a time (`weight_sync.py`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import torch
 from pcsd_core.actor import Actor, full_tensor
 from pcsd_core.batch import RolloutBatch, TeacherOutputs, UpdateStats
 from pcsd_core.config import PCSDConfig
-from pcsd_core.weight_sync import bucket_named_tensors, tensor_to_wire, unique_state_items, wire_to_tensor
+from pcsd_core.weight_sync import (RowSlice, WeightPiece, local_shards, plan_row_buckets, read_rows, shard_layout,
+                                   tensor_to_wire, wire_to_tensor)
 
 # Bounds on waiting for Ray workers, so that nothing hangs until a job's wall-clock limit: a collective whose
 # peer died fails after COLLECTIVE_TIMEOUT_S; a call none of whose ranks died but that has not answered fails
@@ -40,6 +42,12 @@ from pcsd_core.weight_sync import bucket_named_tensors, tensor_to_wire, unique_s
 COLLECTIVE_TIMEOUT_S = 600
 CALL_TIMEOUT_S = 3600
 PLACEMENT_TIMEOUT_S = 120
+# The Ray we start frees an object as soon as its last reference goes. By default Ray frees them in batches about
+# once a second, and the weight sync sends buckets faster than that: the object store would hold a second's worth
+# of buckets (at 135M on CPU, the whole model) instead of one. A cluster we join keeps its own setting: start its
+# nodes with RAY_free_objects_period_milliseconds=0 in the environment (README, "Beyond one machine").
+RAY_SYSTEM_CONFIG = {"free_objects_period_milliseconds": 0}
+NO_LOCAL_CLUSTER = "Could not find any running Ray instance"  # ray.init(address="auto")'s error when there is none
 
 
 class TrainWorker:
@@ -98,25 +106,18 @@ class TrainWorker:
         cross the object store without a copy or a pickle of torch storages."""
         return [tensor_to_wire(name, tensor) for name, tensor in self.actor.full_state_dict(which).items()]
 
-    def state_dict_bucket_plan(self, which: str, bucket_bytes: int) -> list[list[str]]:
-        """Names of each bucket, from global shapes: the same on every rank, so the gathers line up."""
-        named = unique_state_items(_module(self.actor, which).lm)
-        return [[name for name, _ in bucket] for bucket in bucket_named_tensors(named, bucket_bytes)]
+    def shard_layout(self, which: str) -> list[tuple[str, int, tuple[int, ...], int]]:
+        """(name, rows this rank sends, global shape, element bytes) per tensor, for `plan_row_buckets`."""
+        return shard_layout(local_shards(_module(self.actor, which).lm, self.rank))
 
-    def gather_state_dict_bucket(self, which: str, names: list[str]) -> list[tuple[str, Any, str]]:
-        """All-gather the named tensors one by one (collective, same order on every rank); rank 0 returns them.
+    def read_rows(self, which: str, slices: list[RowSlice]) -> list[tuple[str, Any, str]]:
+        """The rows `slices` (this rank's) name, from this rank's own shards: no collective.
 
-        Rank 0 returns numpy arrays, which the Ray object store hands to the controller without a copy (torch
-        tensors would be pickled); `wire_to_tensor` turns them back. Other ranks drop each full tensor at once.
+        Numpy arrays, which the Ray object store hands to the controller without a copy (torch tensors would be
+        pickled); `wire_to_tensor` turns them back.
         """
-        state = _module(self.actor, which).lm.state_dict()
-        bucket = []
-        for name in names:
-            tensor = full_tensor(state[name].detach())
-            if self.rank == 0:
-                bucket.append(tensor_to_wire(name, tensor))
-            del tensor
-        return bucket
+        shards = local_shards(_module(self.actor, which).lm, self.rank)
+        return [tensor_to_wire(piece.name, read_rows(shards, piece).tensor) for piece in slices]
 
     def training_state(self) -> dict[str, Any]:
         return self.actor.training_state()
@@ -163,10 +164,10 @@ class TrainWorkers(Protocol):
 
     def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]: ...
 
-    def iter_state_dict_buckets(self, which: str, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """The full weights (HF names, tied tensors once) as lists of at most `bucket_bytes` each (a bigger
-        tensor alone), produced one at a time: the weight sync's extra memory is about one bucket. Consume it
-        to the end: with FSDP every bucket is a collective."""
+    def iter_state_dict_buckets(self, which: str, bucket_bytes: int) -> Iterator[list[WeightPiece]]:
+        """The full weights (HF names, tied tensors once) as row pieces, in lists of at most `bucket_bytes` each
+        (a tensor bigger than a bucket is cut by rows), produced one at a time: the weight sync's extra memory
+        is about one bucket. Each tensor's pieces come one after another."""
         ...
 
     def training_state(self) -> dict[str, Any]: ...
@@ -195,9 +196,11 @@ class InProcessWorkers:
     def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]:
         return self.actor.full_state_dict(which)
 
-    def iter_state_dict_buckets(self, which: str, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        # The live parameters themselves, no copy: the engine copies them into its own model.
-        return bucket_named_tensors(unique_state_items(_module(self.actor, which).lm), bucket_bytes)
+    def iter_state_dict_buckets(self, which: str, bucket_bytes: int) -> Iterator[list[WeightPiece]]:
+        # Views of the live parameters, no copy: the engine copies them into its own model.
+        shards = local_shards(_module(self.actor, which).lm, rank=0)
+        for bucket in plan_row_buckets([shard_layout(shards)], bucket_bytes):
+            yield [read_rows(shards, piece) for piece in bucket]
 
     def training_state(self) -> dict[str, Any]:
         return self.actor.training_state()
@@ -244,13 +247,19 @@ class RayWorkers:
         wire = self._get([w.full_state_dict.remote(which) for w in self.workers], "full_state_dict")[0]  # rank 0
         return dict(wire_to_tensor(item) for item in wire)
 
-    def iter_state_dict_buckets(self, which: str, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        # One Ray round trip per bucket: every rank all-gathers the bucket's tensors, rank 0 ships them through
-        # the object store; the next bucket is gathered only when the consumer asks for it.
-        plan = self._get([self.workers[0].state_dict_bucket_plan.remote(which, bucket_bytes)], "bucket plan")[0]
-        for names in plan:
-            parts = self._get([w.gather_state_dict_bucket.remote(which, names) for w in self.workers], "weight sync")
-            yield [wire_to_tensor(item) for item in parts[0]]
+    def iter_state_dict_buckets(self, which: str, bucket_bytes: int) -> Iterator[list[WeightPiece]]:
+        # One Ray round trip per bucket: each rank reads the bucket's rows of its own shards (no collective) and
+        # ships them through the object store; the next bucket is read only when the consumer asks for it.
+        layouts = self._get([w.shard_layout.remote(which) for w in self.workers], "weight sync layout")
+        for bucket in plan_row_buckets(layouts, bucket_bytes):
+            # Every rank is called, those with nothing in this bucket with [], so results stay in rank order.
+            parts = self._get([w.read_rows.remote(which, [piece for piece in bucket if piece.rank == rank])
+                               for rank, w in enumerate(self.workers)], "weight sync")
+            arrays = [iter(part) for part in parts]
+            pieces = [WeightPiece(piece.name, wire_to_tensor(next(arrays[piece.rank]))[1], piece.row_start,
+                                  piece.full_rows) for piece in bucket]
+            del parts, arrays  # the pieces alone hold the object-store buffers, and `drain` lets them go
+            yield pieces
 
     def training_state(self) -> dict[str, Any]:
         return self._get([w.training_state.remote() for w in self.workers], "training_state")[0]  # rank 0
@@ -320,17 +329,26 @@ def ensure_ray(address: str = "") -> bool:
 
     With `address` (train.ray_address) or RAY_ADDRESS set, join that cluster and start nothing: the cluster's
     resources are its own (num_cpus would be an error), and it keeps running after we leave. Already connected:
-    nothing to do. Otherwise start a local instance with every CPU of this machine.
+    nothing to do. Without an address, Ray's own rule: join the cluster that `ray start` left on this machine if
+    there is one, else start a local instance with every CPU of this machine and `RAY_SYSTEM_CONFIG`.
     """
     import ray
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address, configure_logging=False)
+    try:
+        ray.init(address=address or "auto", configure_logging=False)
         return False
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, configure_logging=False)
+    except ConnectionError as error:
+        if address or NO_LOCAL_CLUSTER not in str(error):
+            raise ConnectionError(
+                f"could not join the Ray cluster at {address or 'auto (the one `ray start` left on this machine)'}: "
+                f"{error}. Check that the address is the head's `ray start` address and reachable from here. Ray >= "
+                "2.59 starts clusters with token authentication: set RAY_AUTH_MODE=token here too, with the "
+                "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head).") from error
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, configure_logging=False,
+             _system_config=RAY_SYSTEM_CONFIG)
     return True
 
 

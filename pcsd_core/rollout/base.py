@@ -57,8 +57,9 @@ class RolloutEngine(Protocol):
         """Sample `n` responses per prompt; the result is prompt-major: [p0 r0, p0 r1, ..., p1 r0, ...]."""
         ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load the actor's full (unsharded) weights, by Hugging Face parameter name, into the engine."""
+    def update_weights(self, named_tensors: Iterable[tuple]) -> None:
+        """Load the actor's full weights, by Hugging Face parameter name, into the engine: (name, whole tensor)
+        pairs or `weight_sync.WeightPiece`s (rows of one tensor; each tensor's rows one after another)."""
         ...
 
     def sleep(self) -> None:

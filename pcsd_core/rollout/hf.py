@@ -33,6 +33,7 @@ from pcsd_core.models import DTYPES, load_model, load_tokenizer
 from pcsd_core.rollout.answer_stop import AnswerLineStop, TokenTexts
 from pcsd_core.rollout.base import Generation, SamplingParams, merge_eos_token_ids
 from pcsd_core.rollout.sampling import next_tokens
+from pcsd_core.weight_sync import WeightPiece, as_piece, rows_of, rows_tile
 
 
 class HFRolloutEngine:
@@ -166,32 +167,35 @@ class HFRolloutEngine:
     # ---- weight sync and memory ---------------------------------------------------------------
 
     @torch.no_grad()
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def update_weights(self, named_tensors: Iterable[tuple]) -> None:
         """Copy the actor's full weights (HF names) into this engine's model, in place.
 
-        Every parameter must be given (a partial sync would silently mix old and new weights); unknown
-        names and shape mismatches raise. With tied embeddings `lm_head.weight` is the same tensor as the
-        input embedding, so it may be present or absent.
+        Items are (name, tensor) pairs of whole tensors or `WeightPiece`s (rows of one tensor), copied into the
+        parameter's rows with no staging copy. Every row of every parameter must be given exactly once (a
+        partial sync would silently mix old and new weights); unknown names and shape mismatches raise. With
+        tied embeddings `lm_head.weight` is the same tensor as the input embedding, so it may be present or
+        absent.
         """
         if self._asleep:
             raise RuntimeError("HFRolloutEngine.update_weights called while asleep; call wake() first.")
         targets = self.model.state_dict()  # name -> tensor sharing storage with the live parameters
-        received: set[str] = set()
-        for name, tensor in named_tensors:
-            if name not in targets:
+        spans: dict[str, list[tuple[int, int]]] = {}
+        for piece in map(as_piece, named_tensors):
+            if piece.name not in targets:
                 raise KeyError(
-                    f"update_weights got unknown parameter {name!r}; the rollout model has e.g. "
+                    f"update_weights got unknown parameter {piece.name!r}; the rollout model has e.g. "
                     f"{sorted(targets)[:3]}. Send full Hugging Face names (no FSDP/compile prefixes)."
                 )
-            if tuple(tensor.shape) != tuple(targets[name].shape):
-                raise ValueError(
-                    f"update_weights: {name!r} has shape {tuple(tensor.shape)} but the rollout model expects "
-                    f"{tuple(targets[name].shape)}; send full (unsharded) tensors."
-                )
-            targets[name].copy_(tensor)  # casts dtype and moves device as needed
-            received.add(name)
+            target = targets[piece.name]
+            _check_piece_shape(piece, target)
+            (target if target.dim() == 0 else target[piece.row_start:piece.row_stop]).copy_(piece.tensor)  # casts
+            spans.setdefault(piece.name, []).append((piece.row_start, piece.row_stop))
+        partial = sorted(name for name, got in spans.items() if not rows_tile(got, rows_of(targets[name])))
+        if partial:
+            raise ValueError(f"update_weights got the rows of {partial[:3]} incompletely or more than once "
+                             f"(e.g. {sorted(spans[partial[0]])[:4]} of {rows_of(targets[partial[0]])}).")
         required = {name for name, _ in self.model.named_parameters()}  # tied aliases appear once
-        missing = sorted(required - received - _tied_aliases_received(self.model, received))
+        missing = sorted(required - set(spans) - _tied_aliases_received(self.model, set(spans)))
         if missing:
             raise ValueError(
                 f"update_weights is missing {len(missing)} parameter(s), e.g. {missing[:3]}; send the full state dict."
@@ -257,6 +261,21 @@ def _pad_token_id(model, eos_token_ids: list[int]) -> int:
 def _cache_argument(model) -> str:
     """transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version takes."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _check_piece_shape(piece: WeightPiece, target: torch.Tensor) -> None:
+    """A whole tensor has the parameter's shape; rows have its row shape and lie within its rows."""
+    if piece.full_rows is None:
+        if tuple(piece.tensor.shape) != tuple(target.shape):
+            raise ValueError(f"update_weights: {piece.name!r} has shape {tuple(piece.tensor.shape)} but the rollout "
+                             f"model expects {tuple(target.shape)}; send full (unsharded) tensors or row pieces.")
+        return
+    fits = (piece.full_rows == rows_of(target) and tuple(piece.tensor.shape[1:]) == tuple(target.shape[1:])
+            and 0 <= piece.row_start < piece.row_stop <= piece.full_rows)
+    if not fits:
+        raise ValueError(f"update_weights: rows {piece.row_start}..{piece.row_stop} of {piece.full_rows} of "
+                         f"{piece.name!r} with row shape {tuple(piece.tensor.shape[1:])} do not fit its shape "
+                         f"{tuple(target.shape)}.")
 
 
 def _tied_aliases_received(model, received: set[str]) -> set[str]:

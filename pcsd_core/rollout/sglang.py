@@ -42,6 +42,7 @@ from typing import Any, Protocol
 import torch
 
 from pcsd_core.rollout.base import Generation, SamplingParams, load_eos_token_ids
+from pcsd_core.weight_sync import bucketed, tensor_bytes, whole_tensors
 
 SGLANG_INSTALL_HINT = (
     "rollout.engine 'sglang' needs the `sglang` package with its CUDA dependencies ({error}). Run "
@@ -179,13 +180,17 @@ class SGLangRolloutEngine:
 
     # ---- weight sync and memory ---------------------------------------------------------------
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Push the actor's full weights (HF names) into the engine, bucket by bucket."""
+    def update_weights(self, named_tensors: Iterable[tuple]) -> None:
+        """Push the actor's full weights (HF names) into the engine, bucket by bucket.
+
+        Items are (name, tensor) pairs or `WeightPiece`s. SGLang loads whole tensors only, so a tensor sent as
+        row pieces is assembled first (`whole_tensors`): the largest such tensor is this sync's extra memory.
+        """
         if self._memory == "released":
             raise RuntimeError("SGLangRolloutEngine.update_weights called after sleep(); call wake() first.")
         # One bucket of look-ahead (to know which is last) instead of a list of all: the caller may stream the
         # weights from the train workers, and holding them all would cost the whole model.
-        buckets = _buckets(named_tensors, self.bucket_bytes)
+        buckets = bucketed(whole_tensors(named_tensors), tensor_bytes, self.bucket_bytes)
         bucket = next(buckets, None)
         if bucket is None:
             raise ValueError("update_weights got no tensors; pass the actor's full state dict as (name, tensor) pairs.")
@@ -390,20 +395,6 @@ def _check_options(placement, tp_size, base_gpu_id, mem_fraction_static, bucket_
         raise ValueError(f"rollout.gpu_memory_utilization ({mem_fraction_static}) must be in (0, 1).")
     if bucket_bytes < 1:
         raise ValueError(f"SGLang bucket_bytes ({bucket_bytes}) must be >= 1.")
-
-
-def _buckets(named_tensors, bucket_bytes: int):
-    """Group (name, tensor) pairs into lists of about `bucket_bytes` each (a big tensor gets its own)."""
-    bucket, size = [], 0
-    for name, tensor in named_tensors:
-        tensor_bytes = tensor.numel() * tensor.element_size()
-        if bucket and size + tensor_bytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor.detach()))
-        size += tensor_bytes
-    if bucket:
-        yield bucket
 
 
 def _check_result(operation: str, result: Any) -> None:

@@ -4,6 +4,8 @@
 STRICT_SPREAD placement of 2 workers has to use both. The run joins the cluster through `train.ray_address`
 (starting no Ray of its own), trains one rollout batch (teacher pass + 2 optimizer steps), and a rank killed
 afterwards fails the next call with its rank and node named; the cluster outlives the run. ~40 s.
+
+A second test starts a real `ray start --head` and checks that, given no address, the trainer joins it. ~40 s.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import pytest
 import torch
 
 from test_workers import config, random_batch, single_process_reference
+
+from pcsd_core.weight_sync import drain, whole_tensors
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
@@ -65,7 +69,7 @@ def test_two_fsdp_workers_on_two_nodes_match_one_process(tiny_model_dir, two_nod
         for got, want in zip(teacher.hidden, single_teacher.hidden, strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         stats = group.update(batch, teacher)
-        streamed = {name: tensor for bucket in group.iter_state_dict_buckets("student", 2**18) for name, tensor in bucket}
+        streamed = dict(whole_tensors(drain(group.iter_state_dict_buckets("student", 2**18))))
 
         ray.kill(group.workers[1])  # a rank dies: the next call fails naming it and its node, without hanging
         with pytest.raises(RuntimeError, match=rf"train worker rank 1 on node .*{node_ids[1]}.* died"):
@@ -80,3 +84,50 @@ def test_two_fsdp_workers_on_two_nodes_match_one_process(tiny_model_dir, two_nod
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=2e-5, msg=name)
     assert len([node for node in ray.nodes() if node["Alive"]]) == 2  # the cluster we joined is still up
     assert raylet_count() == raylets
+
+
+def test_without_an_address_the_trainer_joins_the_cluster_ray_start_left_on_this_machine():
+    """Ray's own rule for ray.init(): no address means the cluster `ray start` left here, if any. Starting one of
+    our own instead would fail (Ray refuses num_cpus when a cluster is found) or double-book the machine.
+
+    The head runs with its own RAY_TMPDIR, where `ray start` records its address, so no other test can find it,
+    and it is stopped by killing its `--block` process group (`ray stop` would stop every Ray on the machine).
+    """
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from pcsd_core.workers import free_port
+
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_TMPDIR": temp_dir}
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    raylets = raylet_count()
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address_file = Path(temp_dir, "ray", "ray_current_cluster")  # written by `ray start` once the head is up
+        for _ in range(120):
+            if address_file.exists() or head.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert address_file.exists(), "the `ray start` head did not come up within 60 s"
+        probe = ("import ray; from pcsd_core.workers import ensure_ray; owns = ensure_ray(); "
+                 "print(owns, ray.get_runtime_context().gcs_address, raylet_count(), flush=True); ray.shutdown()")
+        script = f"from test_multinode import raylet_count\n{probe}"
+        out = subprocess.run([sys.executable, "-c", script], env={**env, "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), str(Path(__file__).parents[2])])}, capture_output=True, text=True, timeout=120)
+        owns, address, raylets_while_joined = out.stdout.split()[-3:]
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert owns == "False"  # joined: nothing of ours to shut down, and the cluster stays
+    assert address.endswith(f":{port}")
+    assert int(raylets_while_joined) == raylets + 1  # the head's raylet only: no Ray instance of our own

@@ -11,7 +11,7 @@ import torch
 from pcsd_core.actor import Actor
 from pcsd_core.batch import RolloutBatch, TeacherOutputs
 from pcsd_core.config import PCSDConfig
-from pcsd_core.weight_sync import drain, wire_to_tensor
+from pcsd_core.weight_sync import drain, whole_tensors, wire_to_tensor
 
 ray = pytest.importorskip("ray")
 
@@ -29,9 +29,11 @@ def random_batch(rows: int) -> RolloutBatch:
 
 
 def assert_buckets_bounded(buckets, bucket_bytes: int) -> None:
+    """Every bucket within the bound; only a single row bigger than the bound may exceed it, alone."""
     for bucket in buckets:
-        size = sum(tensor.numel() * tensor.element_size() for _, tensor in bucket)
-        assert size <= bucket_bytes or len(bucket) == 1, [name for name, _ in bucket]
+        size = sum(piece.tensor.numel() * piece.tensor.element_size() for piece in bucket)
+        one_row = len(bucket) == 1 and (bucket[0].tensor.dim() < 2 or len(bucket[0].tensor) == 1)
+        assert size <= bucket_bytes or one_row, [(piece.name, piece.row_start) for piece in bucket]
 
 
 def config(**train) -> PCSDConfig:
@@ -43,9 +45,9 @@ def config(**train) -> PCSDConfig:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    from pcsd_core.workers import ensure_ray
+
+    started = ensure_ray()  # the Ray the trainer starts, with its settings
     yield
     if started:
         ray.shutdown()
@@ -92,10 +94,13 @@ def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session
         assert not torch.equal(tensor, initial[name]), f"{name} did not move"
     assert len(optimizer_states[0]["optimizer"]["state"]) == len(list(single.student.parameters()))
 
-    # The bucketed gather: the same tensors as the full gather, tied ones once, each bucket within its bound.
+    # The bucketed sync, with no gather: each rank sends rows of its own shard, every bucket within its bound;
+    # assembled, they are the full gather's tensors (tied ones once).
     assert_buckets_bounded(buckets, bucket_bytes)
-    assert len(buckets) > 2
-    streamed = {name: tensor for bucket in buckets for name, tensor in bucket}
+    embedding = [piece for bucket in buckets for piece in bucket if piece.name == "model.embed_tokens.weight"]
+    assert len(embedding) > 2 and all(piece.full_rows == len(gathered["model.embed_tokens.weight"])
+                                      for piece in embedding)  # 12.6 MB cut into rows of at most 128 KiB
+    streamed = dict(whole_tensors(piece for bucket in buckets for piece in bucket))
     assert set(gathered) - set(streamed) <= {"lm_head.weight"}
     for name, tensor in streamed.items():
         assert torch.equal(tensor, gathered[name]), name
@@ -109,20 +114,26 @@ def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session
 
 
 def test_in_process_buckets_are_the_live_weights_within_the_bound(tiny_model_dir):
-    """No copy: every streamed tensor shares storage with the actor's parameter; together they are the state dict."""
+    """No copy: every piece is a view of the actor's parameter at its rows; together they are the state dict."""
     from pcsd_core.workers import InProcessWorkers
 
     actor = Actor(config(), str(tiny_model_dir))
     workers = InProcessWorkers(actor)
     full = actor.full_state_dict()
-    for bucket_bytes in (1, 2**16, 2**40):
+    for bucket_bytes in (2**12, 2**16, 2**40):
         buckets = list(workers.iter_state_dict_buckets("student", bucket_bytes))
         assert_buckets_bounded(buckets, bucket_bytes)
-        streamed = dict(pair for bucket in buckets for pair in bucket)
-        assert set(full) - set(streamed) <= {"lm_head.weight"} and set(streamed) <= set(full)
-        for name, tensor in streamed.items():
-            assert tensor.data_ptr() == full[name].data_ptr(), name
-    assert len(list(workers.iter_state_dict_buckets("student", 1))) == len(streamed)  # one tensor per bucket
+        pieces = [piece for bucket in buckets for piece in bucket]
+        names = {piece.name for piece in pieces}
+        assert set(full) - names <= {"lm_head.weight"} and names <= set(full)
+        for piece in pieces:
+            row_bytes = full[piece.name][0].numel() * full[piece.name].element_size()
+            assert piece.tensor.data_ptr() == full[piece.name].data_ptr() + piece.row_start * row_bytes, piece.name
+        for name, tensor in whole_tensors(pieces):
+            assert torch.equal(tensor, full[name]), name
+    # one row per bucket when a row fills it: the 64-float (256-byte) rows of the embedding, 49152 of them
+    one_row = list(workers.iter_state_dict_buckets("student", 256))
+    assert sum(piece.name == "model.embed_tokens.weight" for bucket in one_row for piece in bucket) == 49152
     assert len(list(workers.iter_state_dict_buckets("student", 2**40))) == 1
     with pytest.raises(ValueError, match="teacher_mode 'live' keeps no teacher"):
         list(workers.iter_state_dict_buckets("teacher", 2**20))

@@ -11,6 +11,7 @@ from pcsd_core.config import PCSDConfig
 from pcsd_core.rollout import create_rollout_engine
 from pcsd_core.rollout.base import SamplingParams
 from pcsd_core.rollout.hf import HFRolloutEngine
+from pcsd_core.weight_sync import WeightPiece
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
 
@@ -169,6 +170,38 @@ def test_update_weights_rejects_unknown_missing_and_misshaped(tiny_model_dir):
         engine.update_weights([(name, torch.zeros(3, 3))])
     with pytest.raises(ValueError, match="missing 1 parameter"):
         engine.update_weights([(key, value) for key, value in full.items() if key != name])
+
+
+def test_update_weights_takes_row_pieces_in_any_order(tiny_model_dir):
+    """Rows of a tensor, as the train ranks send their shards, land in the parameter's rows: logits equal the actor's."""
+    engine = HFRolloutEngine(str(tiny_model_dir))
+    actor = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    _train_one_sgd_step(actor, lr=50.0)
+    pieces = []
+    for name, tensor in actor.named_parameters():
+        rows = len(tensor)
+        cuts = [0, rows // 3, rows // 2, rows]
+        pieces += [WeightPiece(name, tensor.detach()[a:b], a, rows) for a, b in zip(cuts, cuts[1:]) if b > a]
+    engine.update_weights(reversed(pieces))  # rows in any order, tensors interleaved: the HF engine copies in place
+    probe = torch.tensor([[7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(engine.model(probe).logits, actor(probe).logits, rtol=0, atol=1e-6)
+
+
+def test_update_weights_rejects_rows_missing_twice_or_out_of_place(tiny_model_dir):
+    engine = HFRolloutEngine(str(tiny_model_dir))
+    full = {name: tensor.clone() for name, tensor in engine.model.named_parameters()}
+    name = "model.layers.0.mlp.up_proj.weight"  # (128, 64)
+    others = [(key, value) for key, value in full.items() if key != name]
+    rows = full[name]
+    with pytest.raises(ValueError, match=rf"rows of \['{name}'\] incompletely.*\(0, 100\).* of 128"):
+        engine.update_weights([*others, WeightPiece(name, rows[:100], 0, 128)])
+    with pytest.raises(ValueError, match="incompletely or more than once"):
+        engine.update_weights([*others, WeightPiece(name, rows[:100], 0, 128), WeightPiece(name, rows[50:], 50, 128)])
+    with pytest.raises(ValueError, match="rows 100..129 of 128"):
+        engine.update_weights([WeightPiece(name, rows[:29], 100, 128)])
+    with pytest.raises(ValueError, match=r"row shape \(32,\) do not fit"):
+        engine.update_weights([WeightPiece(name, rows[:4, :32], 0, 128)])
 
 
 def test_sleep_wake_is_a_no_op_on_cpu_and_bad_arguments_fail_early(tiny_model_dir):

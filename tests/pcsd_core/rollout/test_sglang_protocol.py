@@ -16,6 +16,7 @@ from pcsd_core.rollout import create_rollout_engine
 from pcsd_core.rollout.base import SamplingParams, load_eos_token_ids
 from pcsd_core.rollout.hf import HFRolloutEngine
 from pcsd_core.rollout.sglang import SGLangRolloutEngine, parse_output, to_sglang_sampling_params
+from pcsd_core.weight_sync import WeightPiece
 
 from fake_sglang import FakeBroadcaster, FakeSGLangEngine, ProtocolError, registered_group_names
 
@@ -92,6 +93,29 @@ def test_colocated_wake_is_phased_weights_then_update_then_cache(rollout_and_act
     assert [name for update in updates for name in update["names"]] == list(actor.state_dict())
     _assert_engine_holds(fake, actor.state_dict())
     assert [g.response_ids for g in after] != [g.response_ids for g in before]  # new weights, new samples
+
+
+@pytest.mark.parametrize("placement", ["colocated", "split"])
+def test_row_pieces_from_two_ranks_reach_sglang_as_whole_tensors(rollout_and_actor, placement):
+    """SGLang loads whole tensors: the adapter assembles the rows each train rank sends of its shard."""
+    rollout_weights, actor = rollout_and_actor
+    fake = FakeSGLangEngine(rollout_weights, eos_token_id=EOS)
+    options = {"placement": "split", "tp_size": 1, "broadcaster": FakeBroadcaster(fake)} if placement == "split" else {}
+    engine = SGLangRolloutEngine("unused", engine=fake, eos_token_ids=[EOS], bucket_bytes=2_000, **options)
+    state = actor.state_dict()
+    pieces = []
+    for name, tensor in state.items():  # two ranks' halves, as FSDP2 shards dim 0, each half in two slices
+        rows = len(tensor)
+        cuts = sorted({0, rows // 4, rows // 2, 3 * rows // 4, rows})
+        pieces += [WeightPiece(name, tensor[a:b], a, rows) for a, b in zip(cuts, cuts[1:])]
+    engine.update_weights(iter(pieces))
+    method = "update_weights_from_tensor" if placement == "colocated" else "update_weights_from_distributed"
+    updates = [kwargs for called, kwargs in fake.calls if called == method]
+    assert [name for update in updates for name in update["names"]] == list(state)  # each tensor once, whole
+    _assert_engine_holds(fake, state)
+    with pytest.raises(ValueError, match="rows of 'model.embed_tokens.weight' stopped at 16 of 64"):
+        engine.update_weights([WeightPiece("model.embed_tokens.weight", state["model.embed_tokens.weight"][:16], 0, 64),
+                               *state.items()])
 
 
 def test_fake_poisons_released_weights_until_they_are_resent(rollout_and_actor):
