@@ -9,7 +9,7 @@ Cases, each in a fresh subprocess (one case's heap cannot hide another's): the a
 - bucket <N> MB: `engine.update_weights(drain(workers.iter_state_dict_buckets("student", N MiB)))`, each rank
          sending rows of its own shard (no gather);
 and one more Ray case, 16 MB buckets on a Ray started with Ray's default object freeing (in batches about once a
-second) instead of the trainer's (`workers.RAY_SYSTEM_CONFIG`, each object freed at once): what a joined cluster
+second) instead of the trainer's (`ray_cluster.RAY_SYSTEM_CONFIG`, each object freed at once): what a joined cluster
 started without RAY_free_objects_period_milliseconds=0 costs.
 Memory: the sum of PSS (proportional set size, /proc/<pid>/smaps_rollup) over the controller, the worker
 processes and the raylet (the object store), sampled every 5 ms in a thread; extra = peak during the syncs
@@ -94,7 +94,8 @@ def run_case(path: str, workers: str, bucket_mb: int) -> dict:
     from pcsd_core.config import PCSDConfig
     from pcsd_core.rollout.hf import HFRolloutEngine
     from pcsd_core.weight_sync import drain, unique_state_items
-    from pcsd_core.workers import InProcessWorkers, ensure_ray, launch_train_workers
+    from pcsd_core.ray_cluster import ensure_ray
+    from pcsd_core.workers import InProcessWorkers, launch_train_workers
 
     torch.set_num_threads(1)
     train = {"device": "cpu", "prompts_per_step": 2, "mini_batch_size": 4, "micro_batch_size": 2}

@@ -230,6 +230,16 @@ def gpus_required(cfg) -> int:
     return actor + rollout
 
 
+def local_gpus_required(cfg) -> int:
+    """CUDA devices the config needs on the machine that runs its trainer: all of `gpus_required`, except that
+    actor workers on a Ray cluster it joins (train.ray_address or RAY_ADDRESS) are placed by Ray, whose
+    placement group refuses, naming the shortfall, a cluster without their GPUs. The rollout engine always
+    runs here."""
+    if cfg.train.use_ray and (cfg.train.ray_address or os.environ.get("RAY_ADDRESS")):
+        return rollout_gpus_required(cfg)
+    return gpus_required(cfg)
+
+
 def rollout_gpus_required(cfg) -> int:
     """CUDA devices the rollout engine alone needs (evaluation): its tensor-parallel GPUs, or none on CPU."""
     return max(1, cfg.rollout.num_gpus) if runs_on_gpus(cfg) else 0
@@ -246,7 +256,7 @@ def check_hardware(cfg, visible_gpus: int | None = None, gpu_memory_gb: list[flo
     can be checked on a CPU one).
     """
     recipe = recipe_for(cfg.model.name)
-    needed = gpus_required(cfg)
+    needed = local_gpus_required(cfg)
     if recipe is not None and recipe.min_gpus and needed == 0:
         needed = recipe.min_gpus  # a GPU model in a CPU config (e.g. --model on the CPU preset)
     if needed == 0:

@@ -108,7 +108,7 @@ class Distiller:
         model_path = str(resume) if resume else self.base_model_path
         # Frozen and EMA teachers start from the run's initial weights, not from a resumed checkpoint.
         self.workers = build_train_workers(cfg, model_path, device=self.device, teacher_path=self.base_model_path)
-        self.engine = create_rollout_engine(self.cfg, model_path)
+        self.engine = create_rollout_engine(self.cfg, model_path, gpus_in_use=self.workers.local_gpu_ids())
         if resume:
             self._resume(resume)
 

@@ -15,7 +15,7 @@ Instead, each train rank sends rows of its own FSDP shard, and nothing is ever a
 
 The extra memory of a sync is then a few buckets (one being copied in, the next being read, the last one not yet
 freed by Ray), plus, for SGLang only, the one tensor it is assembling. That needs Ray to free each object at once
-(`workers.RAY_SYSTEM_CONFIG`): with Ray's default, batched about once a second, a fast sync piles up a second's
+(`ray_cluster.RAY_SYSTEM_CONFIG`): with Ray's default, batched about once a second, a fast sync piles up a second's
 worth of buckets in the object store.
 """
 

@@ -2,11 +2,11 @@
 
 The trainer calls the same methods on either (`TrainWorkers`): `compute_distributions`, `update`,
 `full_state_dict`, `iter_state_dict_buckets`, `training_state`, `load_training_state`, `peak_memory_mb`,
-`shutdown`. `build_train_workers(cfg, ...)` picks `InProcessWorkers` (one device, no Ray: tests, profiling, the
+`local_gpu_ids`, `shutdown`. `build_train_workers(cfg, ...)` picks `InProcessWorkers` (one device, no Ray: tests, profiling, the
 CPU default) or, with `train.use_ray`, `RayWorkers` from `launch_train_workers`.
 
 `launch_train_workers(cfg, model_path)` joins the Ray cluster at `train.ray_address` / RAY_ADDRESS (or starts a
-local Ray), reserves one placement-group bundle per node on `train.num_nodes` distinct nodes, starts one
+local Ray: `ray_cluster.ensure_ray`), reserves one placement-group bundle per node on `train.num_nodes` distinct nodes, starts one
 `TrainWorker` per rank in its node's bundle, and has them form a torch.distributed process group (gloo on CPU,
 NCCL on GPU) at rank 0's node IP and a port free there. Each worker builds an `Actor` whose model is
 `fully_shard`-ed over that group. The controller calls the workers explicitly:
@@ -23,7 +23,6 @@ at a time (`weight_sync.py`).
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
@@ -33,6 +32,7 @@ import torch
 from pcsd_core.actor import Actor, full_tensor
 from pcsd_core.batch import RolloutBatch, TeacherOutputs, UpdateStats
 from pcsd_core.config import PCSDConfig
+from pcsd_core.ray_cluster import ensure_ray, free_port, local_gpu_indexes, placement_bundles
 from pcsd_core.weight_sync import (RowSlice, WeightPiece, local_shards, plan_row_buckets, read_rows, shard_layout,
                                    tensor_to_wire, wire_to_tensor)
 
@@ -42,12 +42,6 @@ from pcsd_core.weight_sync import (RowSlice, WeightPiece, local_shards, plan_row
 COLLECTIVE_TIMEOUT_S = 600
 CALL_TIMEOUT_S = 3600
 PLACEMENT_TIMEOUT_S = 120
-# The Ray we start frees an object as soon as its last reference goes. By default Ray frees them in batches about
-# once a second, and the weight sync sends buckets faster than that: the object store would hold a second's worth
-# of buckets (at 135M on CPU, the whole model) instead of one. A cluster we join keeps its own setting: start its
-# nodes with RAY_free_objects_period_milliseconds=0 in the environment (README, "Beyond one machine").
-RAY_SYSTEM_CONFIG = {"free_objects_period_milliseconds": 0}
-NO_LOCAL_CLUSTER = "Could not find any running Ray instance"  # ray.init(address="auto")'s error when there is none
 
 
 class TrainWorker:
@@ -70,6 +64,12 @@ class TrainWorker:
         import ray.util
 
         return ray.util.get_node_ip_address()
+
+    def gpu_ids(self) -> list[int | str]:
+        """The GPUs Ray gave this worker, as its node numbers them (CUDA_VISIBLE_DEVICES entries)."""
+        import ray
+
+        return ray.get_gpu_ids()
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP as Ray reports it and a port free on this node: the process group's master address."""
@@ -178,6 +178,11 @@ class TrainWorkers(Protocol):
         """Peak memory of the worker processes other than this one (0 when the actor runs here)."""
         ...
 
+    def local_gpu_ids(self) -> list[int]:
+        """The GPUs of this machine (torch's indexes in this process) that the workers hold: a split rollout
+        engine takes others."""
+        ...
+
     def shutdown(self) -> None: ...
 
 
@@ -211,6 +216,10 @@ class InProcessWorkers:
     def peak_memory_mb(self) -> float:
         return 0.0  # the actor lives in this process, which the controller measures itself
 
+    def local_gpu_ids(self) -> list[int]:
+        device = self.actor.device
+        return [device.index or 0] if device.type == "cuda" else []
+
     def shutdown(self) -> None:
         self.actor = None
 
@@ -227,6 +236,7 @@ class RayWorkers:
     placement_group: Any
     owns_ray: bool = False  # this group started Ray, so shutting the group down also shuts Ray down
     nodes: list[str] = field(default_factory=list)  # per rank: "<ip> (node <id>)"
+    node_ids: list[str] = field(default_factory=list)  # per rank: Ray's node id
 
     def compute_distributions(self, batch: RolloutBatch) -> TeacherOutputs:
         import ray
@@ -269,6 +279,16 @@ class RayWorkers:
 
     def peak_memory_mb(self) -> float:
         return sum(self._get([w.peak_memory_mb.remote() for w in self.workers], "peak_memory_mb"))
+
+    def local_gpu_ids(self) -> list[int]:
+        # Only the ranks on this process's own Ray node hold GPUs of this machine; Ray numbers a node's GPUs by
+        # the node's CUDA_VISIBLE_DEVICES entries, torch by their position in this process's.
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        held = self._get([w.gpu_ids.remote() for w in self.workers], "gpu_ids")
+        return local_gpu_indexes([gpu for node, gpus in zip(self.node_ids, held) for gpu in gpus if node == here],
+                                 os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     def _get(self, refs: list[Any], what: str, timeout_s: float = CALL_TIMEOUT_S) -> list[Any]:
         """Results in rank order; the first rank to die raises RuntimeError naming it and its node."""
@@ -317,52 +337,6 @@ def build_train_workers(cfg: PCSDConfig, model_path: str, *, device: str, teache
     return InProcessWorkers(Actor(cfg, model_path, device=device, teacher_path=teacher_path))
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` now ("" = every interface of this machine)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def ensure_ray(address: str = "") -> bool:
-    """Connect to Ray; True only when this call started a Ray instance of its own (shut it down when done).
-
-    With `address` (train.ray_address) or RAY_ADDRESS set, join that cluster and start nothing: the cluster's
-    resources are its own (num_cpus would be an error), and it keeps running after we leave. Already connected:
-    nothing to do. Without an address, Ray's own rule: join the cluster that `ray start` left on this machine if
-    there is one, else start a local instance with every CPU of this machine and `RAY_SYSTEM_CONFIG`.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    try:
-        ray.init(address=address or "auto", configure_logging=False)
-        return False
-    except ConnectionError as error:
-        if address or NO_LOCAL_CLUSTER not in str(error):
-            raise ConnectionError(
-                f"could not join the Ray cluster at {address or 'auto (the one `ray start` left on this machine)'}: "
-                f"{error}. Check that the address is the head's `ray start` address and reachable from here. Ray >= "
-                "2.59 starts clusters with token authentication: set RAY_AUTH_MODE=token here too, with the "
-                "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head).") from error
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, configure_logging=False,
-             _system_config=RAY_SYSTEM_CONFIG)
-    return True
-
-
-def placement_bundles(num_workers: int, num_nodes: int, device_type: str) -> tuple[list[dict], str]:
-    """One bundle per node holding its workers' CPUs (and GPUs), and the strategy that puts them on distinct nodes.
-
-    Bundles are per node, not per worker, so "num_workers / num_nodes workers on each of num_nodes nodes" is one
-    STRICT_SPREAD placement group (one bundle per node; a single node is the single-bundle case).
-    """
-    per_node = num_workers // num_nodes
-    bundle = {"CPU": per_node, "GPU": per_node} if device_type == "cuda" else {"CPU": per_node}
-    return [dict(bundle) for _ in range(num_nodes)], "STRICT_SPREAD" if num_nodes > 1 else "STRICT_PACK"
-
-
 def launch_train_workers(cfg: PCSDConfig, model_path: str, *, device_type: str,
                          teacher_path: str | None = None) -> RayWorkers:
     """Placement group over `train.num_nodes` nodes, one `TrainWorker` per rank, one process group at rank 0's node."""
@@ -393,7 +367,7 @@ def launch_train_workers(cfg: PCSDConfig, model_path: str, *, device_type: str,
         for rank in range(world_size)
     ]
     ips, node_ids = ray.get([w.node_ip.remote() for w in workers]), ray.get([w.node_id.remote() for w in workers])
-    group_workers = RayWorkers(workers=workers, placement_group=group, owns_ray=owns_ray,
+    group_workers = RayWorkers(workers=workers, placement_group=group, owns_ray=owns_ray, node_ids=node_ids,
                                nodes=[f"{ip} (node {node_id})" for ip, node_id in zip(ips, node_ids)])
     try:
         # The rendezvous is rank 0's own node, at a port free there: other nodes reach it, 127.0.0.1 they would not.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pcsd_core.config import PCSDConfig
 from pcsd_core.models import resolve_device
 from pcsd_core.rollout.base import Generation, RolloutEngine, SamplingParams
@@ -9,15 +11,16 @@ from pcsd_core.rollout.base import Generation, RolloutEngine, SamplingParams
 __all__ = ["Generation", "RolloutEngine", "SamplingParams", "create_rollout_engine"]
 
 
-def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | None = None) -> RolloutEngine:
+def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | None = None, *,
+                          gpus_in_use: Sequence[int] = ()) -> RolloutEngine:
     """Build the engine named by `cfg.rollout.engine` for the model at `model_path`.
 
     `batch_size` overrides `rollout.batch_size` for the HF engine (evaluation uses `eval.batch_size`).
 
-    `hf` runs on `cfg.train.device` ("auto" = cuda when available); with placement split on CUDA it
-    takes the first GPU after the actor's train.num_workers GPUs. `sglang` placement follows
-    `cfg.rollout.placement`: colocated shares the actor's first GPUs (tp = rollout.num_gpus or 1);
-    split puts the rollout on rollout.num_gpus GPUs after the train.num_workers actor GPUs.
+    `hf` runs on `cfg.train.device` ("auto" = cuda when available). `sglang` placement follows
+    `cfg.rollout.placement`: colocated shares the actor's first GPU (tp = rollout.num_gpus or 1). With placement
+    split on CUDA, either engine takes the first rollout.num_gpus GPUs of this machine that `gpus_in_use` (the
+    train workers' GPUs here, from `TrainWorkers.local_gpu_ids`; none in evaluation) leaves free.
     """
     rollout = cfg.rollout
     if rollout.engine == "hf":
@@ -25,7 +28,7 @@ def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | No
 
         device = resolve_device(cfg.train.device)
         if device == "cuda" and rollout.placement == "split":
-            device = f"cuda:{cfg.train.num_workers}"
+            device = f"cuda:{first_free_gpus(gpus_in_use, 1)}"
         return HFRolloutEngine(
             model_path,
             dtype=cfg.model.dtype,
@@ -37,14 +40,31 @@ def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | No
     if rollout.engine == "sglang":
         from pcsd_core.rollout.sglang import SGLangRolloutEngine
 
-        split = rollout.placement == "split"
+        tp_size = max(1, rollout.num_gpus)
         return SGLangRolloutEngine(
             model_path,
             placement=rollout.placement,
-            tp_size=max(1, rollout.num_gpus),
-            base_gpu_id=cfg.train.num_workers if split else 0,
+            tp_size=tp_size,
+            base_gpu_id=first_free_gpus(gpus_in_use, tp_size) if rollout.placement == "split" else 0,
             mem_fraction_static=rollout.gpu_memory_utilization,
             dtype=cfg.model.dtype,
             seed=cfg.train.seed,
         )
     raise ValueError(f"rollout.engine ({rollout.engine!r}) must be 'hf' or 'sglang'.")
+
+
+def first_free_gpus(in_use: Sequence[int], count: int, visible: int | None = None) -> int:
+    """The first GPU of `count` consecutive ones (SGLang takes base_gpu_id..base_gpu_id + tp - 1) that are not
+    `in_use`; refuses, naming both, when this machine's `visible` GPUs (torch's count by default) end first."""
+    busy = set(in_use)
+    base = next(first for first in range(max(busy, default=0) + 2) if busy.isdisjoint(range(first, first + count)))
+    if visible is None:
+        import torch
+
+        visible = torch.cuda.device_count()
+    if base + count > visible:
+        raise RuntimeError(
+            f"a split rollout needs {count} free GPU(s) on this machine, but the train workers hold GPU(s) "
+            f"{sorted(busy)} of its {visible}: none of {count} consecutive ones is free. Give the rollout more "
+            "GPUs here, lower rollout.num_gpus, or use rollout.placement 'colocated'.")
+    return base

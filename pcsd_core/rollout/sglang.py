@@ -255,7 +255,7 @@ class SGLangRolloutEngine:
     # ---- split placement: the NCCL path -------------------------------------------------------
 
     def _connect_weight_sync(self) -> None:
-        from pcsd_core.workers import free_port
+        from pcsd_core.ray_cluster import free_port
 
         master_port = self.master_port or free_port()
         world_size = 1 + self.tp_size  # rank 0 = this process, ranks 1..tp_size = the engine's TP workers

@@ -48,7 +48,8 @@ def two_node_cluster():
 
 
 def test_two_fsdp_workers_on_two_nodes_match_one_process(tiny_model_dir, two_node_cluster):
-    from pcsd_core.workers import ensure_ray, launch_train_workers
+    from pcsd_core.ray_cluster import ensure_ray
+    from pcsd_core.workers import launch_train_workers
 
     batch = random_batch(8)
     single_teacher, single_stats, expected, _ = single_process_reference(tiny_model_dir, batch)
@@ -101,7 +102,7 @@ def test_without_an_address_the_trainer_joins_the_cluster_ray_start_left_on_this
     import tempfile
     import time
 
-    from pcsd_core.workers import free_port
+    from pcsd_core.ray_cluster import free_port
 
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_TMPDIR": temp_dir}
@@ -118,7 +119,7 @@ def test_without_an_address_the_trainer_joins_the_cluster_ray_start_left_on_this
                 break
             time.sleep(0.5)
         assert address_file.exists(), "the `ray start` head did not come up within 60 s"
-        probe = ("import ray; from pcsd_core.workers import ensure_ray; owns = ensure_ray(); "
+        probe = ("import ray; from pcsd_core.ray_cluster import ensure_ray; owns = ensure_ray(); "
                  "print(owns, ray.get_runtime_context().gcs_address, raylet_count(), flush=True); ray.shutdown()")
         script = f"from test_multinode import raylet_count\n{probe}"
         out = subprocess.run([sys.executable, "-c", script], env={**env, "PYTHONPATH": os.pathsep.join(

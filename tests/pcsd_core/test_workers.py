@@ -45,7 +45,7 @@ def config(**train) -> PCSDConfig:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    from pcsd_core.workers import ensure_ray
+    from pcsd_core.ray_cluster import ensure_ray
 
     started = ensure_ray()  # the Ray the trainer starts, with its settings
     yield
@@ -77,8 +77,9 @@ def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session
         stats = group.update(batch, teacher)
         wires = ray.get([w.full_state_dict.remote() for w in group.workers])  # (name, numpy array, dtype) lists
         optimizer_states = ray.get([w.training_state.remote() for w in group.workers])
-        bucket_bytes = 2**17  # 128 KiB: several buckets on the tiny model, the embedding alone in its own
+        bucket_bytes = 2**17  # 128 KiB: several buckets on the tiny model, the embedding cut into rows
         buckets = list(group.iter_state_dict_buckets("student", bucket_bytes))
+        assert group.local_gpu_ids() == []  # CPU workers hold no GPU a split rollout would have to avoid
     finally:
         group.shutdown()
 
@@ -119,6 +120,7 @@ def test_in_process_buckets_are_the_live_weights_within_the_bound(tiny_model_dir
 
     actor = Actor(config(), str(tiny_model_dir))
     workers = InProcessWorkers(actor)
+    assert workers.local_gpu_ids() == []
     full = actor.full_state_dict()
     for bucket_bytes in (2**12, 2**16, 2**40):
         buckets = list(workers.iter_state_dict_buckets("student", bucket_bytes))
