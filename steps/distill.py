@@ -29,7 +29,7 @@ class DistillResult:
     run_id: str  # the branch's child MLflow run
     checkpoint_dir: str  # the final HF checkpoint: a local folder or a storage URI (`steps.storage`)
     steps: int
-    history: list[dict[str, float]]  # per-step metrics, as the Distiller logged them
+    history: list[dict[str, float]]  # per-step metrics, as the Distiller logged them (a retry's: from step 1)
     curves_png: bytes  # training-curve plot (also an MLflow artifact); bytes, so later steps need no shared disk
     wall_s: float = 0.0  # the whole training, model loading included
     resumed_from_step: int = 0  # > 0 when a retried task continued from its own last checkpoint
@@ -62,7 +62,8 @@ def distill(branch: Branch, *, parent_run_id: str, flow_run_id: str, pathspec: s
         cfg = PCSDConfig.from_dict(branch.config.to_dict(), {"train.output_dir": str(output_dir),
                                                              "train.resume_from": str(resume_from or "")})
         # Steps a failed attempt logged before it died are kept; the resumed attempt logs only the ones after.
-        log_metrics = tracking.metric_logger(run_id, after_step=tracking.last_logged_step(run_id, "train/loss"))
+        logged_before = tracking.last_logged_step(run_id, "train/loss")
+        log_metrics = tracking.metric_logger(run_id, after_step=logged_before)
 
         def publish_checkpoint(path: Path) -> None:
             storage.publish(path, storage.join(location, "checkpoints", path.name))
@@ -78,6 +79,9 @@ def distill(branch: Branch, *, parent_run_id: str, flow_run_id: str, pathspec: s
             log_metrics.flush()
         wall_s = time.perf_counter() - started
         history = [_plain_metrics(row) for row in result.history]
+        if logged_before and distiller.start_step and history:
+            # A retry: the steps up to its checkpoint were trained, and logged, by the failed attempt.
+            history = tracking.logged_rows(run_id, history[0], distiller.start_step) + history
         curves_png = training_curves_png(history, title=branch.label)
         plot = output_dir / "plots" / "training_curves.png"
         plot.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ import time
 import urllib.error
 import urllib.request
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import mlflow
@@ -195,6 +195,16 @@ def start_child_run(parent_run_id: str, label: str, flow_run_id: str, pathspec: 
 def last_logged_step(run_id: str, metric: str) -> int | None:
     """The highest step at which `metric` was logged to `run_id` (None when never)."""
     return max((m.step for m in client().get_metric_history(run_id, metric)), default=None)
+
+
+def logged_rows(run_id: str, metrics: Iterable[str], up_to_step: int) -> list[dict[str, float]]:
+    """`metrics` as logged to `run_id` at steps 1..up_to_step, one row per step (empty where none was logged)."""
+    rows: list[dict[str, float]] = [{} for _ in range(up_to_step)]
+    for name in metrics:
+        for metric in client().get_metric_history(run_id, name):
+            if 1 <= metric.step <= up_to_step:
+                rows[metric.step - 1][name] = metric.value
+    return rows
 
 
 @contextlib.contextmanager

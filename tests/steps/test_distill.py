@@ -126,6 +126,11 @@ def test_a_retry_after_a_dead_ray_worker_continues_from_the_last_checkpoint_in_t
 
     assert result.resumed_from_step == 2 and result.steps == 4
     assert result.run_id == child.info.run_id and client.get_run(result.run_id).info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [1, 2, 3, 4]
+    losses = client.get_metric_history(result.run_id, "train/loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4]
+    # The card's history covers every step too: 1-2 from the failed attempt (as logged), 3-4 from this one.
+    assert len(result.history) == 4
+    assert [row["train/loss"] for row in result.history[:2]] == pytest.approx([m.value for m in losses[:2]])
+    assert [row["train/loss"] for row in result.history[3:]] == pytest.approx([losses[3].value])
     assert result.checkpoint_dir == storage.join(branch.config.train.output_dir, "checkpoints", "step_000004")
     assert storage.is_published(result.checkpoint_dir)
