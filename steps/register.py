@@ -9,7 +9,7 @@ A retried step must not register twice: every version is tagged with the flow ru
 already carries this flow run's tag is returned instead of registering again.
 
     from steps.register import register
-    result = register("outputs/17/lr=1e-05/final", model="smollm2-135m", dataset="openai/gsm8k",
+    result = register("s3://bucket/pcsd/17/checkpoints/step_000100", model="smollm2-135m", dataset="openai/gsm8k",
                       metric_value=0.25, flow_run_id="17", source_run_id=child_run_id)
 """
 
@@ -59,10 +59,10 @@ def register(
     metric_name: str = HEADLINE_METRIC,
     alias: str = CHAMPION_ALIAS,
 ) -> RegisterResult:
-    """Register `checkpoint_dir` once per flow run; move `alias` to it if `metric_value` beats the holder's."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not (checkpoint_dir / "config.json").is_file():
-        raise FileNotFoundError(f"register: {checkpoint_dir} is not a saved checkpoint (no config.json).")
+    """Register the checkpoint at `checkpoint_dir` (a local folder or a storage URI, `steps.storage`) once per flow
+    run; move `alias` to it if `metric_value` beats the holder's. A retried step finds its version without
+    downloading the checkpoint again."""
+    _check_checkpoint(checkpoint_dir)
     name = registered_model_name(model, dataset)
     client = tracking.client()
     existing = _version_of_flow_run(client, name, flow_run_id)
@@ -73,7 +73,8 @@ def register(
             TAG_EVAL_METRIC: metric_name,
             TAG_EVAL_VALUE: repr(float(metric_value)),
         }
-        version = _log_and_register(checkpoint_dir, name, source_run_id, tags)
+        with storage.scratch() as scratch:  # a checkpoint at a storage URI is downloaded; MLflow copies it anyway
+            version = _log_and_register(storage.local_copy(checkpoint_dir, scratch), name, source_run_id, tags)
     else:
         version = existing
     is_champion = _maybe_promote(client, name, version, float(metric_value), alias)
@@ -85,6 +86,16 @@ def register(
         model_uri=f"models:/{name}/{version.version}",
         alias=alias,
     )
+
+
+def _check_checkpoint(checkpoint_dir: str | Path) -> None:
+    """Refuse, before any download or registry call, a location that holds no saved checkpoint."""
+    if storage.is_remote(checkpoint_dir):
+        if not storage.is_published(str(checkpoint_dir)):
+            raise FileNotFoundError(f"register: {checkpoint_dir} holds no published checkpoint (no "
+                                    f"{storage.MARKER}); the distill step that wrote it did not finish.")
+    elif not Path(checkpoint_dir, "config.json").is_file():
+        raise FileNotFoundError(f"register: {checkpoint_dir} is not a saved checkpoint (no config.json).")
 
 
 def _log_and_register(checkpoint_dir: Path, name: str, source_run_id: str, tags: dict[str, str]):
@@ -169,13 +180,12 @@ def register_best(best: BranchOutcome | None, flow_run_id: str) -> RegisterResul
     if best is None:
         return None
     data = best.config.data
-    with storage.scratch() as scratch:  # a checkpoint at a storage URI is downloaded; MLflow copies it anyway
-        return register(
-            storage.local_copy(best.evaluation.checkpoint_dir, scratch),
-            model=best.config.model.name,
-            dataset=data.path or data.hub_name,
-            metric_value=best.evaluation.metrics[HEADLINE_METRIC],
-            flow_run_id=flow_run_id,
-            source_run_id=best.run_id,
-            branch=best.label,
-        )
+    return register(
+        best.evaluation.checkpoint_dir,
+        model=best.config.model.name,
+        dataset=data.path or data.hub_name,
+        metric_value=best.evaluation.metrics[HEADLINE_METRIC],
+        flow_run_id=flow_run_id,
+        source_run_id=best.run_id,
+        branch=best.label,
+    )

@@ -65,3 +65,23 @@ def test_register_is_idempotent_and_moves_champion_only_on_improvement(store, ti
 def test_register_rejects_a_folder_without_a_checkpoint(store, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         register(tmp_path, model="m", dataset="d", metric_value=0.0, flow_run_id="1", source_run_id="x")
+
+
+def test_a_checkpoint_at_a_storage_uri_is_downloaded_once_and_not_again_on_a_retry(store, tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    from steps import storage
+
+    location = f"file://{tmp_path / 'store' / 'checkpoints' / 'step_000004'}"
+    common = dict(model="smollm2-135m", dataset="openai/gsm8k", metric_value=0.25, flow_run_id="7")
+    with pytest.raises(FileNotFoundError, match="holds no published checkpoint"):
+        register(location, source_run_id=_source_run(), **common)  # nothing published there yet
+    storage.publish(tiny_model_dir, location)
+    downloads, real_local_copy = [], storage.local_copy
+    monkeypatch.setattr(storage, "local_copy", lambda *args: downloads.append(args[0]) or real_local_copy(*args))
+
+    first = register(location, source_run_id=_source_run(), **common)
+    local = Path(mlflow.artifacts.download_artifacts(first.model_uri))
+    assert {"model.safetensors", "config.json"} <= {path.name for path in local.rglob("*")}
+    retry = register(location, source_run_id=_source_run(), **common)
+    assert (retry.version, retry.already_registered) == (first.version, True)
+    assert downloads == [location]  # the retried step found its version without downloading the weights again
