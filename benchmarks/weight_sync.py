@@ -16,7 +16,8 @@ processes and the raylet (the object store), sampled every 5 ms in a thread; ext
 minus the sum just before. PSS counts a page shared by several processes (the object store's) once in total.
 Each process's own peak extra is printed beside it (the peaks need not coincide, so they may not add up to it).
 Weights are written once before measuring (a fresh load may leave them as file-backed pages that the first
-write would materialize: a loading cost, not a sync's). Time: mean of 2 syncs. The last line is machine-readable, for the 2-Ray-worker path at BUCKET_REPORTED_MB:
+write would materialize: a loading cost, not a sync's). Time: mean of 2 syncs. The last line is machine-readable,
+for the 2-Ray-worker path at BUCKET_REPORTED_MB:
 sync_extra_mb=<bucketed> full_gather_extra_mb=<baseline> model_mb=<size>
 """
 

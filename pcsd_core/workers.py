@@ -2,13 +2,13 @@
 
 The trainer calls the same methods on either (`TrainWorkers`): `compute_distributions`, `update`,
 `full_state_dict`, `iter_state_dict_buckets`, `training_state`, `load_training_state`, `peak_memory_mb`,
-`local_gpu_ids`, `shutdown`. `build_train_workers(cfg, ...)` picks `InProcessWorkers` (one device, no Ray: tests, profiling, the
-CPU default) or, with `train.use_ray`, `RayWorkers` from `launch_train_workers`.
+`local_gpu_ids`, `shutdown`. `build_train_workers(cfg, ...)` picks `InProcessWorkers` (one device, no Ray: tests,
+profiling, the CPU default) or, with `train.use_ray`, `RayWorkers` from `launch_train_workers`.
 
 `launch_train_workers(cfg, model_path)` joins the Ray cluster at `train.ray_address` / RAY_ADDRESS (or starts a
-local Ray: `ray_cluster.ensure_ray`), reserves one placement-group bundle per node on `train.num_nodes` distinct nodes, starts one
-`TrainWorker` per rank in its node's bundle, and has them form a torch.distributed process group (gloo on CPU,
-NCCL on GPU) at rank 0's node IP and a port free there. Each worker builds an `Actor` whose model is
+local Ray: `ray_cluster.ensure_ray`), reserves one placement-group bundle per node on `train.num_nodes` distinct
+nodes, starts one `TrainWorker` per rank in its node's bundle, and has them form a torch.distributed process group
+(gloo on CPU, NCCL on GPU) at rank 0's node IP and a port free there. Each worker builds an `Actor` whose model is
 `fully_shard`-ed over that group. The controller calls the workers explicitly:
 
     parts = self._get([worker.compute_distributions.remote(batch_ref) for worker in self.workers], "...")
@@ -29,7 +29,7 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
-from pcsd_core.actor import Actor, full_tensor
+from pcsd_core.actor import Actor
 from pcsd_core.batch import RolloutBatch, TeacherOutputs, UpdateStats
 from pcsd_core.config import PCSDConfig
 from pcsd_core.ray_cluster import ensure_ray, free_port, local_gpu_indexes, placement_bundles

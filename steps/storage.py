@@ -88,7 +88,7 @@ def publish(local_dir: str | Path, location: str | Path) -> None:
             raise ValueError(f"publish: {local_dir} must be written in place at the local location {location}.")
         return
     fs, root = _fs(str(location))
-    marker = f"{root.rstrip('/')}/{MARKER}"
+    marker = _marker(root)
     if fs.exists(marker):  # a retried step replaces its earlier copy: unpublished until complete again
         fs.rm(marker)
     sizes = {}
@@ -103,7 +103,7 @@ def publish(local_dir: str | Path, location: str | Path) -> None:
 
 def is_published(location: str) -> bool:
     fs, root = _fs(location)
-    return fs.exists(f"{root.rstrip('/')}/{MARKER}")
+    return fs.exists(_marker(root))
 
 
 def local_copy(location: str | Path, scratch_dir: Path) -> Path:
@@ -121,9 +121,13 @@ def local_copy(location: str | Path, scratch_dir: Path) -> Path:
     return target
 
 
+def _marker(folder: str) -> str:
+    return f"{folder.rstrip('/')}/{MARKER}"
+
+
 def _published_files(fs, folder: str, location: str | Path) -> dict[str, int]:
     try:
-        return json.loads(fs.cat_file(f"{folder}/{MARKER}"))["files"]
+        return json.loads(fs.cat_file(_marker(folder)))["files"]
     except FileNotFoundError:
         raise FileNotFoundError(f"{location} is not in a complete published folder (no {MARKER}): the step that "
                                 "writes it did not finish. Run that step again.") from None
