@@ -39,9 +39,10 @@ def ensure_ray(address: str = "") -> bool:
             where = address or "auto (RAY_ADDRESS, else the cluster `ray start` left on this machine)"
             raise ConnectionError(
                 f"could not join the Ray cluster at {where}: {error}. Check that the address is the head's `ray "
-                "start` address and reachable from here. Ray >= 2.59 starts clusters with token authentication: "
-                "set RAY_AUTH_MODE=token here too, with the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token "
-                "(`ray get-auth-token` on the head).") from error
+                "start` address and reachable from here. Ray >= 2.59 runs a cluster with token authentication when "
+                "its head was started with RAY_AUTH_MODE=token or found a token in ~/.ray/auth_token: then set "
+                "RAY_AUTH_MODE=token here too, with the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray "
+                "get-auth-token` on the head).") from error
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, configure_logging=False,
              _system_config=RAY_SYSTEM_CONFIG)
     return True

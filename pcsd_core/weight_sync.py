@@ -95,17 +95,23 @@ def local_shards(lm: torch.nn.Module, rank: int) -> dict[str, LocalShard]:
     shards = {}
     for name, tensor in unique_state_items(lm):
         placements = getattr(tensor, "placements", None)  # a DTensor (FSDP2) has them; a plain tensor does not
-        shape = tuple(tensor.shape)  # a DTensor reports its global shape
-        if placements is None or all(placement.is_replicate() for placement in placements):
-            local = tensor.to_local() if placements is not None else tensor
-            shards[name] = LocalShard(local, rows_of(local) if rank == 0 else 0, shape, tensor.element_size())
-        elif len(placements) == 1 and placements[0].is_shard(dim=0):
-            local = tensor.to_local()  # rows [offset, offset + len) with offset = the lower ranks' rows
-            shards[name] = LocalShard(local, rows_of(local), shape, tensor.element_size())
-        else:
-            raise ValueError(f"weight sync: {name!r} is placed as {placements}; only dim-0 sharding on a 1-D mesh "
-                             "(FSDP2 fully_shard) or replication can be sent shard by shard.")
+        # A dim-0 shard holds rows [offset, offset + len), offset = the lower ranks' rows; a DTensor reports its
+        # global shape.
+        local = tensor.to_local() if placements is not None else tensor
+        shards[name] = LocalShard(local, rows_sent(name, placements, rows_of(local), rank), tuple(tensor.shape),
+                                  tensor.element_size())
     return shards
+
+
+def rows_sent(name: str, placements: tuple | None, local_rows: int, rank: int) -> int:
+    """How many of its `local_rows` `rank` sends: all of a dim-0 shard (FSDP2 `fully_shard`); all of a whole or
+    replicated tensor on rank 0 and none elsewhere. Other placements are refused."""
+    if placements is None or all(placement.is_replicate() for placement in placements):
+        return local_rows if rank == 0 else 0
+    if len(placements) == 1 and placements[0].is_shard(dim=0):
+        return local_rows
+    raise ValueError(f"weight sync: {name!r} is placed as {placements}; only dim-0 sharding on a 1-D mesh "
+                     "(FSDP2 fully_shard) or replication can be sent shard by shard.")
 
 
 def shard_layout(shards: dict[str, LocalShard]) -> list[tuple[str, int, tuple[int, ...], int]]:

@@ -89,10 +89,12 @@ def test_two_fsdp_workers_on_two_nodes_match_one_process(tiny_model_dir, two_nod
 
 def test_without_an_address_the_trainer_joins_the_cluster_ray_start_left_on_this_machine():
     """Ray's own rule for ray.init(): no address means the cluster `ray start` left here, if any. Starting one of
-    our own instead would fail (Ray refuses num_cpus when a cluster is found) or double-book the machine.
+    our own instead would fail (Ray refuses num_cpus when a cluster is found) or double-book the machine. A join
+    that fails (here: a wrong token) names the token-authentication fix.
 
     The head runs with its own RAY_TMPDIR, where `ray start` records its address, so no other test can find it,
-    and it is stopped by killing its `--block` process group (`ray stop` would stop every Ray on the machine).
+    and it is stopped by killing its `--block` process group (`ray stop` would stop every Ray on the machine). It
+    runs with token authentication and a token of this test's, whatever ~/.ray holds on this machine.
     """
     import os
     import shutil
@@ -105,13 +107,21 @@ def test_without_an_address_the_trainer_joins_the_cluster_ray_start_left_on_this
     from pcsd_core.ray_cluster import free_port
 
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "RAY_TMPDIR": temp_dir}
+    env = {**os.environ, "RAY_TMPDIR": temp_dir, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "pcsd-test-token-1"}
     env.pop("RAY_ADDRESS", None)
     port = free_port()
     raylets = raylet_count()
     head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
                              f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def probe(code: str, **extra_env: str) -> str:
+        script = ("import ray\nfrom pcsd_core.ray_cluster import ensure_ray\nfrom test_multinode import raylet_count\n"
+                  + code)
+        path = os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[2])])
+        return subprocess.run([sys.executable, "-c", script], env={**env, "PYTHONPATH": path, **extra_env},
+                              capture_output=True, text=True, timeout=120).stdout
+
     try:
         address_file = Path(temp_dir, "ray", "ray_current_cluster")  # written by `ray start` once the head is up
         for _ in range(120):
@@ -119,12 +129,11 @@ def test_without_an_address_the_trainer_joins_the_cluster_ray_start_left_on_this
                 break
             time.sleep(0.5)
         assert address_file.exists(), "the `ray start` head did not come up within 60 s"
-        probe = ("import ray; from pcsd_core.ray_cluster import ensure_ray; owns = ensure_ray(); "
-                 "print(owns, ray.get_runtime_context().gcs_address, raylet_count(), flush=True); ray.shutdown()")
-        script = f"from test_multinode import raylet_count\n{probe}"
-        out = subprocess.run([sys.executable, "-c", script], env={**env, "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).parent), str(Path(__file__).parents[2])])}, capture_output=True, text=True, timeout=120)
-        owns, address, raylets_while_joined = out.stdout.split()[-3:]
+        joined = probe("owns = ensure_ray()\n"
+                       "print(owns, ray.get_runtime_context().gcs_address, raylet_count(), flush=True)\nray.shutdown()")
+        owns, address, raylets_while_joined = joined.split()[-3:]
+        refused = probe(f"try:\n    ensure_ray({address!r})\nexcept ConnectionError as error:\n    print(error)",
+                        RAY_AUTH_TOKEN="not-the-cluster-token")
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
@@ -132,3 +141,5 @@ def test_without_an_address_the_trainer_joins_the_cluster_ray_start_left_on_this
     assert owns == "False"  # joined: nothing of ours to shut down, and the cluster stays
     assert address.endswith(f":{port}")
     assert int(raylets_while_joined) == raylets + 1  # the head's raylet only: no Ray instance of our own
+    assert f"could not join the Ray cluster at {address}" in refused
+    assert "set RAY_AUTH_MODE=token here too, with the cluster's token in RAY_AUTH_TOKEN" in refused

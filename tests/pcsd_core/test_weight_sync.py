@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pcsd_core.weight_sync import LocalShard, WeightPiece, plan_row_buckets, read_rows, shard_layout, whole_tensors
+from pcsd_core.weight_sync import (LocalShard, WeightPiece, plan_row_buckets, read_rows, rows_sent, shard_layout,
+                                   whole_tensors)
 
 
 def fsdp_chunks(state: dict[str, torch.Tensor], world: int) -> list[dict[str, LocalShard]]:
@@ -77,3 +78,15 @@ def test_assembly_refuses_interleaved_overlapping_or_incomplete_rows():
         list(whole_tensors([WeightPiece("embed", rows[:4], 0, 7), WeightPiece("embed", rows[3:6], 3, 7)]))
     with pytest.raises(ValueError, match=r"got only rows \[\(0, 3\)\] of 7"):
         list(whole_tensors([WeightPiece("embed", rows[:3], 0, 7)]))
+
+
+def test_each_rank_sends_its_dim0_shard_and_rank_0_alone_sends_a_whole_or_replicated_tensor():
+    from torch.distributed.tensor import Replicate, Shard
+
+    assert [rows_sent("w", (Shard(0),), 5, rank) for rank in (0, 1)] == [5, 5]
+    assert [rows_sent("w", None, 7, rank) for rank in (0, 1)] == [7, 0]
+    assert [rows_sent("w", (Replicate(),), 7, rank) for rank in (0, 1)] == [7, 0]
+    with pytest.raises(ValueError, match=r"'w' is placed as \(Shard\(dim=1\),\); only dim-0 sharding"):
+        rows_sent("w", (Shard(1),), 7, 0)
+    with pytest.raises(ValueError, match="only dim-0 sharding on a 1-D mesh"):
+        rows_sent("w", (Shard(0), Shard(0)), 7, 0)
