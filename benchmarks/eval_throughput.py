@@ -23,12 +23,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from pcsd_core.config import GSM8K_INSTRUCTION  # noqa: E402
+from pcsd_core.config.schema import GSM8K_INSTRUCTION  # noqa: E402
 from pcsd_core.models import load_tokenizer, resolve_model  # noqa: E402
-from pcsd_core.prompts import build_student_messages, render_prompt_ids  # noqa: E402
+from pcsd_core.data.prompts import build_student_messages, render_prompt_ids  # noqa: E402
 from pcsd_core.rollout.base import SamplingParams  # noqa: E402
 from pcsd_core.rollout.hf import HFRolloutEngine  # noqa: E402
-from pcsd_core.scoring import extract_answer, is_correct, text_through_first_answer_line  # noqa: E402
+from pcsd_core.eval.scoring import extract_answer, is_correct, text_through_first_answer_line  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:

@@ -8,7 +8,7 @@ in bf16, and times PCSD steps on synthetic token ids:
     student forward + backward on student prompt + response     6 * N * student_tokens FLOPs
     AdamW step
 
-once with the memory-bounded exact loss of `pcsd_core.losses` (hidden states + lm_head weight, chunked) and
+once with the memory-bounded exact loss of `pcsd_core.loss.distillation` (hidden states + lm_head weight, chunked) and
 once with the naive loss (full fp32 logits of teacher and student, log_softmax, KL). N counts the parameters
 that take part in matmuls (all but the input embedding; the tied or untied lm_head counts); attention-score
 FLOPs are left out, so MFU is slightly understated. MFU divides by the card's dense bf16 peak (H100/H200 SXM:
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pcsd_core.losses import hidden_state_distillation_loss, token_divergence  # noqa: E402
+from pcsd_core.loss.distillation import hidden_state_distillation_loss, token_divergence  # noqa: E402
 
 DENSE_BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 

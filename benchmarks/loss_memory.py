@@ -7,7 +7,7 @@ Each measurement (case x method) runs in a fresh subprocess, so one allocation p
 heap. Forward + backward of forward KL(P_t || P_s) over T response tokens of one sequence, fp32:
 - naive: what peers do (TRL `full_logits`): student and teacher logits (T, V) = h @ W^T, log_softmax both,
   F.kl_div, backward through autograd.
-- ours:  `pcsd_core.losses.hidden_state_distillation_loss` (token chunks, exact gradients, metrics on).
+- ours:  `pcsd_core.loss.distillation.hidden_state_distillation_loss` (token chunks, exact gradients, metrics on).
 Memory: on CPU, peak RSS (VmHWM, reset through /proc/self/clear_refs) minus RSS after the inputs exist; on
 GPU, torch.cuda.max_memory_allocated minus allocated before. "working" subtracts the gradient outputs both
 methods must return (W.grad (V, H) and h.grad (T, H)), i.e. the memory the loss itself needs. Correctness:
@@ -51,7 +51,7 @@ def _naive_loss(torch, student_hidden, teacher_hidden, weight, weights):
 
 
 def _ours_loss(torch, student_hidden, teacher_hidden, weight, weights, chunk_tokens):
-    from pcsd_core.losses import hidden_state_distillation_loss
+    from pcsd_core.loss.distillation import hidden_state_distillation_loss
 
     return hidden_state_distillation_loss(student_hidden, teacher_hidden, weight, weights,
                                           chunk_tokens=chunk_tokens).loss

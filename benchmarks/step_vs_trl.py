@@ -18,6 +18,7 @@ The last line is machine-readable: `speedup_vs_trl=<trl_s_per_step/ours> peak_rs
 
 from __future__ import annotations
 
+from pcsd_core.config.loader import config_from_dict
 import argparse
 import json
 import os
@@ -43,8 +44,8 @@ def peak_memory_mb() -> float:
 
 
 def prepare(workdir: Path, steps: int):
-    from pcsd_core.config import DataConfig
-    from pcsd_core.data import load_prompt_records, prepare_dataset
+    from pcsd_core.config.schema import DataConfig
+    from pcsd_core.data.prepare import load_prompt_records, prepare_dataset
 
     prepared = prepare_dataset(DataConfig(path=str(GSM8K), max_train_rows=PROMPTS * steps, max_test_rows=1),
                                workdir / "data")
@@ -52,11 +53,11 @@ def prepare(workdir: Path, steps: int):
 
 
 def run_ours(workdir: Path, steps: int, overrides: dict[str, str]) -> list[float]:
-    from pcsd_core.config import PCSDConfig
-    from pcsd_core.trainer import Distiller
+    from pcsd_core.config.schema import PCSDConfig
+    from pcsd_core.engine.trainer import Distiller
 
     train_path, _ = prepare(workdir, steps)
-    cfg = PCSDConfig.from_dict({}, {
+    cfg = config_from_dict({}, {
         "model.name": "smollm2-135m", "rollout.n": N, "rollout.max_response_tokens": RESPONSE_TOKENS,
         "rollout.batch_size": PROMPTS, "loss.divergence": "forward_kl", "loss.estimator": "full",
         "train.teacher_mode": "live", "train.prompts_per_step": PROMPTS, "train.mini_batch_size": PROMPTS * N,
@@ -86,7 +87,7 @@ def run_trl(workdir: Path, steps: int) -> list[float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-    from pcsd_core.config import DEFAULT_TEACHER_TEMPLATE
+    from pcsd_core.data.prompts import DEFAULT_TEACHER_TEMPLATE
     from pcsd_core.models import resolve_model
 
     _, records = prepare(workdir, steps)
@@ -149,11 +150,11 @@ def main() -> None:
                         help="override a setting of our engine (repeatable), e.g. train.share_prompt_prefix=false")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from pcsd_core.config import PCSDConfig
-    from pcsd_core.presets import parse_overrides
+    from pcsd_core.config.schema import PCSDConfig
+    from pcsd_core.config.loader import parse_overrides
 
     overrides = parse_overrides(args.ours_set)
-    PCSDConfig.from_dict({}, overrides)  # an unknown key or bad value fails here, before any run
+    config_from_dict({}, overrides)  # an unknown key or bad value fails here, before any run
     if args.worker:
         return worker(args.worker, args.steps, overrides)
     results: dict[str, list[dict]] = {"ours": [], "trl": []}

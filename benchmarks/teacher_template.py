@@ -1,14 +1,14 @@
 """Which teacher template? Teacher accuracy and KL(teacher || student) for each named template, same questions.
 
-For each template in `pcsd_core.prompts.TEACHER_TEMPLATES`, on the first N GSM8K test questions (greedy decoding,
+For each template in `pcsd_core.data.prompts.TEACHER_TEMPLATES`, on the first N GSM8K test questions (greedy decoding,
 the HF rollout engine, SmolLM2-135M-Instruct by default), with the worked solution as the privileged context:
 
 - teacher accuracy: the teacher prompt (question + solution, through the template) answered greedily, scored
-  strict (`#### <number>`) and flexible (last number) with `pcsd_core.scoring`. A teacher that cannot use the
+  strict (`#### <number>`) and flexible (last number) with `pcsd_core.eval.scoring`. A teacher that cannot use the
   context it is shown has nothing to teach.
 - KL(teacher || student) per token: the student's own greedy response (one per question, the same for every
   template) scored by the teacher prompt and the student prompt; the exact full-vocabulary forward KL
-  (`pcsd_core.losses.token_divergence`, what the training loss computes) averaged over all response tokens.
+  (`pcsd_core.loss.distillation.token_divergence`, what the training loss computes) averaged over all response tokens.
   This is the size of the training signal on on-policy text.
 
 The student row (no context) is the baseline: the accuracy the teacher should beat.
@@ -39,8 +39,8 @@ GSM8K = Path(os.environ.get("PCSD_GSM8K_DIR", REPO.parent / "shared" / "data" / 
 
 
 def load_questions(n: int, data_path: Path):
-    from pcsd_core.config import DataConfig
-    from pcsd_core.data import load_prompt_records, prepare_dataset
+    from pcsd_core.config.schema import DataConfig
+    from pcsd_core.data.prepare import load_prompt_records, prepare_dataset
 
     with tempfile.TemporaryDirectory() as workdir:
         prepared = prepare_dataset(DataConfig(path=str(data_path), max_train_rows=1, max_test_rows=n), workdir)
@@ -55,7 +55,7 @@ def greedy_responses(engine, prompts: list[list[int]], max_new_tokens: int) -> l
 
 
 def accuracy(tokenizer, responses: list[list[int]], records, mode: str) -> float:
-    from pcsd_core.scoring import is_correct
+    from pcsd_core.eval.scoring import is_correct
 
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     return sum(is_correct(text, r.ground_truth, mode) for text, r in zip(texts, records)) / len(records)
@@ -64,7 +64,7 @@ def accuracy(tokenizer, responses: list[list[int]], records, mode: str) -> float
 @torch.no_grad()
 def response_logits(model, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:
     """Logits predicting each response token, (R, V)."""
-    from pcsd_core.prompts import append_response, response_logits_slice
+    from pcsd_core.data.prompts import append_response, response_logits_slice
 
     ids, start = append_response(prompt_ids, response_ids)
     return model(torch.tensor([ids])).logits[0, response_logits_slice(start, len(response_ids))].float()
@@ -72,7 +72,7 @@ def response_logits(model, prompt_ids: list[int], response_ids: list[int]) -> to
 
 def mean_token_kl(model, student_prompts, teacher_prompts, responses) -> float:
     """KL(teacher || student) averaged over every response token of every question (token mean)."""
-    from pcsd_core.losses import token_divergence
+    from pcsd_core.loss.distillation import token_divergence
 
     total, tokens = 0.0, 0
     for student_ids, teacher_ids, response_ids in zip(student_prompts, teacher_prompts, responses):
@@ -93,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pcsd_core.models import load_tokenizer
-    from pcsd_core.prompts import TEACHER_TEMPLATES, build_prompt_pair
+    from pcsd_core.data.prompts import TEACHER_TEMPLATES, build_prompt_pair
     from pcsd_core.rollout.hf import HFRolloutEngine
 
     started = time.perf_counter()

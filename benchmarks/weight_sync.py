@@ -23,6 +23,7 @@ sync_extra_mb=<bucketed> full_gather_extra_mb=<baseline> model_mb=<size>
 
 from __future__ import annotations
 
+from pcsd_core.config.loader import config_from_dict
 import json
 import os
 import subprocess
@@ -92,11 +93,11 @@ def run_case(path: str, workers: str, bucket_mb: int) -> dict:
     """One case in this (fresh) process: build workers and engine, measure SYNCS syncs."""
     import torch
 
-    from pcsd_core.config import PCSDConfig
+    from pcsd_core.config.schema import PCSDConfig
     from pcsd_core.rollout.hf import HFRolloutEngine
-    from pcsd_core.weight_sync import drain, unique_state_items
-    from pcsd_core.ray_cluster import ensure_ray
-    from pcsd_core.workers import InProcessWorkers, launch_train_workers
+    from pcsd_core.distributed.weight_sync import drain, unique_state_items
+    from pcsd_core.distributed.ray_cluster import ensure_ray
+    from pcsd_core.distributed.workers import InProcessWorkers, launch_train_workers
 
     torch.set_num_threads(1)
     train = {"device": "cpu", "prompts_per_step": 2, "mini_batch_size": 4, "micro_batch_size": 2}
@@ -108,14 +109,14 @@ def run_case(path: str, workers: str, bucket_mb: int) -> dict:
             ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
         else:
             ensure_ray()  # the Ray the trainer starts, with its object-freeing setting
-    cfg = PCSDConfig.from_dict({"model": {"name": path}, "train": train, "rollout": {"n": 2}})
+    cfg = config_from_dict({"model": {"name": path}, "train": train, "rollout": {"n": 2}})
     if workers.startswith("ray"):
         group = launch_train_workers(cfg, path, device_type="cpu")
         ranks = ray.get([w.pid.remote() for w in group.workers])
         names = {os.getpid(): "controller", **{pid: f"rank {r}" for r, pid in enumerate(ranks)},
                  **{pid: "raylet" for pid in raylet_pids()}}
     else:
-        from pcsd_core.actor import Actor
+        from pcsd_core.engine.actor import Actor
 
         group, names = InProcessWorkers(Actor(cfg, path)), {os.getpid(): "controller"}
     pids = list(names)

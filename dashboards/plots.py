@@ -20,24 +20,25 @@ from matplotlib import colormaps  # noqa: E402
 from matplotlib.colors import Normalize, to_hex  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from dashboards.runs import Branch  # noqa: E402
-from pcsd_core.tracking_contract import eval_metric  # noqa: E402
+from dashboards.runs import BranchRun  # noqa: E402
+from pcsd_core import metric_names as names  # noqa: E402
+from steps.contract import eval_metric  # noqa: E402
 
 plt.rcParams["svg.fonttype"] = "none"
 KL_COLORMAP = "YlOrRd"
 # (figure title, y label, [(metric name, legend suffix, line style)]) per training-curve panel; every metric
 # is one of the contract's CURVE_METRICS.
 CURVE_PANELS = (
-    ("Training loss", "loss", [("train/loss", "", "-")]),
-    ("KL(teacher || student) per response token", "KL (nats)", [("train/kl", "", "-")]),
+    ("Training loss", "loss", [(names.TRAIN_LOSS, "", "-")]),
+    ("KL(teacher || student) per response token", "KL (nats)", [(names.TRAIN_KL, "", "-")]),
     (
         "Teacher vs student entropy",
         "entropy (nats)",
-        [("train/teacher_entropy", " teacher", "-"), ("train/student_entropy", " student", "--")],
+        [(names.TRAIN_TEACHER_ENTROPY, " teacher", "-"), (names.TRAIN_STUDENT_ENTROPY, " student", "--")],
     ),
-    ("Mean response length", "tokens", [("train/response_len", "", "-")]),
-    ("Rollout accuracy (training prompts)", "strict accuracy", [("rollout/accuracy", "", "-")]),
-    ("Training throughput", "tokens / s", [("perf/tokens_per_s", "", "-")]),
+    ("Mean response length", "tokens", [(names.TRAIN_RESPONSE_LEN, "", "-")]),
+    ("Rollout accuracy (training prompts)", "strict accuracy", [(names.ROLLOUT_ACCURACY, "", "-")]),
+    ("Training throughput", "tokens / s", [(names.PERF_TOKENS_PER_S, "", "-")]),
 )
 EVAL_SERIES = (
     (eval_metric("before", "gsm8k_accuracy_strict"), "strict, before", "#9ecae1", ""),
@@ -56,14 +57,14 @@ def figure_to_svg(fig) -> str:
     return text[text.index("<svg") :]
 
 
-def branch_tick_label(branch: Branch, varying_params: list[str]) -> str:
+def branch_tick_label(branch: BranchRun, varying_params: list[str]) -> str:
     """`lr=1e-05\\ndivergence=forward_kl` from the varying params, else the branch name."""
     if not varying_params:
         return branch.name
     return "\n".join(f"{key.split('.')[-1]}={branch.params.get(key, '?')}" for key in varying_params)
 
 
-def plot_eval_accuracy(branches: list[Branch], varying_params: list[str]) -> str:
+def plot_eval_accuracy(branches: list[BranchRun], varying_params: list[str]) -> str:
     """Grouped bars: GSM8K accuracy strict/flexible, before/after, for each branch's hyperparameters."""
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(branches) + 3), 4.2))
     width = 0.8 / len(EVAL_SERIES)
@@ -82,12 +83,12 @@ def plot_eval_accuracy(branches: list[Branch], varying_params: list[str]) -> str
     return figure_to_svg(fig)
 
 
-def _panels_with_data(branches: list[Branch]) -> list[tuple[str, str, list]]:
+def _panels_with_data(branches: list[BranchRun]) -> list[tuple[str, str, list]]:
     return [panel for panel in CURVE_PANELS
             if any(metric in branch.curves for branch in branches for metric, _, _ in panel[2])]
 
 
-def _draw_curve_panel(ax, branches: list[Branch], title: str, ylabel: str, series: list, legend: bool) -> None:
+def _draw_curve_panel(ax, branches: list[BranchRun], title: str, ylabel: str, series: list, legend: bool) -> None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, branch in enumerate(branches):
         for metric, suffix, style in series:
@@ -106,7 +107,7 @@ def _draw_curve_panel(ax, branches: list[Branch], title: str, ylabel: str, serie
         ax.legend(title="branch", fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def plot_training_curves(branches: list[Branch]) -> list[tuple[str, str]]:
+def plot_training_curves(branches: list[BranchRun]) -> list[tuple[str, str]]:
     """One SVG per training-curve panel, branches overlaid; panels with no data are left out."""
     figures = []
     for title, ylabel, series in _panels_with_data(branches):
@@ -126,7 +127,7 @@ def training_curves_png(history: list[dict[str, float]], title: str = "") -> byt
         points = [(row.get("step", index + 1), row[name]) for index, row in enumerate(history) if name in row]
         if points:
             curves[name] = points
-    branch = Branch(run_id="", name=title, status="", params={}, metrics={}, curves=curves)
+    branch = BranchRun(run_id="", name=title, status="", params={}, metrics={}, curves=curves)
     panels = _panels_with_data([branch]) or [CURVE_PANELS[0]]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
     for ax, (panel_title, ylabel, series) in zip(axes[0], panels):

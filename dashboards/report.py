@@ -20,8 +20,9 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from dashboards import plots
-from dashboards.runs import Branch, Sweep, load_latest_samples, load_sweep
-from pcsd_core import tracking_contract as contract
+from dashboards.runs import BranchRun, Sweep, load_latest_samples, load_sweep
+from pcsd_core.metric_names import TRAIN_KL
+from steps import contract
 
 _STRICT, _FLEXIBLE = contract.ACCURACY_METRICS
 TABLE_METRICS = (
@@ -36,7 +37,7 @@ TABLE_METRICS = (
     (contract.eval_metric("after", "answer_format_rate"), "#### format after"),
     (contract.eval_metric("after", "repetition_rate"), "repetition after"),
     (contract.eval_metric("after", "heldout_kl"), "held-out KL after"),
-    ("train/kl", "final train KL"),
+    (TRAIN_KL, "final train KL"),
 )
 PAIRED_COLUMNS = (("strict/difference", "strict A − B (95% CI)"), ("strict/mcnemar_p", "McNemar p (strict)"),
                   ("flexible/difference", "flexible A − B (95% CI)"), ("flexible/mcnemar_p", "McNemar p (flexible)"))
@@ -80,14 +81,14 @@ def build_report(
     return path
 
 
-def best_branch(branches: list[Branch]) -> Branch | None:
+def best_branch(branches: list[BranchRun]) -> BranchRun | None:
     """The contract's best branch (the join step's and the card's too); None when no branch was evaluated."""
     return contract.best_branch(branches, lambda branch: branch.metrics, lambda branch: branch.name)
 
 
 def pick_example(
-    client: MlflowClient, branches: list[Branch], preferred: Branch | None
-) -> tuple[Branch | None, dict | None]:
+    client: MlflowClient, branches: list[BranchRun], preferred: BranchRun | None
+) -> tuple[BranchRun | None, dict | None]:
     """The sample with the largest single-token KL from the latest step of `preferred` (else any branch)."""
     for branch in sorted(branches, key=lambda b: b is not preferred):
         samples = [s for s in load_latest_samples(client, branch.run_id) if s.get("tokens")]
@@ -108,7 +109,7 @@ def load_paired_tests(client: MlflowClient, parent_run_id: str) -> list[dict]:
         return json.loads(Path(client.download_artifacts(parent_run_id, contract.PAIRED_TESTS_ARTIFACT, tmp)).read_text())
 
 
-def render_page(sweep: Sweep, example_branch: Branch | None, example: dict | None,
+def render_page(sweep: Sweep, example_branch: BranchRun | None, example: dict | None,
                 paired_tests: list[dict] | None = None) -> str:
     """The whole HTML document."""
     curves = plots.plot_training_curves(sweep.branches)
@@ -183,7 +184,7 @@ def render_paired_tests(rows: list[dict]) -> str:
     return f'<div class="table-wrap"><table id="paired-tests">{"".join(lines)}</table></div>{note}'
 
 
-def render_token_section(branch: Branch | None, example: dict | None) -> str:
+def render_token_section(branch: BranchRun | None, example: dict | None) -> str:
     """The coloured response, its colour legend, and the tokens of highest KL."""
     if example is None:
         return "<p>No samples/step_*.jsonl artifact was found in these runs, so there is no per-token view.</p>"

@@ -1,6 +1,6 @@
 """Read one PCSD sweep out of MLflow: the parent run, its branch runs, their metrics, params and samples.
 
-The layout is the tracking contract (`pcsd_core.tracking_contract`): one parent run per flow run (tag `pcsd.flow_run_id`), one
+The layout is the tracking contract (`steps.contract`): one parent run per flow run (tag `pcsd.flow_run_id`), one
 nested child run per sweep branch (tags `pcsd.branch`, `mlflow.parentRunId`), per-step `train/*` metrics,
 `eval/*` metrics, the flattened config as params and `samples/step_*.jsonl` artifacts. Works against any
 tracking URI the MLflow client accepts (a SQLite file, a folder, a server).
@@ -19,7 +19,7 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from pcsd_core.tracking_contract import (CURVE_METRICS, DEFAULT_EXPERIMENT, TAG_BRANCH, TAG_FLOW_RUN_ID,
+from steps.contract import (CURVE_METRICS, DEFAULT_EXPERIMENT, TAG_BRANCH, TAG_FLOW_RUN_ID,
                                          TAG_PARENT_RUN)
 
 # Params that differ between branches without being hyperparameters (each branch writes its own folder).
@@ -27,7 +27,7 @@ NON_HYPERPARAMETERS = frozenset({"train.output_dir", "train.resume_from"})
 
 
 @dataclass
-class Branch:
+class BranchRun:
     """One sweep branch: an MLflow child run (or the parent itself when the flow ran a single config)."""
 
     run_id: str
@@ -47,7 +47,7 @@ class Sweep:
     parent_run_id: str
     parent_name: str
     flow_run_id: str
-    branches: list[Branch]
+    branches: list[BranchRun]
     varying_params: list[str] = field(default_factory=list)
 
 
@@ -107,13 +107,13 @@ def _search_all(client: MlflowClient, experiment_id: str, query: str, order_by: 
             return runs
 
 
-def _load_branch(client: MlflowClient, run: Run) -> Branch:
+def _load_branch(client: MlflowClient, run: Run) -> BranchRun:
     curves = {}
     for key in CURVE_METRICS:
         if key in run.data.metrics:
             history = client.get_metric_history(run.info.run_id, key)
             curves[key] = sorted((m.step, m.value) for m in history)
-    return Branch(
+    return BranchRun(
         run_id=run.info.run_id,
         name=run.data.tags.get(TAG_BRANCH) or run.info.run_name or run.info.run_id,
         status=run.info.status,
@@ -123,7 +123,7 @@ def _load_branch(client: MlflowClient, run: Run) -> Branch:
     )
 
 
-def find_varying_params(branches: list[Branch]) -> list[str]:
+def find_varying_params(branches: list[BranchRun]) -> list[str]:
     """Param names whose values differ across branches: the sweep's hyperparameters."""
     keys = sorted({key for branch in branches for key in branch.params} - NON_HYPERPARAMETERS)
     return [key for key in keys if len({branch.params.get(key) for branch in branches}) > 1]

@@ -4,7 +4,7 @@
         ...
 
 - **User errors in one line.** A bad config value, a data file that breaks a rule, an unknown model, an
-  unreachable hub or tracking server: the step prints `error: <message>` (the message names the field or file and
+  unreachable hub or tracking server (`steps/errors.py`: a `UserInputError`): the step prints `error: <message>` (the message names the field or file and
   the fix) and exits with Metaflow's "do not retry" code, since no retry can fix the input. The full traceback
   goes to a log file whose path the line gives, not to the terminal.
 - **Run state.** The flow's parent MLflow run stays RUNNING from the start step to the end step. A step that fails
@@ -32,9 +32,8 @@ from pathlib import Path
 
 from metaflow.exception import METAFLOW_EXIT_DISALLOW_RETRY
 
-# The kinds of error that mean "fix your input or environment": the config's ValueErrors and our own
-# (DataValidationError is a ValueError; ModelNotFoundError, HubUnreachableError and HardwareError are OSErrors).
-USER_ERRORS = (ValueError, OSError)
+from steps.errors import USER_ERRORS, save_traceback
+
 _PR_SET_PDEATHSIG = 1
 # After a stop, the cleanup gets this long; then the task marks its runs KILLED and exits anyway (a library that
 # swallows the KeyboardInterrupt, or a wait that never returns, must not keep it alive).
@@ -65,7 +64,7 @@ def guarded_step(step_name: str, parent_run_id: str = "", *, branch: bool = Fals
         if branch:
             raise
         _mark_run(parent_run_id, "FAILED")
-        log = _save_traceback(step_name)
+        log = save_traceback(step_name)
         print(f"error: {error}\n       (the {step_name} step stopped; a retry cannot fix this, so none is made; "
               f"traceback: {log})", file=sys.stderr, flush=True)
         sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
@@ -121,11 +120,3 @@ def _mark_run(run_id: str, status: str) -> None:
             tracking.mark_failed(run_id, status)  # a run that already ended keeps its status
     except Exception as error:  # the tracking server may be the problem; the step's own error matters more
         print(f"warning: could not mark MLflow run {run_id} {status}: {error}", file=sys.stderr)
-
-
-def _save_traceback(step_name: str) -> str:
-    folder = Path(os.environ.get("PCSD_LOG_DIR") or Path(tempfile.gettempdir()) / "pcsd-logs")
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{step_name}-{os.getpid()}.log"
-    path.write_text(traceback.format_exc())
-    return str(path)

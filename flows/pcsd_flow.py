@@ -92,13 +92,14 @@ class PCSDFlow(FlowSpec):
                gpu=config.resources.distill.gpu)
     @step
     def distill(self):
+        from dashboards.plots import training_curves_png
         from flows.cards import training_card
         from steps.distill import distill
 
         self.branch = self.input
         with guarded_step("distill", self.mlflow_run_id, branch=True):
             self.trained = distill(self.branch, parent_run_id=self.mlflow_run_id, flow_run_id=current.run_id,
-                                   pathspec=current.pathspec)
+                                   pathspec=current.pathspec, plot_curves=training_curves_png)
         current.card["training"].extend(training_card(self.trained))
         self.next(self.evaluate)
 
@@ -145,12 +146,14 @@ class PCSDFlow(FlowSpec):
     @card(type="blank", id="summary", timeout=CARD_TIMEOUT_S)
     @step
     def end(self):
+        from dashboards.report import build_report
         from flows.cards import sweep_card
         from steps.finish import finish
         from steps.join import TABLE_HEADERS
 
         with guarded_step("end", self.mlflow_run_id):
-            self.report_path = finish(self.mlflow_run_id, self.summary, self.registration, current.pathspec)
+            self.report_path = finish(self.mlflow_run_id, self.summary, self.registration, current.pathspec,
+                                      build_report=build_report)
         current.card["summary"].extend(sweep_card(self.summary, TABLE_HEADERS, self.registration, self.report_path))
 
 

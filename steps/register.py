@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pcsd_core.tracking_contract import (HEADLINE_METRIC, TAG_BRANCH, TAG_EVAL_METRIC, TAG_EVAL_VALUE,
+from pcsd_core.errors import InputNotFoundError
+from steps.contract import (HEADLINE_METRIC, TAG_BRANCH, TAG_EVAL_METRIC, TAG_EVAL_VALUE,
                                          TAG_FLOW_RUN_ID)
 from steps import storage, tracking
 from steps.join import BranchOutcome
@@ -92,10 +93,10 @@ def _check_checkpoint(checkpoint_dir: str | Path) -> None:
     """Refuse, before any download or registry call, a location that holds no saved checkpoint."""
     if storage.is_remote(checkpoint_dir):
         if not storage.is_published(str(checkpoint_dir)):
-            raise FileNotFoundError(f"register: {checkpoint_dir} holds no published checkpoint (no "
+            raise InputNotFoundError(f"register: {checkpoint_dir} holds no published checkpoint (no "
                                     f"{storage.MARKER}); the distill step that wrote it did not finish.")
     elif not Path(checkpoint_dir, "config.json").is_file():
-        raise FileNotFoundError(f"register: {checkpoint_dir} is not a saved checkpoint (no config.json).")
+        raise InputNotFoundError(f"register: {checkpoint_dir} is not a saved checkpoint (no config.json).")
 
 
 def _log_and_register(checkpoint_dir: Path, name: str, source_run_id: str, tags: dict[str, str]):

@@ -27,6 +27,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from pcsd_core.errors import ConfigError, InputNotFoundError
+
 MARKER = "_PUBLISHED.json"
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
@@ -52,7 +54,7 @@ def check_location(location: str, field: str = "train.output_dir") -> None:
     try:
         fsspec.get_filesystem_class(match.group(1))
     except (ImportError, ValueError) as error:
-        raise ValueError(f"{field} ({location!r}): fsspec cannot open {match.group(1)}:// URIs here ({error}). "
+        raise ConfigError(f"{field} ({location!r}): fsspec cannot open {match.group(1)}:// URIs here ({error}). "
                          "Install its filesystem (s3fs for s3://, gcsfs for gs://, adlfs for az://) on every "
                          "machine the flow runs on, or use a local folder.") from None
 
@@ -129,7 +131,7 @@ def _published_files(fs, folder: str, location: str | Path) -> dict[str, int]:
     try:
         return json.loads(fs.cat_file(_marker(folder)))["files"]
     except FileNotFoundError:
-        raise FileNotFoundError(f"{location} is not in a complete published folder (no {MARKER}): the step that "
+        raise InputNotFoundError(f"{location} is not in a complete published folder (no {MARKER}): the step that "
                                 "writes it did not finish. Run that step again.") from None
 
 

@@ -6,7 +6,7 @@ nested child run per sweep branch, named after the branch label. Runs are create
 every Metaflow task (a separate process, possibly another working directory) logs into the same runs.
 
 Names (tags, metrics, the default store `sqlite:///<repo>/mlflow.db`) come from the tracking contract,
-`pcsd_core.tracking_contract`, which the dashboards read by too.
+`steps.contract`, which the dashboards read by too.
 
 Reliability (issue 16):
 - `check_tracking_server` probes an http(s) tracking URI in seconds, so a server that is not there fails the
@@ -43,7 +43,8 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pcsd_core.tracking_contract import (DEFAULT_EXPERIMENT, TAG_BRANCH, TAG_FLOW_RUN_ID, TAG_PARENT_RUN,
+from pcsd_core.errors import UserInputError
+from steps.contract import (DEFAULT_EXPERIMENT, TAG_BRANCH, TAG_FLOW_RUN_ID, TAG_PARENT_RUN,
                                          TAG_PATHSPEC, TAG_RUN_NAME, default_tracking_uri, tracking_uri)
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ PERMANENT_ERROR_CODES = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT
 OUTAGE_RETRY_INTERVAL_S = 10.0  # during an outage a step only buffers; a resend is tried this often
 
 
-class TrackingServerUnreachableError(ConnectionError):
+class TrackingServerUnreachableError(UserInputError, ConnectionError):
     """The http(s) tracking server named by MLFLOW_TRACKING_URI did not answer; the message says how to fix it."""
 
 

@@ -9,7 +9,7 @@
 #
 # Environment, as in the reference: MODEL_PATH, DATA_PATH (a folder: verl parquet or train/test .jsonl),
 # TOTAL_STEPS, ACTOR_NUM_GPUS, ROLLOUT_NUM_GPUS; the flow reads them (steps/plan.py ENV_OVERRIDES).
-# Arguments are verl keys; `python -m pcsd_core.verl_keys` translates them into our config keys (in verl's
+# Arguments are verl keys; `python -m cli.verl_keys` translates them into our config keys (in verl's
 # units) and refuses, before any work, a key it does not know. README.md beside this script has the table.
 # The run goes through `flows/pcsd_flow.py run --set "..."`, so it is tracked in MLflow like any other.
 # PCSD_DRY_RUN=1 prints the command instead of running it.
@@ -28,7 +28,7 @@ for name in MODEL_PATH DATA_PATH; do
 done
 
 # Translate verl keys here, from the caller's directory (relative data files resolve against it).
-SET_ARGS="$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pcsd_core.verl_keys --model "${MODEL_PATH:-}" "$@")"
+SET_ARGS="$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m cli.verl_keys --model "${MODEL_PATH:-}" "$@")"
 
 COMMAND=("$PYTHON" flows/pcsd_flow.py run)
 if [[ -n "$SET_ARGS" ]]; then COMMAND+=(--set "$SET_ARGS"); fi

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pcsd_core.config import PCSDConfig
+from pcsd_core.errors import ConfigError, HardwareError
+from pcsd_core.config.schema import PCSDConfig
 from pcsd_core.models import resolve_device
 from pcsd_core.rollout.base import Generation, RolloutEngine, SamplingParams
 
@@ -50,7 +51,7 @@ def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | No
             dtype=cfg.model.dtype,
             seed=cfg.train.seed,
         )
-    raise ValueError(f"rollout.engine ({rollout.engine!r}) must be 'hf' or 'sglang'.")
+    raise ConfigError(f"rollout.engine ({rollout.engine!r}) must be 'hf' or 'sglang'.")
 
 
 def first_free_gpus(in_use: Sequence[int], count: int, visible: int | None = None) -> int:
@@ -63,7 +64,7 @@ def first_free_gpus(in_use: Sequence[int], count: int, visible: int | None = Non
 
         visible = torch.cuda.device_count()
     if base + count > visible:
-        raise RuntimeError(
+        raise HardwareError(
             f"a split rollout needs {count} free GPU(s) on this machine, but the train workers hold GPU(s) "
             f"{sorted(busy)} of its {visible}: none of {count} consecutive ones is free. Give the rollout more "
             "GPUs here, lower rollout.num_gpus, or use rollout.placement 'colocated'.")

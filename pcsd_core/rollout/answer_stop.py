@@ -3,7 +3,7 @@
     stop = AnswerLineStop(token_text, rows=8)
     stopped = stop.update(running_rows, new_tokens)    # one bool per running row, after each decode step
 
-A line is complete when a newline arrives, and it is an answer line when `pcsd_core.scoring` finds a strict
+A line is complete when a newline arrives, and it is an answer line when `pcsd_core.eval.scoring` finds a strict
 answer in it (`#### <number>`, a number that parses), so "#### ." or "####" alone never stop a row. The token
 that carries the newline is kept (it may carry more text after the newline, e.g. "\\n\\n"); nothing after it is
 generated. lm-evaluation-harness stops GSM8K generations at stop sequences in the same spirit.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pcsd_core.scoring import extract_answer
+from pcsd_core.eval.scoring import extract_answer
 
 
 class AnswerLineStop:

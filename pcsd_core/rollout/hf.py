@@ -33,7 +33,7 @@ from pcsd_core.models import DTYPES, load_model, load_tokenizer
 from pcsd_core.rollout.answer_stop import AnswerLineStop, TokenTexts
 from pcsd_core.rollout.base import Generation, SamplingParams, merge_eos_token_ids
 from pcsd_core.rollout.sampling import next_tokens
-from pcsd_core.weight_sync import WeightPiece, as_piece, rows_of, rows_tile
+from pcsd_core.distributed.weight_sync import WeightPiece, as_piece, rows_of, rows_tile
 
 
 class HFRolloutEngine:

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import torch
 
 from pcsd_core.rollout.base import Generation, SamplingParams, load_eos_token_ids
-from pcsd_core.weight_sync import bucketed, tensor_bytes, whole_tensors
+from pcsd_core.distributed.weight_sync import bucketed, tensor_bytes, whole_tensors
 
 SGLANG_INSTALL_HINT = (
     "rollout.engine 'sglang' needs the `sglang` package with its CUDA dependencies ({error}). Run "
@@ -255,7 +255,7 @@ class SGLangRolloutEngine:
     # ---- split placement: the NCCL path -------------------------------------------------------
 
     def _connect_weight_sync(self) -> None:
-        from pcsd_core.ray_cluster import free_port
+        from pcsd_core.distributed.ray_cluster import free_port
 
         master_port = self.master_port or free_port()
         world_size = 1 + self.tp_size  # rank 0 = this process, ranks 1..tp_size = the engine's TP workers

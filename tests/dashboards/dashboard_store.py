@@ -4,6 +4,7 @@ Shared by the dashboard tests (imported as `dashboard_store`; the conftest turns
 
 from __future__ import annotations
 
+from pcsd_core.config.loader import config_from_dict
 import json
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from pcsd_core.config import PCSDConfig
+from pcsd_core.config.schema import PCSDConfig
 
 FLOW_RUN_ID = "1234"
 BRANCHES = {
@@ -79,7 +80,7 @@ def fill_store(tracking_uri: str, workdir: Path) -> dict[str, str]:
     for index, (name, overrides) in enumerate(BRANCHES.items()):
         tags = {"mlflow.parentRunId": parent.info.run_id, "pcsd.branch": name, "pcsd.flow_run_id": FLOW_RUN_ID}
         run = client.create_run(experiment_id, run_name=name, tags=tags)
-        config = PCSDConfig.from_dict({}, overrides={**overrides, "train.output_dir": f"outputs/b{index}"})
+        config = config_from_dict({}, overrides={**overrides, "train.output_dir": f"outputs/b{index}"})
         params = [Param(key, str(value)) for key, value in config.to_flat_dict().items()]
         metrics = [m for step in (1, 2, 3) for m in _train_metrics(index, step)] + _eval_metrics(EVAL[name], 3)
         client.log_batch(run.info.run_id, metrics=metrics, params=params)

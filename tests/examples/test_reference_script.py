@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pcsd_core.verl_keys import VERL_KEYS
+from cli.verl_keys import VERL_KEYS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "examples" / "privileged_context_distillation" / "train_gsm8k_pcsd.sh"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pcsd_core.config.loader import config_from_dict
 import re
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from pcsd_core.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model
-from pcsd_core.prompts import build_student_messages, render_prompt_ids
+from pcsd_core.data.prompts import build_student_messages, render_prompt_ids
 
 
 @pytest.fixture(scope="module")
@@ -85,21 +86,21 @@ def test_generation_lengths_beyond_the_context_are_refused(tiny_model_dir):
     """The tiny model's config says max_position_embeddings=1024 (conftest); lengths are checked against it."""
     from transformers import AutoConfig
 
-    from pcsd_core.config import PCSDConfig
+    from pcsd_core.config.schema import PCSDConfig
     from pcsd_core.models import check_context_length
 
     model_config = AutoConfig.from_pretrained(tiny_model_dir)
     assert model_config.max_position_embeddings == 1024
-    fits = PCSDConfig.from_dict({}, {"rollout.max_response_tokens": 1000, "eval.max_new_tokens": 1000})
+    fits = config_from_dict({}, {"rollout.max_response_tokens": 1000, "eval.max_new_tokens": 1000})
     check_context_length(fits, model_config)
     check_context_length(fits, model_config, max_prompt_tokens=24)  # 24 + 1000 = 1024: exactly fits
     with pytest.raises(ValueError, match="^" + re.escape(
             "rollout.max_response_tokens (1000): the longest prompt (25 tokens) + 1000 new tokens exceed the model's "
             "context of max_position_embeddings=1024 tokens; lower rollout.max_response_tokens to at most 999.")):
         check_context_length(fits, model_config, max_prompt_tokens=25)
-    the_issue = PCSDConfig.from_dict({}, {"rollout.max_response_tokens": 100_000})  # accepted by the config alone
+    the_issue = config_from_dict({}, {"rollout.max_response_tokens": 100_000})  # accepted by the config alone
     with pytest.raises(ValueError, match=r"^rollout.max_response_tokens \(100000\): 100000 new tokens exceed"):
         check_context_length(the_issue, model_config)
-    too_long_eval = PCSDConfig.from_dict({}, {"rollout.max_response_tokens": 8, "eval.max_new_tokens": 1025})
+    too_long_eval = config_from_dict({}, {"rollout.max_response_tokens": 8, "eval.max_new_tokens": 1025})
     with pytest.raises(ValueError, match=r"^eval.max_new_tokens \(1025\): .*max_position_embeddings=1024"):
         check_context_length(too_long_eval, model_config)

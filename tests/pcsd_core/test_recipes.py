@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pcsd_core.config.loader import config_from_dict, load_config
 import subprocess
 import sys
 import time
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pcsd_core.config import PCSDConfig
+from pcsd_core.config.schema import PCSDConfig
 from pcsd_core.models import MODEL_RECIPES, HardwareError, check_hardware, recipe_for, recipe_preset
-from pcsd_core.verl_keys import translate
+from cli.verl_keys import translate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESET_7B = REPO_ROOT / "configs" / "gpu_gsm8k_7b.yaml"
@@ -35,7 +36,7 @@ def our_steps_per_batch(cfg: PCSDConfig) -> float:
 
 
 def test_7b_preset_takes_the_reference_steps_per_batch():
-    preset = PCSDConfig.from_yaml(PRESET_7B)
+    preset = load_config(PRESET_7B)
     assert our_steps_per_batch(preset) == reference_steps_per_batch(preset.train.prompts_per_step) == 1
 
 
@@ -44,17 +45,17 @@ def test_reference_arguments_translate_to_the_same_steps_per_batch(train_batch_s
     args = [f"data.train_batch_size={train_batch_size}",
             f"actor_rollout_ref.actor.ppo_mini_batch_size={REFERENCE_PPO_MINI_BATCH_PROMPTS}",
             f"actor_rollout_ref.actor.ppo_epochs={REFERENCE_PPO_EPOCHS}"]
-    preset = PCSDConfig.from_yaml(PRESET_7B)
-    cfg = PCSDConfig.from_dict(preset.to_dict(), translate(args, preset))
+    preset = load_config(PRESET_7B)
+    cfg = config_from_dict(preset.to_dict(), translate(args, preset))
     assert our_steps_per_batch(cfg) == reference_steps_per_batch(train_batch_size)
-    assert cfg.train.mini_batch_size == PCSDConfig.from_yaml(PRESET_7B).train.mini_batch_size
+    assert cfg.train.mini_batch_size == load_config(PRESET_7B).train.mini_batch_size
 
 
 def test_every_recipe_preset_loads_and_names_its_model():
     for alias, recipe in MODEL_RECIPES.items():
         preset = recipe_preset(alias)
         assert preset == str(REPO_ROOT / recipe.preset)
-        assert PCSDConfig.from_yaml(preset).model.name == alias
+        assert load_config(preset).model.name == alias
     assert recipe_preset("deepseek-ai/deepseek-math-7b-base") == str(PRESET_7B)  # the hub id of the alias
     assert recipe_preset("/some/local/checkpoint") is None and recipe_for("Qwen/Qwen2.5-0.5B") is None
 
@@ -65,9 +66,9 @@ def test_7b_on_this_cpu_machine_stops_at_once_with_the_way_out():
 
     if torch.cuda.device_count() >= 8:
         pytest.skip("this machine has the GPUs the 7B recipe needs")
-    cpu_preset = PCSDConfig.from_yaml(REPO_ROOT / "configs" / "cpu_smollm2.yaml",
+    cpu_preset = load_config(REPO_ROOT / "configs" / "cpu_smollm2.yaml",
                                       overrides={"model.name": "deepseek-math-7b-base"})
-    for cfg in (cpu_preset, PCSDConfig.from_yaml(PRESET_7B)):
+    for cfg in (cpu_preset, load_config(PRESET_7B)):
         started = time.perf_counter()
         with pytest.raises(HardwareError) as caught:
             check_hardware(cfg)
@@ -76,27 +77,27 @@ def test_7b_on_this_cpu_machine_stops_at_once_with_the_way_out():
         assert "'deepseek-math-7b-base' needs 8 CUDA GPU(s) with >= 40 GB each" in message
         assert "python flows/pcsd_flow.py run   (no --model" in message
         assert "configs/gpu_gsm8k_7b.yaml" in message
-    check_hardware(PCSDConfig.from_yaml(REPO_ROOT / "configs" / "cpu_smollm2.yaml"))  # the CPU default passes
+    check_hardware(load_config(REPO_ROOT / "configs" / "cpu_smollm2.yaml"))  # the CPU default passes
 
 
 def test_gpu_machine_answers():
-    preset = PCSDConfig.from_yaml(PRESET_7B)
+    preset = load_config(PRESET_7B)
     check_hardware(preset, visible_gpus=8, gpu_memory_gb=[80.0] * 8)
     with pytest.raises(HardwareError, match=r"too small here: cuda:0 24 GB, cuda:1 24 GB"):
         check_hardware(preset, visible_gpus=8, gpu_memory_gb=[24.0, 24.0] + [80.0] * 6)
     with pytest.raises(HardwareError, match=r"needs 8 CUDA GPU\(s\).*this machine has 4 visible"):
         check_hardware(preset, visible_gpus=4, gpu_memory_gb=[80.0] * 4)
-    smaller = PCSDConfig.from_yaml(PRESET_7B, overrides={"train.num_workers": 2, "rollout.num_gpus": 2})
+    smaller = load_config(PRESET_7B, overrides={"train.num_workers": 2, "rollout.num_gpus": 2})
     check_hardware(smaller, visible_gpus=4, gpu_memory_gb=[80.0] * 4)  # the layout given, not the preset's
-    on_cpu = PCSDConfig.from_dict({}, {"model.name": "deepseek-math-7b-base", "train.device": "cpu"})
+    on_cpu = config_from_dict({}, {"model.name": "deepseek-math-7b-base", "train.device": "cpu"})
     with pytest.raises(HardwareError, match="does not put it on GPUs"):
         check_hardware(on_cpu, visible_gpus=8, gpu_memory_gb=[80.0] * 8)
 
 
 def test_refusal_in_a_fresh_process_takes_seconds_and_downloads_nothing(tmp_path):
     """Import + config + check, as the flow's first step does it, with the hub unreachable: < 10 s."""
-    code = ("from pcsd_core.config import PCSDConfig\nfrom pcsd_core.models import check_hardware\n"
-            "check_hardware(PCSDConfig.from_dict({}, {'model.name': 'deepseek-math-7b-base'}))\n")
+    code = ("from pcsd_core.config.loader import config_from_dict\nfrom pcsd_core.models import check_hardware\n"
+            "check_hardware(config_from_dict({}, {'model.name': 'deepseek-math-7b-base'}))\n")
     started = time.perf_counter()
     completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
                                env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path),

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pcsd_core.data import prepare_dataset
+from pcsd_core.data.prepare import prepare_dataset
 from steps import tracking
 from dashboards.plots import training_curves_png
 from steps.distill import distill
@@ -34,11 +34,33 @@ def branch(tmp_path, tiny_model_dir, gsm8k_dir):
     return make_branch(tmp_path, tiny_model_dir, gsm8k_dir)
 
 
+def test_a_branch_config_is_parsed_once_in_its_life_from_plan_to_distill(tmp_path, tiny_model_dir, gsm8k_dir,
+                                                                         monkeypatch):
+    """The plan task parses the preset once for every branch of a sweep; the distill task parses nothing: the
+    branch's config arrives built and frozen, and only its paths are replaced."""
+    from pcsd_core.config import loader
+
+    parses = []
+    real_parse = loader.config_from_dict
+    monkeypatch.setattr(loader, "config_from_dict", lambda *args, **kwargs: parses.append(args) or real_parse(*args, **kwargs))
+    branch = make_branch(tmp_path, tiny_model_dir, gsm8k_dir, total_training_steps=1)
+    assert len(parses) == 1  # the plan task
+    sweep = plan_run({"model": {"name": str(tiny_model_dir)}, "train": {"device": "cpu", "output_dir": str(tmp_path)}},
+                     flow_run_id="7", env={}, sweep='{"train.lr": [1e-5, "2e-5"], "train.seed": [1, 2]}')
+    assert len(sweep.branches) == 4 and len(parses) == 2  # four branches, one more parse
+    assert [b.config.train.lr for b in sweep.branches] == [1e-5, 1e-5, 2e-5, 2e-5]  # a sweep's text is typed once
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent_id = tracking.start_parent_run("42", "PCSDFlow/42/start/1", {"a": 1})
+    distill(branch, parent_run_id=parent_id, flow_run_id="42", pathspec="PCSDFlow/42/distill/3")
+    assert len(parses) == 2  # the distill task
+
+
 def test_distill_logs_a_nested_run_with_per_step_metrics_and_artifacts(branch, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     parent_id = tracking.start_parent_run("42", "PCSDFlow/42/start/1", {"a": 1})
-    result = distill(branch, parent_run_id=parent_id, flow_run_id="42", pathspec="PCSDFlow/42/distill/3")
+    result = distill(branch, parent_run_id=parent_id, flow_run_id="42", pathspec="PCSDFlow/42/distill/3",
+                     plot_curves=training_curves_png)
 
     client = MlflowClient(uri)
     child = client.get_run(result.run_id)
@@ -97,7 +119,7 @@ def test_a_retry_after_a_dead_ray_worker_continues_from_the_last_checkpoint_in_t
 
     import ray
 
-    from pcsd_core.trainer import Distiller
+    from pcsd_core.engine.trainer import Distiller
     from steps import storage
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,7 +1,8 @@
-"""Evaluate step on the tiny model and the local GSM8K copy: greedy, batched, scored with pcsd_core.scoring."""
+"""Evaluate step on the tiny model and the local GSM8K copy: greedy, batched, scored with pcsd_core.eval.scoring."""
 
 from __future__ import annotations
 
+from pcsd_core.config.loader import config_from_dict
 import json
 import math
 from dataclasses import asdict
@@ -11,11 +12,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pcsd_core.config import PCSDConfig
-from pcsd_core.data import load_prompt_records, prepare_dataset
-from pcsd_core.prompts import render_prompt_ids
+from pcsd_core.config.schema import PCSDConfig
+from pcsd_core.data.prepare import load_prompt_records, prepare_dataset
+from pcsd_core.data.prompts import render_prompt_ids
 from pcsd_core.rollout.base import Generation
-from pcsd_core.scoring import is_correct
+from pcsd_core.eval.scoring import is_correct
 from steps import tracking
 from steps.evaluate import TABLE_COLUMNS, EvalResult, evaluate, log_evaluation
 
@@ -24,7 +25,7 @@ MAX_NEW_TOKENS = 6
 
 @pytest.fixture()
 def setup(tmp_path, tiny_model_dir, gsm8k_dir):
-    cfg = PCSDConfig.from_dict(
+    cfg = config_from_dict(
         {
             "model": {"name": str(tiny_model_dir)},
             "data": {"path": str(gsm8k_dir), "max_train_rows": 2, "max_test_rows": 5},
@@ -95,7 +96,7 @@ def test_accuracy_counts_strict_and_flexible_answers(setup, smollm2_tokenizer):
     assert metrics["eval/after/gsm8k_accuracy_strict_low"] < 1 / 3 < metrics["eval/after/gsm8k_accuracy_strict_high"]
     assert (metrics["eval/after/repetition_rate"], metrics["eval/after/truncation_rate"]) == (0.0, 0.0)
     assert metrics["eval/after/num_questions"] == 3
-    from pcsd_core.tracking_contract import ACCURACY_METRICS, HELDOUT_METRICS, INTERVAL_SUFFIXES
+    from steps.contract import ACCURACY_METRICS, HELDOUT_METRICS, INTERVAL_SUFFIXES
 
     contract_names = {name + suffix for name in (*ACCURACY_METRICS, *HELDOUT_METRICS) for suffix in ("", *INTERVAL_SUFFIXES)}
     assert {key.removeprefix("eval/after/") for key in metrics} <= contract_names  # every name is in the contract
@@ -104,8 +105,8 @@ def test_accuracy_counts_strict_and_flexible_answers(setup, smollm2_tokenizer):
 
 def test_heldout_kl_is_scored_with_the_true_solution_on_the_models_own_answers(setup):
     """The evaluation's held-out KL equals eval_metrics.heldout_kl run by hand with the test split's solutions."""
-    from pcsd_core.data import load_solutions
-    from pcsd_core.eval_metrics import heldout_kl
+    from pcsd_core.data.prepare import load_solutions
+    from pcsd_core.eval.metrics import heldout_kl
     from pcsd_core.models import load_model, load_tokenizer
 
     cfg, test_path, model_dir = setup
@@ -154,7 +155,7 @@ def test_evaluate_rejects_an_empty_selection(setup):
 def test_heldout_kl_covers_only_the_first_questions_it_is_asked_for(setup):
     """eval.heldout_kl_questions bounds its cost (two forward passes a question); the rest are marked NaN."""
     cfg, test_path, model_dir = setup
-    limited = PCSDConfig.from_dict(cfg.to_dict(), {"eval.heldout_kl_questions": 2})
+    limited = config_from_dict(cfg.to_dict(), {"eval.heldout_kl_questions": 2})
     result = evaluate(str(model_dir), test_path, limited)
     kls = [row["heldout_kl"] for row in result.examples]
     assert result.summary["heldout_kl_questions"] == 2 and all(k > 0 for k in kls[:2]) and math.isnan(kls[2])

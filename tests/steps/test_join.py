@@ -6,7 +6,7 @@ import random
 
 from dashboards.report import best_branch as report_best_branch
 from dashboards.runs import Branch as ReportBranch
-from pcsd_core.config import PCSDConfig
+from pcsd_core.config.schema import PCSDConfig
 from steps.distill import DistillResult
 from steps.evaluate import BranchEvaluation
 from steps.join import outcome_of, summarize_sweep

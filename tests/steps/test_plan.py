@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import pytest
 
-from pcsd_core.presets import load_preset, parse_sweep
+from pcsd_core.config.loader import load_preset, parse_sweep
 from steps.plan import branch_label, expand_grid, parse_preset, plan_run, resolve_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -167,12 +169,12 @@ def test_sharing_keys_are_fixed_at_plan_time():
     raw = parse_preset((REPO_ROOT / "configs" / "cpu_smollm2.yaml").read_text())
     branch = plan_run(raw, flow_run_id="1", env={}).branches[0]
     keys = (branch.data_key, branch.base_model_key)
-    branch.config.eval.batch_size += 1
+    branch.config = dataclasses.replace(branch.config, eval=dataclasses.replace(branch.config.eval, batch_size=branch.config.eval.batch_size + 1))
     assert (branch.data_key, branch.base_model_key) == keys
 
 
 def test_task_resources_come_from_the_preset_and_its_config():
-    from pcsd_core.presets import load_preset
+    from pcsd_core.config.loader import load_preset
     from steps.plan import DEFAULT_TASK_CPUS, DEFAULT_TASK_MEMORY_MB, parse_preset, task_resources
 
     gpu = parse_preset((REPO_ROOT / "configs" / "gpu_gsm8k_7b.yaml").read_text())["resources"]
@@ -192,7 +194,7 @@ def test_task_resources_come_from_the_preset_and_its_config():
     ({"distill": 4}, r"resources.distill must map"),
 ])  # fmt: skip
 def test_bad_task_resources_are_refused_naming_the_field(resources, message):
-    from pcsd_core.presets import load_preset
+    from pcsd_core.config.loader import load_preset
 
     with pytest.raises(ValueError, match=message):
         load_preset({"resources": resources})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pcsd_core.config.loader import config_from_dict
 import json
 
 import mlflow
@@ -10,13 +11,15 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient, _tracking_service
 
-from pcsd_core.config import PCSDConfig
-from steps.preprocess import PreprocessResult, main, preprocess
+from pcsd_core.config.schema import PCSDConfig
+from cli.preprocess import main
+from pcsd_core.data.prepare import PreparedData
+from steps.preprocess import preprocess
 
 
 @pytest.fixture()
 def cfg(gsm8k_dir) -> PCSDConfig:
-    return PCSDConfig.from_dict({"data": {"path": str(gsm8k_dir), "max_train_rows": 8, "max_test_rows": 4}})
+    return config_from_dict({"data": {"path": str(gsm8k_dir), "max_train_rows": 8, "max_test_rows": 4}})
 
 
 @pytest.fixture()
@@ -32,7 +35,7 @@ def test_preprocess_logs_stats_into_the_active_run(cfg, tmp_path, tracking_uri):
     mlflow.set_experiment("preprocess-test")
     with mlflow.start_run() as run:
         result = preprocess(cfg, tmp_path / "data")
-    assert isinstance(result, PreprocessResult)
+    assert isinstance(result, PreparedData)
     assert pq.read_table(result.train_path).num_rows == 8 and pq.read_table(result.test_path).num_rows == 4
     logged = MlflowClient(tracking_uri).get_run(run.info.run_id).data
     assert logged.metrics["data/train/rows"] == 8 and logged.metrics["data/test/rows"] == 4
@@ -69,7 +72,7 @@ def test_cli_reads_a_preset_with_a_sweep_and_a_data_path_override(gsm8k_dir, tmp
 
 
 def test_ctrl_c_at_any_moment_leaves_no_half_written_parquet(gsm8k_dir, tmp_path):
-    """Ctrl-C (SIGINT) to `python -m steps.preprocess` at moments spread over an uninterrupted run's duration, the
+    """Ctrl-C (SIGINT) to `python -m cli.preprocess` at moments spread over an uninterrupted run's duration, the
     last ones while the parquet files are written: the folder holds either no parquet or complete ones that read
     back with every row, and no temporary file is left behind."""
     import signal
@@ -81,7 +84,7 @@ def test_ctrl_c_at_any_moment_leaves_no_half_written_parquet(gsm8k_dir, tmp_path
     preset.write_text(yaml.safe_dump({"data": {"path": str(gsm8k_dir), "max_train_rows": 3000, "max_test_rows": 500}}))
 
     def command(output_dir):
-        return [sys.executable, "-m", "steps.preprocess", "--config", str(preset), "--output-dir", str(output_dir)]
+        return [sys.executable, "-m", "cli.preprocess", "--config", str(preset), "--output-dir", str(output_dir)]
 
     started = time.perf_counter()
     subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True, timeout=600)

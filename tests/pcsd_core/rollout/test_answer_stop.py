@@ -8,12 +8,12 @@ import json
 
 import pytest
 
-from pcsd_core.config import GSM8K_INSTRUCTION
-from pcsd_core.prompts import build_prompt_pair, build_student_messages
+from pcsd_core.config.schema import GSM8K_INSTRUCTION
+from pcsd_core.data.prompts import build_prompt_pair, build_student_messages
 from pcsd_core.rollout.answer_stop import AnswerLineStop, TokenTexts
 from pcsd_core.rollout.base import SamplingParams
 from pcsd_core.rollout.hf import HFRolloutEngine
-from pcsd_core.scoring import extract_answer, text_through_first_answer_line
+from pcsd_core.eval.scoring import extract_answer, text_through_first_answer_line
 
 PIECES = ["####", " ", "1", "6", "\n", "So", " 2", " + 2", "\n\n", ".", "6\n", "#### .", "x"]
 

@@ -3,15 +3,16 @@ sampling order and reproducibility, truncation, and weight sync (rollout logits 
 
 from __future__ import annotations
 
+from pcsd_core.config.loader import config_from_dict
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from pcsd_core.config import PCSDConfig
+from pcsd_core.config.schema import PCSDConfig
 from pcsd_core.rollout import create_rollout_engine
 from pcsd_core.rollout.base import SamplingParams
 from pcsd_core.rollout.hf import HFRolloutEngine
-from pcsd_core.weight_sync import WeightPiece
+from pcsd_core.distributed.weight_sync import WeightPiece
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
 
@@ -220,7 +221,7 @@ def test_sleep_wake_is_a_no_op_on_cpu_and_bad_arguments_fail_early(tiny_model_di
 
 
 def test_create_rollout_engine_builds_hf_from_config(tiny_model_dir):
-    cfg = PCSDConfig.from_dict({"rollout": {"engine": "hf", "batch_size": 3}, "train": {"device": "cpu"}})
+    cfg = config_from_dict({"rollout": {"engine": "hf", "batch_size": 3}, "train": {"device": "cpu"}})
     engine = create_rollout_engine(cfg, str(tiny_model_dir))
     assert isinstance(engine, HFRolloutEngine)
     assert engine.batch_size == 3 and engine.device.type == "cpu"

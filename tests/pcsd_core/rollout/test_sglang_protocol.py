@@ -4,6 +4,7 @@ set shared with the HF engine, and the errors raised before any GPU work."""
 
 from __future__ import annotations
 
+from pcsd_core.config.loader import config_from_dict
 import json
 import sys
 
@@ -11,12 +12,12 @@ import pytest
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from pcsd_core.config import PCSDConfig
+from pcsd_core.config.schema import PCSDConfig
 from pcsd_core.rollout import create_rollout_engine
 from pcsd_core.rollout.base import SamplingParams, load_eos_token_ids
 from pcsd_core.rollout.hf import HFRolloutEngine
 from pcsd_core.rollout.sglang import SGLangRolloutEngine, parse_output, to_sglang_sampling_params
-from pcsd_core.weight_sync import WeightPiece
+from pcsd_core.distributed.weight_sync import WeightPiece
 
 from fake_sglang import FakeBroadcaster, FakeSGLangEngine, ProtocolError, registered_group_names
 
@@ -307,8 +308,8 @@ def test_engine_failure_message_is_raised(rollout_and_actor):
 
 def test_config_refuses_float32_with_sglang():
     with pytest.raises(ValueError, match="rollout.engine 'sglang' with model.dtype 'float32'.*model.dtype: bfloat16"):
-        PCSDConfig.from_dict({"rollout": {"engine": "sglang"}, "train": {"device": "cuda"}})
-    cfg = PCSDConfig.from_dict({"model": {"dtype": "bfloat16"}, "rollout": {"engine": "sglang"},
+        config_from_dict({"rollout": {"engine": "sglang"}, "train": {"device": "cuda"}})
+    cfg = config_from_dict({"model": {"dtype": "bfloat16"}, "rollout": {"engine": "sglang"},
                                 "train": {"device": "cuda"}})
     assert cfg.model.dtype == "bfloat16"
 
@@ -317,7 +318,7 @@ def test_missing_sglang_gives_install_hint(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "sglang", None)  # makes `import sglang` raise ImportError
     with pytest.raises(ImportError, match=r"pip install -e '\.\[sglang\]'.*CUDA machine"):
         SGLangRolloutEngine(str(tmp_path))
-    cfg = PCSDConfig.from_dict({"model": {"dtype": "bfloat16"}, "rollout": {"engine": "sglang"},
+    cfg = config_from_dict({"model": {"dtype": "bfloat16"}, "rollout": {"engine": "sglang"},
                                 "train": {"device": "cuda"}})
     with pytest.raises(ImportError, match="rollout.engine 'sglang' needs the `sglang` package"):
         create_rollout_engine(cfg, str(tmp_path))

@@ -1,0 +1,1 @@
+"""Configuration: the frozen, validated `PCSDConfig` (`schema`) and the one loader of presets and overrides (`loader`)."""

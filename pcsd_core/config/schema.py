@@ -1,0 +1,385 @@
+"""The one typed, validated configuration of a PCSD run: frozen sections, each field documented where declared.
+
+Each section checks its ranges and cross-field rules in `__post_init__`, also when built directly in Python; a
+broken rule raises `ConfigError` naming the field (`error.field == "train.lr"`). Reading YAML presets and
+`key=value` overrides, and turning their text into typed values, is `pcsd_core.config.loader`'s job, done once
+per task. Sections are frozen: a task that changes a value (say, its output folder) uses `dataclasses.replace`.
+The flattened form (`to_flat_dict`) is what MLflow records as params.
+
+    from pcsd_core.config.loader import load_config
+    cfg = load_config("configs/cpu_smollm2.yaml", {"train.total_training_steps": 4})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_type_hints
+
+import yaml
+
+from pcsd_core.data.privileged import parse_privileged_context
+from pcsd_core.data.prompts import DEFAULT_TEACHER_TEMPLATE_NAME, resolve_teacher_template
+from pcsd_core.errors import ConfigError
+from pcsd_core.loss.spec import LossSpec
+
+GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # parameter/compute dtypes; pcsd_core.models maps them to torch
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (and libraries built on it) take 32-bit seeds
+LARGE_LR = 1e-2  # above this, full fine-tuning of a pretrained LM usually diverges
+
+
+def _require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message); its field is the `section.field` the message starts with."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_field_types(section: Any, section_name: str) -> None:
+    """A section built directly in Python holds values of its fields' types (the loader already made them so).
+
+    Text is never converted here (that happens once, in the loader); the one widening is an int for a float
+    field (`grad_clip=1`), stored as the float it equals, as YAML's `1` would be.
+    """
+    hints = get_type_hints(type(section))
+    for item in dataclasses.fields(section):
+        value, annotation = getattr(section, item.name), hints[item.name]
+        name = f"{section_name}.{item.name}"
+        choices = get_args(annotation) if getattr(annotation, "__origin__", None) is Literal else None
+        if choices:
+            _require(value in choices, f"{name} ({value!r}) must be one of {list(choices)}.")
+        elif annotation is bool:
+            _require(isinstance(value, bool), f"{name} ({value!r}) must be true or false.")
+        elif annotation is int:
+            _require(isinstance(value, int) and not isinstance(value, bool), f"{name} ({value!r}) must be a whole number.")
+        elif annotation is float:
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+                     and abs(value) != float("inf"), f"{name} ({value!r}) must be a finite number (inf and nan are "
+                     "not allowed).")
+            object.__setattr__(section, item.name, float(value))
+        elif annotation is str:
+            _require(isinstance(value, str), f"{name} ({value!r}) must be a string.")
+
+
+def _require_text(name: str, value: str, *, allow_empty: bool = False) -> None:
+    """A path, id or column name: not blank (unless empty is allowed), no surrounding spaces, no NUL byte."""
+    if allow_empty and value == "":
+        return
+    _require(value.strip() != "", f"{name} ({value!r}) must not be empty.")
+    _require(
+        value == value.strip() and "\x00" not in value,
+        f"{name} ({value!r}) has surrounding whitespace or a NUL byte; remove it (a stray space from copy-paste?).",
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Alias (`smollm2-135m`, `deepseek-math-7b-base`), Hugging Face id or local checkpoint folder.
+    name: str = "smollm2-135m"
+    # Parameter dtype for training and rollout: "float32", "bfloat16" or "float16".
+    dtype: Literal[DTYPE_NAMES] = "float32"
+    # transformers attention implementation: one of ATTN_IMPLEMENTATIONS ("sdpa", "eager",
+    # "flash_attention_2", ...) or a kernels-hub repository "owner/name".
+    attn_implementation: str = "sdpa"
+    # Allow models whose repository ships its own Python code.
+    trust_remote_code: bool = False
+    # Recompute activations in the backward pass to save memory (GPU runs of large models).
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "model")
+        _require_text("model.name", self.name)
+        attn = self.attn_implementation
+        _require(
+            attn in ATTN_IMPLEMENTATIONS or (attn.count("/") == 1 and all(attn.split("/"))),
+            f"model.attn_implementation ({attn!r}) must be one of {list(ATTN_IMPLEMENTATIONS)} (or a kernels-hub "
+            "repository 'owner/name'); 'sdpa' works everywhere.",
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Local folder with train/test .jsonl or .parquet files; empty string means the hub dataset below.
+    path: str = ""
+    # Hugging Face dataset id and config used when `path` is empty.
+    hub_name: str = "openai/gsm8k"
+    hub_config: str = "main"
+    # Privileged context, put into the teacher prompt through `teacher_template` (the same template for every
+    # choice, so an experiment's arms differ only in the context): "solution" (the treatment), "answer_only",
+    # the control arms "shuffled" and "generic_hint", or "column:<name>". Each is defined and documented in
+    # `pcsd_core.data.privileged`.
+    privileged_context: str = "solution"
+    # Seed of the `shuffled` derangement (>= 0); the same seed and rows give the same pairing.
+    shuffle_seed: int = 0
+    # Column mapping for datasets whose columns are not GSM8K's `question` / `answer`.
+    question_column: str = "question"
+    answer_column: str = "answer"
+    # Optional column holding a row id; when empty the row number is the id.
+    id_column: str = ""
+    # Rows kept per split after loading (0 = all); the CPU preset uses small slices.
+    max_train_rows: int = 0
+    max_test_rows: int = 0
+    # Instruction appended to each question in the student prompt (verl's GSM8K convention).
+    instruction: str = GSM8K_INSTRUCTION
+    # How the teacher prompt adds the privileged context to the question: a name from
+    # `pcsd_core.data.prompts.TEACHER_TEMPLATES` ("reference", the default: question, blank line, context, as the verl
+    # reference; "worked_solution") or a custom format string holding {question} and {context}.
+    teacher_template: str = DEFAULT_TEACHER_TEMPLATE_NAME
+    # `data_source` written into the parquet (verl uses it to pick a reward function).
+    data_source: str = "openai/gsm8k"
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "data")
+        _require_text("data.path", self.path, allow_empty=True)
+        _require_text("data.hub_name", self.hub_name)
+        _require_text("data.hub_config", self.hub_config, allow_empty=True)
+        _require_text("data.question_column", self.question_column)
+        _require_text("data.answer_column", self.answer_column)
+        _require_text("data.id_column", self.id_column, allow_empty=True)
+        _require_text("data.data_source", self.data_source)
+        parse_privileged_context(self.privileged_context)
+        _require(
+            isinstance(self.shuffle_seed, int) and self.shuffle_seed >= 0,
+            f"data.shuffle_seed ({self.shuffle_seed!r}) must be a whole number >= 0; for example 0.",
+        )
+        resolve_teacher_template(self.teacher_template)  # raises ValueError naming the field and the names
+        _require(self.max_train_rows >= 0, f"data.max_train_rows ({self.max_train_rows}) must be >= 0.")
+        _require(self.max_test_rows >= 0, f"data.max_test_rows ({self.max_test_rows}) must be >= 0.")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    # Rollout engine: "hf" (transformers generate, CPU and GPU) or "sglang" (GPU only).
+    engine: Literal["hf", "sglang"] = "hf"
+    # Responses sampled per student prompt (the reference's `actor_rollout_ref.rollout.n`).
+    n: int = 2
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Longest response in tokens; longer samples are truncated and counted in `rollout/truncated_frac`.
+    # Prompt + response must fit the model's context, which the config alone cannot know: checked by
+    # models.check_context_length once the model's config is loaded (trainer setup), as eval.max_new_tokens.
+    max_response_tokens: int = 256
+    # Prompts generated together in one engine call (HF engine memory bound).
+    batch_size: int = 16
+    # "colocated": actor and rollout share devices (rollout sleeps during training);
+    # "split": rollout on its own `num_gpus` devices.
+    placement: Literal["colocated", "split"] = "colocated"
+    num_gpus: int = 0
+    # SGLang: fraction of GPU memory for weights + KV cache.
+    gpu_memory_utilization: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "rollout")  # also refuses inf/nan, e.g. temperature .inf
+        _require(self.n >= 1, f"rollout.n ({self.n}) must be >= 1.")
+        _require(self.temperature > 0, f"rollout.temperature ({self.temperature}) must be > 0.")
+        _require(0 < self.top_p <= 1, f"rollout.top_p ({self.top_p}) must be in (0, 1].")
+        _require(self.max_response_tokens >= 1, f"rollout.max_response_tokens ({self.max_response_tokens}) must be >= 1.")
+        _require(self.batch_size >= 1, f"rollout.batch_size ({self.batch_size}) must be >= 1.")
+        _require(
+            0 < self.gpu_memory_utilization < 1,
+            f"rollout.gpu_memory_utilization ({self.gpu_memory_utilization}) must be in (0, 1).",
+        )
+        _require(self.num_gpus >= 0, f"rollout.num_gpus ({self.num_gpus}) must be >= 0 (0 = share the actor's devices).")
+        _require(
+            self.placement == "colocated" or self.num_gpus >= 1,
+            f"rollout.placement 'split' needs rollout.num_gpus >= 1 (got {self.num_gpus}); "
+            "give it GPUs of its own or use placement 'colocated'.",
+        )
+
+
+# The loss section is the loss module's own option set, validated there (pcsd_core.loss.spec).
+LossConfig = LossSpec
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    total_training_steps: int = 4
+    # Student prompts sampled per step; each gets `rollout.n` responses.
+    prompts_per_step: int = 4
+    # Passes over each rollout batch (the reference's PPO epochs).
+    ppo_epochs: int = 1
+    # Responses per optimizer step; (prompts_per_step * rollout.n) must be divisible by it.
+    mini_batch_size: int = 8
+    # Responses per forward/backward (gradient accumulation inside a mini-batch).
+    micro_batch_size: int = 4
+    # Score the responses of one prompt in one packed row holding the prompt once (a 4D attention mask keeps
+    # them apart), instead of one padded row each: the prompt pass is shared by the rollout.n responses in a
+    # micro-batch (make micro_batch_size a multiple of rollout.n). Same result; needs attn_implementation
+    # sdpa or eager. With very long responses and large n the packed row's attention (quadratic) can cost
+    # more than it saves: set false, as for flash_attention_2.
+    share_prompt_prefix: bool = True
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    weight_decay: float = 0.0
+    # Max global gradient norm (0 = no clipping).
+    grad_clip: float = 1.0
+    seed: int = 0
+    # Teacher weights: "live" (current policy, the reference), "frozen" (initial weights), "ema".
+    teacher_mode: Literal["live", "frozen", "ema"] = "live"
+    ema_rate: float = 0.05
+    # Train workers (FSDP2 shards). 1 with `use_ray=False` runs in-process.
+    num_workers: int = 1
+    use_ray: bool = False
+    # Nodes the workers spread over: num_workers / num_nodes workers on each of num_nodes distinct Ray nodes
+    # (a placement group of one bundle per node, STRICT_SPREAD). 1 keeps every worker on one node.
+    num_nodes: int = 1
+    # Ray cluster to join, "host:port", "ray://host:port" or "auto" (KubeRay, `ray up`, a Metaflow-launched
+    # cluster); empty: RAY_ADDRESS if set, else a local Ray started for this run. A joined cluster is never
+    # shut down by the run.
+    ray_address: str = ""
+    # Weight sync streams the actor's weights to the rollout engine in buckets of at most this many MiB, each
+    # rank sending rows of its own shard (a bigger tensor is cut by rows): the sync's extra memory is about one
+    # bucket, not the whole model (SGLang, which loads whole tensors, adds the largest tensor).
+    weight_sync_bucket_mb: int = 256
+    # "cpu", "cuda" or "auto" (cuda when available).
+    device: str = "auto"
+    # Save a checkpoint every K steps (0 = only at the end).
+    checkpoint_every: int = 0
+    # A local folder, or (flow only) a storage URI that every step's machine reaches: s3://, gs://, file://
+    output_dir: str = "outputs/run"
+    # Checkpoint folder to continue from (same step, same data order).
+    resume_from: str = ""
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "train")  # also refuses inf/nan, e.g. lr inf
+        _require(self.total_training_steps >= 1, f"train.total_training_steps ({self.total_training_steps}) must be >= 1.")
+        _require(self.prompts_per_step >= 1, f"train.prompts_per_step ({self.prompts_per_step}) must be >= 1.")
+        _require(self.ppo_epochs >= 1, f"train.ppo_epochs ({self.ppo_epochs}) must be >= 1.")
+        _require(self.mini_batch_size >= 1, f"train.mini_batch_size ({self.mini_batch_size}) must be >= 1.")
+        _require(self.micro_batch_size >= 1, f"train.micro_batch_size ({self.micro_batch_size}) must be >= 1.")
+        _require(self.lr > 0, f"train.lr ({self.lr}) must be > 0.")
+        if self.lr > LARGE_LR:
+            warnings.warn(
+                f"train.lr ({self.lr}) is above {LARGE_LR}; fine-tuning a pretrained model at this rate usually "
+                "diverges (the presets use 1e-6 to 1e-5). Check the exponent.",
+                stacklevel=2,
+            )
+        _require(self.warmup_steps >= 0, f"train.warmup_steps ({self.warmup_steps}) must be >= 0.")
+        _require(self.weight_decay >= 0, f"train.weight_decay ({self.weight_decay}) must be >= 0 (0 disables it).")
+        _require(self.grad_clip >= 0, f"train.grad_clip ({self.grad_clip}) must be >= 0 (0 disables it).")
+        _require(0 <= self.seed <= MAX_SEED, f"train.seed ({self.seed}) must be in [0, {MAX_SEED}].")
+        _require(0 < self.ema_rate <= 1, f"train.ema_rate ({self.ema_rate}) must be in (0, 1].")
+        _require(self.num_workers >= 1, f"train.num_workers ({self.num_workers}) must be >= 1.")
+        _require(
+            self.use_ray or self.num_workers == 1,
+            f"train.num_workers ({self.num_workers}) > 1 needs train.use_ray: true.",
+        )
+        _require(
+            self.mini_batch_size % self.micro_batch_size == 0,
+            f"train.mini_batch_size ({self.mini_batch_size}) must be a multiple of train.micro_batch_size "
+            f"({self.micro_batch_size}); change one of them.",
+        )
+        _require(self.num_nodes >= 1, f"train.num_nodes ({self.num_nodes}) must be >= 1.")
+        _require(
+            self.num_workers % self.num_nodes == 0,
+            f"train.num_nodes ({self.num_nodes}) must divide train.num_workers ({self.num_workers}) evenly (the same "
+            "number of workers on every node); change one of them.",
+        )
+        _require_text("train.ray_address", self.ray_address, allow_empty=True)
+        _require(
+            self.ray_address == "" or re.fullmatch(r"auto|(ray://)?[^\s:/]+:\d{1,5}", self.ray_address) is not None,
+            f"train.ray_address ({self.ray_address!r}) must be 'host:port', 'ray://host:port' or 'auto' (or empty "
+            "for RAY_ADDRESS / a local Ray).",
+        )
+        _require(
+            self.use_ray or self.ray_address == "",
+            f"train.ray_address ({self.ray_address!r}) needs train.use_ray: true (the in-process actor uses no Ray).",
+        )
+        _require(
+            self.weight_sync_bucket_mb >= 1,
+            f"train.weight_sync_bucket_mb ({self.weight_sync_bucket_mb}) must be >= 1 (MiB per weight-sync bucket).",
+        )
+        _require(self.device in ("auto", "cpu", "cuda"), f"train.device ({self.device!r}) must be auto, cpu or cuda.")
+        _require(
+            self.checkpoint_every >= 0,
+            f"train.checkpoint_every ({self.checkpoint_every}) must be >= 0 (0 = only at the end).",
+        )
+        _require_text("train.output_dir", self.output_dir)
+        # Whether resume_from holds a complete checkpoint is checked at setup (pcsd_core.engine.checkpoint), not here.
+        _require_text("train.resume_from", self.resume_from, allow_empty=True)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    # Test questions scored (0 = the whole test split).
+    num_examples: int = 16
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    # Stop each answer at the end of its first `#### <number>` line (the line's newline; EOS and max_new_tokens
+    # still apply), as lm-evaluation-harness stops at its stop sequences. Faster (no tokens spent after the
+    # answer, e.g. `#### 16` repeated) and the strict answer is then the FIRST answer line: the response ends
+    # there, so scoring's last-`####` rule reads that line. false = decode to EOS / max_new_tokens and score
+    # the last `####` line (verl's convention).
+    stop_at_answer: bool = True
+    # Questions (the first N scored) on which the held-out KL(teacher || student) is computed (0 = all scored).
+    # It costs a teacher and a student forward pass over prompt + answer per question: on 2 CPU cores about
+    # 1.7 s a question for SmolLM2-135M (measured: 5m36s for 200 questions, i.e. ~6 minutes per evaluated model).
+    heldout_kl_questions: int = 64
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "eval")
+        _require(self.heldout_kl_questions >= 0,
+                 f"eval.heldout_kl_questions ({self.heldout_kl_questions}) must be >= 0 (0 = every scored question).")
+        _require(self.num_examples >= 0, f"eval.num_examples ({self.num_examples}) must be >= 0.")
+        _require(self.max_new_tokens >= 1, f"eval.max_new_tokens ({self.max_new_tokens}) must be >= 1.")
+        _require(self.batch_size >= 1, f"eval.batch_size ({self.batch_size}) must be >= 1.")
+
+
+@dataclass(frozen=True)
+class PCSDConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        responses_per_step = self.train.prompts_per_step * self.rollout.n
+        _require(
+            responses_per_step % self.train.mini_batch_size == 0,
+            f"train.prompts_per_step * rollout.n ({self.train.prompts_per_step} * {self.rollout.n} = "
+            f"{responses_per_step}) must be divisible by train.mini_batch_size ({self.train.mini_batch_size}); "
+            "change one of them.",
+        )
+        per_worker = self.train.mini_batch_size // self.train.num_workers
+        _require(
+            self.train.mini_batch_size % self.train.num_workers == 0 and per_worker % self.train.micro_batch_size == 0,
+            f"train.mini_batch_size ({self.train.mini_batch_size}) must split evenly over train.num_workers "
+            f"({self.train.num_workers}) into whole micro-batches of train.micro_batch_size "
+            f"({self.train.micro_batch_size}); change one of them.",
+        )
+        _require(
+            not self.train.share_prompt_prefix or self.model.attn_implementation in ("sdpa", "eager"),
+            f"train.share_prompt_prefix packs responses with a 4D attention mask, which "
+            f"model.attn_implementation {self.model.attn_implementation!r} does not take; use 'sdpa' or 'eager', "
+            "or set train.share_prompt_prefix: false.",
+        )
+        _require(
+            self.rollout.engine != "sglang" or self.train.device != "cpu",
+            "rollout.engine 'sglang' needs a GPU; use rollout.engine 'hf' with train.device 'cpu'.",
+        )
+        _require(
+            self.rollout.engine != "sglang" or self.model.dtype != "float32",
+            "rollout.engine 'sglang' with model.dtype 'float32' is refused: SGLang's GPU attention backends run "
+            "bfloat16/float16 only; set model.dtype: bfloat16 (or use rollout.engine 'hf').",
+        )
+
+    @property
+    def responses_per_step(self) -> int:
+        return self.train.prompts_per_step * self.rollout.n
+
+    # ---- saving ------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        return {f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)

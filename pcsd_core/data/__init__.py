@@ -1,0 +1,1 @@
+"""Data: sources (local folder or hub), privileged-context strategies, prompts, verl-schema input, prepared parquet."""

@@ -1,0 +1,251 @@
+"""The actor: the policy being distilled, and its two operations (named after the reference's verl actor).
+
+- `compute_distributions(batch)`: the teacher pass. Teacher prompt + response ids through the teacher model
+  (the live policy, a frozen copy of the initial weights, or an EMA copy) under `no_grad`; returns the final
+  hidden states at the response positions, not logits, so (T, V) teacher logits are never stored.
+- `update_policy_with_distillation(batch, teacher_outputs)`: the student pass and the update. For each of
+  `ppo_epochs` passes, for each mini-batch: micro-batches of student prompt + response ids, the divergence
+  from `losses.hidden_state_distillation_loss` (which builds logits chunk by chunk from hidden states and the
+  lm_head weight), gradient accumulation with weights normalised over the whole mini-batch, clipping, AdamW.
+
+The same class runs in-process (one device, plain module) and inside a Ray train worker (`workers.py`),
+where the model is sharded with FSDP2 `fully_shard`. With FSDP the backbone *and* the loss run inside one
+forward of the sharded root module (`DistillationModule`), so FSDP's hooks unshard the root's parameters
+(embeddings and the tied lm_head) for the loss and reduce-scatter their gradients afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from pcsd_core.loss import distillation as losses
+from pcsd_core.loss.spec import LossSpec
+from pcsd_core.engine.batch import (ModelInputs, RolloutBatch, TeacherOutputs, UpdateStats, flat_response_weights,
+                             micro_batches, pack_prompt_groups, pad_rows, worker_rows)
+from pcsd_core.config.schema import PCSDConfig
+from pcsd_core.models import load_model
+
+
+class DistillationModule(nn.Module):
+    """Wraps a causal LM: forward gives response hidden states (teacher) or the distillation loss (student)."""
+
+    def __init__(self, causal_lm: nn.Module, loss_spec: LossSpec):
+        super().__init__()
+        self.lm = causal_lm
+        self.loss_spec = loss_spec
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        layers = getattr(self.lm.base_model, "layers", None)
+        if layers is None:
+            raise TypeError(f"{type(self.lm).__name__} has no `base_model.layers`; FSDP sharding needs decoder layers.")
+        return layers
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.lm.get_output_embeddings().weight  # (V, H); tied to the input embeddings in SmolLM2
+
+    def forward(self, input_ids, attention_mask, position_ids, response_positions, teacher_hidden=None, weights=None,
+                response_tokens=None, teacher_weight=None):
+        if attention_mask.dim() == 4 and self.lm.config._attn_implementation == "eager":
+            # Eager attention adds the mask to the scores; sdpa takes the boolean mask as is.
+            blocked = torch.finfo(self.lm.dtype).min
+            attention_mask = torch.zeros(attention_mask.shape, dtype=self.lm.dtype,
+                                         device=attention_mask.device).masked_fill(~attention_mask, blocked)
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False).last_hidden_state
+        response_hidden = hidden.reshape(-1, hidden.shape[-1])[response_positions]  # (N, H)
+        if teacher_hidden is None:
+            return response_hidden
+        output = losses.hidden_state_distillation_loss(
+            response_hidden, teacher_hidden, self.lm_head_weight(), weights,
+            teacher_weight=teacher_weight, response_ids=response_tokens, spec=self.loss_spec,
+        )
+        # A tuple, not the dataclass: FSDP finds the tensors of a forward's output to hook its backward.
+        return output.loss, output.per_token, output.metrics
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the base lr at training step `step` (0-based): linear warmup, then the schedule."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: all-gathers an FSDP2 shard (a DTensor; every rank must call), else returns it."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+class Actor:
+    """Policy (+ optional frozen/EMA teacher copy), optimizer and lr schedule of one train worker."""
+
+    def __init__(self, cfg: PCSDConfig, model_path: str, *, device: str = "cpu", rank: int = 0, world_size: int = 1,
+                 teacher_path: str | None = None, mesh=None):
+        self.cfg, self.device, self.rank, self.world_size = cfg, torch.device(device), rank, world_size
+        self.student = self._build_module(model_path, mesh, trainable=True)
+        self.teacher = None
+        if cfg.train.teacher_mode != "live":
+            self.teacher = self._build_module(teacher_path or model_path, mesh, trainable=False)
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
+            step, warmup_steps=cfg.train.warmup_steps, total_steps=cfg.train.total_training_steps,
+            schedule=cfg.train.lr_schedule))
+        self.pad_id = self.student.lm.config.pad_token_id or self.student.lm.config.eos_token_id or 0
+        self.build_inputs = pack_prompt_groups if cfg.train.share_prompt_prefix else pad_rows
+        self._teacher_weight: torch.Tensor | None = None
+
+    def _build_module(self, model_path: str, mesh, *, trainable: bool) -> DistillationModule:
+        mcfg = self.cfg.model
+        lm = load_model(model_path, dtype=mcfg.dtype, device=self.device, attn_implementation=mcfg.attn_implementation,
+                        trust_remote_code=mcfg.trust_remote_code)
+        if trainable and mcfg.gradient_checkpointing:
+            # transformers 5.2x renamed it (the old name warns, and goes in v6).
+            enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+            enable()
+        lm.train(trainable)
+        lm.requires_grad_(trainable)
+        module = DistillationModule(lm, self.cfg.loss)
+        if mesh is not None:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in module.decoder_layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(module, mesh=mesh)  # root: embeddings, final norm, (tied) lm_head
+        return module
+
+    # ---- the teacher pass ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def compute_distributions(self, batch: RolloutBatch) -> TeacherOutputs:
+        """Teacher hidden states at response positions for this rank's share of `batch` (no gradient)."""
+        teacher = self.teacher or self.student
+        hidden: list[torch.Tensor] = []
+        for rows in micro_batches(worker_rows(0, len(batch), self.rank, self.world_size), self.cfg.train.micro_batch_size):
+            part = batch.select(rows)
+            inputs = self.build_inputs(part.teacher_prompt_ids, part.response_ids, self.pad_id)
+            states = teacher(*self._forward_args(inputs))
+            hidden.extend(states.detach().cpu().split(part.response_lengths))
+        self._teacher_weight = self._snapshot_teacher_weight()
+        return TeacherOutputs(hidden=hidden)
+
+    def _snapshot_teacher_weight(self) -> torch.Tensor | None:
+        """The teacher lm_head as it was when the hidden states were computed.
+
+        A live teacher with one optimizer step per batch needs no copy: the loss uses the (unchanged) student
+        weight, detached. With more steps, or a separate teacher that EMA moves, keep the weights of this pass.
+        """
+        optimizer_steps = self.cfg.train.ppo_epochs * (self.cfg.responses_per_step // self.cfg.train.mini_batch_size)
+        if self.teacher is None and optimizer_steps == 1:
+            return None
+        source = self.teacher or self.student
+        return full_tensor(source.lm_head_weight().detach()).clone()
+
+    # ---- the student pass and update ----------------------------------------------------------------
+
+    def update_policy_with_distillation(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats:
+        """ppo_epochs x mini-batches of AdamW steps; this rank handles its share of every mini-batch."""
+        train = self.cfg.train
+        stats = UpdateStats()
+        for epoch in range(train.ppo_epochs):
+            for start in range(0, len(batch), train.mini_batch_size):
+                minibatch = range(start, start + train.mini_batch_size)
+                weights = self._minibatch_token_weights(batch, minibatch)
+                self.optimizer.zero_grad(set_to_none=True)
+                for rows in micro_batches(worker_rows(start, minibatch.stop, self.rank, self.world_size),
+                                          train.micro_batch_size):
+                    self._accumulate_micro_batch(batch, teacher_outputs, rows, weights, start, stats, epoch == 0)
+                stats.grad_norms.append(self._clip_and_step())
+        stats.lr = self.optimizer.param_groups[0]["lr"]  # what this update used; the schedule moves on below
+        self.scheduler.step()
+        return stats
+
+    def _minibatch_token_weights(self, batch: RolloutBatch, minibatch: range) -> torch.Tensor:
+        """(M, R) weights over the WHOLE mini-batch, so summed micro-batch (and rank) losses are its loss."""
+        lengths = [len(batch.response_ids[i]) for i in minibatch]
+        mask = torch.arange(max(max(lengths), 1))[None, :] < torch.tensor(lengths)[:, None]
+        return losses.token_weights(mask, aggregation=self.cfg.loss.aggregation,
+                                    skip_first_tokens=self.cfg.loss.skip_first_tokens)
+
+    def _accumulate_micro_batch(self, batch, teacher_outputs, rows, minibatch_weights, minibatch_start, stats,
+                                record_tokens) -> None:
+        part = batch.select(rows)
+        inputs = self.build_inputs(part.student_prompt_ids, part.response_ids, self.pad_id)
+        local = minibatch_weights[rows.start - minibatch_start: rows.stop - minibatch_start]
+        weights = flat_response_weights(local, part.response_lengths)  # (N,), the order of the response states
+        teacher_hidden = torch.cat([teacher_outputs.hidden[i] for i in rows]).to(self.device)
+        loss, per_token, metrics = self.student(
+            *self._forward_args(inputs), teacher_hidden=teacher_hidden,
+            weights=weights.to(self.device, teacher_hidden.dtype),
+            response_tokens=inputs.response_tokens.to(self.device), teacher_weight=self._teacher_weight)
+        # FSDP averages gradients over ranks; each rank's loss is already its share of the sum, so undo the mean.
+        (loss * self.world_size).backward()
+        # The loss's metrics are means over the counted tokens (weight != 0); keep sums for exact averages.
+        count = int(metrics["tokens"])
+        stats.loss_sum += float(loss.detach())
+        stats.kl_sum += metrics["kl"] * count
+        stats.teacher_entropy_sum += metrics["teacher_entropy"] * count
+        stats.student_entropy_sum += metrics["student_entropy"] * count
+        stats.num_tokens += count
+        if record_tokens:
+            for row, values in zip(rows, per_token.detach().float().cpu().split(part.response_lengths)):
+                stats.token_kl[row] = values.tolist()
+
+    def _forward_args(self, inputs: ModelInputs) -> tuple:
+        position_ids = None if inputs.position_ids is None else inputs.position_ids.to(self.device)
+        return (inputs.input_ids.to(self.device), inputs.attention_mask.to(self.device), position_ids,
+                inputs.response_positions.to(self.device))
+
+    def _clip_and_step(self) -> float:
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
+        self.optimizer.step()
+        if self.cfg.train.teacher_mode == "ema":
+            self._update_ema_teacher()
+        return float(full_tensor(grad_norm))
+
+    @torch.no_grad()
+    def _update_ema_teacher(self) -> None:
+        """teacher <- (1 - rate) * teacher + rate * student, shard by shard (same FSDP layout on both)."""
+        for teacher_param, student_param in zip(self.teacher.parameters(), self.student.parameters()):
+            teacher_param.lerp_(student_param.detach(), self.cfg.train.ema_rate)
+
+    # ---- state for weight sync and checkpoints -----------------------------------------------------
+
+    def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]:
+        """Unsharded weights by Hugging Face name on rank 0 (CPU); {} on other ranks. Collective with FSDP."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        module = self.student if which == "student" else self.teacher
+        if self.world_size == 1:  # in-process, or one FSDP2 worker: its parameters are whole DTensors, made plain
+            return {name: full_tensor(tensor.detach()) for name, tensor in module.lm.state_dict().items()}
+        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {name.removeprefix("lm."): tensor for name, tensor in state.items()}
+
+    def training_state(self) -> dict[str, Any]:
+        """Optimizer (full, on rank 0) and scheduler state. Collective with FSDP."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {"optimizer": get_optimizer_state_dict(self.student, self.optimizer, options=options),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_training_state(self, state: dict[str, Any], teacher_state: dict[str, torch.Tensor] | None = None) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.world_size > 1)
+        set_optimizer_state_dict(self.student, self.optimizer, optim_state_dict=state["optimizer"], options=options)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if teacher_state is not None and self.teacher is not None:
+            prefixed = {f"lm.{name}": tensor for name, tensor in teacher_state.items()}
+            set_model_state_dict(self.teacher, prefixed, options=StateDictOptions(full_state_dict=True, strict=False,
+                                                                                 broadcast_from_rank0=self.world_size > 1))

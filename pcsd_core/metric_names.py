@@ -1,0 +1,40 @@
+"""The names of the metrics the engine reports, defined once: the trainer logs them, the flow's tracking contract
+contract, the card, the plots and the report read them back by these constants."""
+
+# Per training step (`Distiller._step_metrics`).
+TRAIN_LOSS = "train/loss"
+TRAIN_KL = "train/kl"  # exact KL(teacher || student) per counted response token
+TRAIN_TEACHER_ENTROPY = "train/teacher_entropy"
+TRAIN_STUDENT_ENTROPY = "train/student_entropy"
+TRAIN_RESPONSE_LEN = "train/response_len"
+TRAIN_TRUNCATED_FRAC = "train/truncated_frac"
+TRAIN_GRAD_NORM = "train/grad_norm"
+TRAIN_LR = "train/lr"
+ROLLOUT_ACCURACY = "rollout/accuracy"
+PERF_TOKENS_PER_S = "perf/tokens_per_s"  # response tokens sampled and trained on per second of the whole step
+PERF_PEAK_MEM_MB = "perf/peak_mem_mb"
+# Seconds of each phase of a step, and of the whole step.
+TIME_ROLLOUT_S = "time/rollout_s"
+TIME_TEACHER_S = "time/teacher_s"
+TIME_UPDATE_S = "time/update_s"
+TIME_WEIGHT_SYNC_S = "time/weight_sync_s"
+TIME_STEP_S = "time/step_s"
+# Evaluation progress, per batch of questions.
+EVAL_PROGRESS_QUESTIONS = "eval/progress/questions_done"
+EVAL_PROGRESS_TOKENS_PER_S = "eval/progress/tokens_per_s"
+
+# The training curves the card, the plots and the report draw.
+CURVE_METRICS = (TRAIN_LOSS, TRAIN_KL, TRAIN_TEACHER_ENTROPY, TRAIN_STUDENT_ENTROPY, TRAIN_RESPONSE_LEN,
+                 ROLLOUT_ACCURACY, PERF_TOKENS_PER_S)
+
+# Held-out metrics of an evaluated model, beside the accuracies (`pcsd_core.eval.metrics`); a metric with a 95%
+# interval also has `<name>_low` and `<name>_high`.
+ACCURACY_METRICS = ("gsm8k_accuracy_strict", "gsm8k_accuracy_flexible")
+ANSWER_FORMAT_RATE = "answer_format_rate"
+REPETITION_RATE = "repetition_rate"
+TRUNCATION_RATE = "truncation_rate"
+MEAN_RESPONSE_TOKENS = "mean_response_tokens"
+HELDOUT_KL = "heldout_kl"
+HELDOUT_METRICS = (ANSWER_FORMAT_RATE, REPETITION_RATE, TRUNCATION_RATE, MEAN_RESPONSE_TOKENS, HELDOUT_KL,
+                   "heldout_kl_questions", "num_questions")
+INTERVAL_SUFFIXES = ("_low", "_high")

@@ -1,0 +1,171 @@
+"""Ray + FSDP2: two sharded workers (gloo, CPU) match one in-process actor; gathered weights sync the rollout.
+
+One Ray start for the module (~15 s) and one two-worker group (~15 s); tiny 2-layer model.
+"""
+
+from __future__ import annotations
+
+from pcsd_core.config.loader import config_from_dict
+import pytest
+import torch
+
+from pcsd_core.engine.actor import Actor
+from pcsd_core.engine.batch import RolloutBatch, TeacherOutputs
+from pcsd_core.config.schema import PCSDConfig
+from pcsd_core.distributed.weight_sync import drain, whole_tensors, wire_to_tensor
+
+ray = pytest.importorskip("ray")
+
+
+def random_batch(rows: int) -> RolloutBatch:
+    """Two responses per prompt, of different lengths (packing, padding and row splits get exercised)."""
+    generator = torch.Generator().manual_seed(1)
+
+    def ids(length: int) -> list[int]:
+        return torch.randint(10, 40000, (length,), generator=generator).tolist()
+
+    students, teachers = [ids(5 + i) for i in range(rows // 2)], [ids(9 + 2 * i) for i in range(rows // 2)]
+    return RolloutBatch([students[i // 2] for i in range(rows)], [teachers[i // 2] for i in range(rows)],
+                        [ids(2 + (3 * i) % 5) for i in range(rows)], [True] * rows, [i // 2 for i in range(rows)])
+
+
+def assert_buckets_bounded(buckets, bucket_bytes: int) -> None:
+    """Every bucket within the bound; only a single row bigger than the bound may exceed it, alone."""
+    for bucket in buckets:
+        size = sum(piece.tensor.numel() * piece.tensor.element_size() for piece in bucket)
+        one_row = len(bucket) == 1 and (bucket[0].tensor.dim() < 2 or len(bucket[0].tensor) == 1)
+        assert size <= bucket_bytes or one_row, [(piece.name, piece.row_start) for piece in bucket]
+
+
+def config(**train) -> PCSDConfig:
+    # 8 responses, 2 mini-batches of 4 -> 2 optimizer steps; per worker: 2 rows = 1 micro-batch holding the
+    # two responses of one prompt in one packed row.
+    base = {"prompts_per_step": 4, "mini_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "device": "cpu"}
+    return config_from_dict({"train": {**base, **train}, "rollout": {"n": 2}})
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    from pcsd_core.distributed.ray_cluster import ensure_ray
+
+    started = ensure_ray()  # the Ray the trainer starts, with its settings
+    yield
+    if started:
+        ray.shutdown()
+
+
+def single_process_reference(model_dir, batch):
+    """(teacher outputs, update stats, updated weights) of one in-process actor: what FSDP ranks must reproduce."""
+    single = Actor(config(), str(model_dir))
+    teacher = single.compute_distributions(batch)
+    stats = single.update_policy_with_distillation(batch, teacher)
+    return teacher, stats, single.full_state_dict(), single
+
+
+def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session):
+    """Same batch, same loss (rel 1e-5) and same updated weights (atol 2e-5 after Adam steps of ~1e-3)."""
+    from pcsd_core.rollout.hf import HFRolloutEngine
+    from pcsd_core.distributed.workers import launch_train_workers
+
+    batch = random_batch(8)
+    single_teacher, single_stats, expected, single = single_process_reference(tiny_model_dir, batch)
+
+    group = launch_train_workers(config(use_ray=True, num_workers=2), str(tiny_model_dir), device_type="cpu")
+    try:
+        teacher = group.compute_distributions(batch)  # the trainer's calls: rows gathered in rank order
+        for got, want in zip(teacher.hidden, single_teacher.hidden, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        stats = group.update(batch, teacher)
+        wires = ray.get([w.full_state_dict.remote() for w in group.workers])  # (name, numpy array, dtype) lists
+        optimizer_states = ray.get([w.training_state.remote() for w in group.workers])
+        bucket_bytes = 2**17  # 128 KiB: several buckets on the tiny model, the embedding cut into rows
+        buckets = list(group.iter_state_dict_buckets("student", bucket_bytes))
+        assert group.local_gpu_ids() == []  # CPU workers hold no GPU a split rollout would have to avoid
+    finally:
+        group.shutdown()
+
+    assert stats.loss_sum == pytest.approx(single_stats.loss_sum, rel=1e-5)
+    assert stats.num_tokens == single_stats.num_tokens
+    assert stats.grad_norms == pytest.approx(single_stats.grad_norms, rel=1e-4)
+    assert wires[1] == []  # only rank 0 receives the gathered weights
+    gathered = dict(wire_to_tensor(item) for item in wires[0])
+    assert set(gathered) == set(expected)
+    initial = Actor(config(), str(tiny_model_dir)).full_state_dict()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(gathered[name], tensor, rtol=0, atol=2e-5, msg=name)
+        assert not torch.equal(tensor, initial[name]), f"{name} did not move"
+    assert len(optimizer_states[0]["optimizer"]["state"]) == len(list(single.student.parameters()))
+
+    # The bucketed sync, with no gather: each rank sends rows of its own shard, every bucket within its bound;
+    # assembled, they are the full gather's tensors (tied ones once).
+    assert_buckets_bounded(buckets, bucket_bytes)
+    embedding = [piece for bucket in buckets for piece in bucket if piece.name == "model.embed_tokens.weight"]
+    assert len(embedding) > 2 and all(piece.full_rows == len(gathered["model.embed_tokens.weight"])
+                                      for piece in embedding)  # 12.6 MB cut into rows of at most 128 KiB
+    streamed = dict(whole_tensors(piece for bucket in buckets for piece in bucket))
+    assert set(gathered) - set(streamed) <= {"lm_head.weight"}
+    for name, tensor in streamed.items():
+        assert torch.equal(tensor, gathered[name]), name
+
+    # Weight sync from the bucket stream of the FSDP shards: the rollout engine's logits equal the actor's.
+    engine = HFRolloutEngine(str(tiny_model_dir))
+    engine.update_weights(drain(buckets))
+    ids = torch.tensor([[1, 400, 2000, 30, 77, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(engine.model(ids).logits, single.student.lm(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_in_process_buckets_are_the_live_weights_within_the_bound(tiny_model_dir):
+    """No copy: every piece is a view of the actor's parameter at its rows; together they are the state dict."""
+    from pcsd_core.distributed.workers import InProcessWorkers
+
+    actor = Actor(config(), str(tiny_model_dir))
+    workers = InProcessWorkers(actor)
+    assert workers.local_gpu_ids() == []
+    full = actor.full_state_dict()
+    for bucket_bytes in (2**12, 2**16, 2**40):
+        buckets = list(workers.iter_state_dict_buckets("student", bucket_bytes))
+        assert_buckets_bounded(buckets, bucket_bytes)
+        pieces = [piece for bucket in buckets for piece in bucket]
+        names = {piece.name for piece in pieces}
+        assert set(full) - names <= {"lm_head.weight"} and names <= set(full)
+        for piece in pieces:
+            row_bytes = full[piece.name][0].numel() * full[piece.name].element_size()
+            assert piece.tensor.data_ptr() == full[piece.name].data_ptr() + piece.row_start * row_bytes, piece.name
+        for name, tensor in whole_tensors(pieces):
+            assert torch.equal(tensor, full[name]), name
+    # one row per bucket when a row fills it: the 64-float (256-byte) rows of the embedding, 49152 of them
+    one_row = list(workers.iter_state_dict_buckets("student", 256))
+    assert sum(piece.name == "model.embed_tokens.weight" for bucket in one_row for piece in bucket) == 49152
+    assert len(list(workers.iter_state_dict_buckets("student", 2**40))) == 1
+    with pytest.raises(ValueError, match="teacher_mode 'live' keeps no teacher"):
+        list(workers.iter_state_dict_buckets("teacher", 2**20))
+
+
+def test_distiller_runs_with_ray_workers(tiny_model_dir, gsm8k_dir, tmp_path, ray_session):
+    """The whole loop with 2 Ray workers: one step, the rollout engine synced to the sharded actor."""
+    from transformers import AutoModelForCausalLM
+
+    from pcsd_core.config.schema import DataConfig
+    from pcsd_core.data.prepare import prepare_dataset
+    from pcsd_core.engine.trainer import Distiller
+
+    prepared = prepare_dataset(DataConfig(path=str(gsm8k_dir), max_train_rows=8, max_test_rows=2), tmp_path / "data")
+    cfg = config_from_dict({}, {
+        "model.name": str(tiny_model_dir), "rollout.n": 2, "rollout.max_response_tokens": 4,
+        "train.prompts_per_step": 2, "train.mini_batch_size": 4, "train.micro_batch_size": 2,
+        "train.total_training_steps": 1, "train.use_ray": True, "train.num_workers": 2, "train.device": "cpu",
+        "train.weight_sync_bucket_mb": 1,
+        "train.output_dir": str(tmp_path / "run")})
+    distiller = Distiller(cfg, prepared.train_path)
+    try:
+        distiller.setup()
+        result = distiller.train()
+        ids = torch.tensor([[1, 400, 2000, 30]])
+        saved = AutoModelForCausalLM.from_pretrained(result.checkpoint_dir)
+        with torch.no_grad():
+            torch.testing.assert_close(distiller.engine.model(ids).logits, saved(ids).logits, rtol=0, atol=1e-6)
+        assert result.history[0]["train/loss"] > 0 and result.history[0]["perf/peak_mem_mb"] > 0
+    finally:
+        distiller.close()
+    assert ray.is_initialized()  # the fixture's Ray session is not torn down by the Distiller
