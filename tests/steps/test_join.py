@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from dashboards.report import best_branch as report_best_branch
-from dashboards.runs import Branch as ReportBranch
+from dashboards.runs import BranchRun
 from pcsd_core.config.schema import PCSDConfig
 from steps.distill import DistillResult
 from steps.evaluate import BranchEvaluation
@@ -61,7 +61,7 @@ def test_card_and_report_name_the_same_best_branch_on_a_tie():
         generator.shuffle(labels)
         join_best = summarize_sweep([_outcome(label, *scores[label]) for label in labels]).best.label
         generator.shuffle(labels)
-        report_branches = [ReportBranch(run_id=label, name=label, status="FINISHED", params={},
+        report_branches = [BranchRun(run_id=label, name=label, status="FINISHED", params={},
                                         metrics=_metrics(*scores[label]), curves={}) for label in labels]
         assert join_best == report_best_branch(report_branches).name == expected
 
