@@ -329,6 +329,27 @@ class EvalConfig:
         _require(self.batch_size >= 1, f"eval.batch_size ({self.batch_size}) must be >= 1.")
 
 
+PROMOTION_RULES = ("significant_gain", "better", "never")
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    # When the registry's `champion` alias moves to a run's registered version (every run registers its best
+    # branch, for lineage):
+    #   "significant_gain" (default): its strict accuracy beats the base model's on the same held-out questions by
+    #       an exact McNemar test at level `alpha` (more questions turned right than wrong), and beats the current
+    #       champion's the same way (paired, on the same questions; a champion scored on other questions is kept);
+    #   "better": strictly higher strict accuracy than the champion, no test (a first version always promotes);
+    #   "never": register for lineage only.
+    promote_if: Literal[PROMOTION_RULES] = "significant_gain"
+    # Level of the McNemar tests of "significant_gain" (two-sided exact p-value below it, difference above 0).
+    alpha: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "register")
+        _require(0 < self.alpha < 1, f"register.alpha ({self.alpha}) must be in (0, 1); 0.05 is the usual level.")
+
+
 @dataclass(frozen=True)
 class PCSDConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -337,6 +358,7 @@ class PCSDConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
 
     def __post_init__(self) -> None:
         responses_per_step = self.train.prompts_per_step * self.rollout.n

@@ -16,7 +16,9 @@ import warnings
 
 import pytest
 
-from pcsd_core.config.schema import DataConfig, EvalConfig, LossConfig, ModelConfig, PCSDConfig, RolloutConfig, TrainConfig
+from pcsd_core.config.schema import (DataConfig, EvalConfig, LossConfig, ModelConfig, PCSDConfig, RegisterConfig,
+                                     RolloutConfig, TrainConfig)
+from pcsd_core.errors import ConfigError
 from pcsd_core.config.loader import read_preset_yaml
 
 INF, NAN = math.inf, math.nan
@@ -88,16 +90,18 @@ BAD_VALUES: dict[str, list] = {
     "eval.heldout_kl_questions": [-1, 2.5],
     "eval.max_new_tokens": [0],
     "eval.batch_size": [0],
+    "register.promote_if": ["maybe"],
+    "register.alpha": [0, 1.0, NAN],
 }
 SECTIONS_WITH_TYPE_RULES = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig, "train": TrainConfig,
-                            "eval": EvalConfig}
+                            "eval": EvalConfig, "register": RegisterConfig}
 CASES = [(dotted, value) for dotted, values in BAD_VALUES.items() for value in values]
 
 
 def all_fields() -> set[str]:
     hints = {f.name: f.type for f in dataclasses.fields(PCSDConfig)}
     sections = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig, "loss": LossConfig,
-                "train": TrainConfig, "eval": EvalConfig}
+                "train": TrainConfig, "eval": EvalConfig, "register": RegisterConfig}
     assert set(hints) == set(sections), "a new config section needs its dataclass in this test"
     return {f"{name}.{item.name}" for name, cls in sections.items() for item in dataclasses.fields(cls)}
 
@@ -111,18 +115,20 @@ def test_every_field_has_a_bad_value():
 
 @pytest.mark.parametrize(("dotted", "value"), CASES, ids=[f"{d}={v!r}" for d, v in CASES])
 def test_loader_refuses_the_bad_value_naming_the_field(dotted, value):
-    with pytest.raises(ValueError) as refused:
+    with pytest.raises(ConfigError) as refused:
         config_from_dict({}, {dotted: value})
     assert str(refused.value).startswith(dotted), str(refused.value)
+    assert refused.value.field == dotted  # the field, as an attribute callers and tests can read
 
 
 @pytest.mark.parametrize(("dotted", "value"), [case for case in CASES if case[0].split(".")[0] in SECTIONS_WITH_TYPE_RULES],
                          ids=lambda item: repr(item))
 def test_direct_construction_refuses_the_bad_value(dotted, value):
     section, name = dotted.split(".")
-    with pytest.raises(ValueError) as refused:
+    with pytest.raises(ConfigError) as refused:
         SECTIONS_WITH_TYPE_RULES[section](**{name: value})
     assert str(refused.value).startswith(dotted), str(refused.value)
+    assert refused.value.field == dotted
 
 
 def test_messages_name_the_value_rule_and_fix():
