@@ -22,6 +22,7 @@ import yaml
 
 from pcsd_core.data.privileged import parse_privileged_context
 from pcsd_core.data.prompts import DEFAULT_TEACHER_TEMPLATE_NAME, resolve_teacher_template
+from pcsd_core.data.synthetic import MAX_DIFFICULTY, TASKS as SYNTHETIC_TASKS
 from pcsd_core.errors import ConfigError
 from pcsd_core.loss.spec import LossSpec
 
@@ -130,6 +131,15 @@ class DataConfig:
     teacher_template: str = DEFAULT_TEACHER_TEMPLATE_NAME
     # `data_source` written into the parquet (verl uses it to pick a reward function).
     data_source: str = "openai/gsm8k"
+    # A generated task instead of a dataset: "" (none) or "arithmetic", the shipped positive control
+    # (`pcsd_core.data.synthetic`: seeded multi-step arithmetic word problems in GSM8K's answer format). Rows per
+    # split come from max_train_rows / max_test_rows (0 = SYNTHETIC_DEFAULT_ROWS); `path` must then be empty.
+    synthetic: Literal[("",) + SYNTHETIC_TASKS] = ""
+    # Operations chained per generated question (1 to MAX_DIFFICULTY); calibrated in
+    # benchmarks/synthetic_calibration.py and fixed in configs/positive_control_cpu_smollm2.yaml.
+    synthetic_difficulty: int = 2
+    # Seed of the generated questions (>= 0): the same seed, difficulty and sizes give the same rows.
+    synthetic_seed: int = 0
 
     def __post_init__(self) -> None:
         _check_field_types(self, "data")
@@ -141,6 +151,12 @@ class DataConfig:
         _require_text("data.id_column", self.id_column, allow_empty=True)
         _require_text("data.data_source", self.data_source)
         parse_privileged_context(self.privileged_context)
+        _require(1 <= self.synthetic_difficulty <= MAX_DIFFICULTY,
+                 f"data.synthetic_difficulty ({self.synthetic_difficulty}) must be in 1..{MAX_DIFFICULTY}.")
+        _require(self.synthetic_seed >= 0, f"data.synthetic_seed ({self.synthetic_seed}) must be >= 0.")
+        _require(not (self.synthetic and self.path),
+                 f"data.synthetic ({self.synthetic!r}) generates the data, so data.path ({self.path!r}) must be empty; "
+                 "set one of them.")
         _require(
             isinstance(self.shuffle_seed, int) and self.shuffle_seed >= 0,
             f"data.shuffle_seed ({self.shuffle_seed!r}) must be a whole number >= 0; for example 0.",
