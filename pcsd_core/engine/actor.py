@@ -186,13 +186,22 @@ class Actor:
                 minibatch = range(start, start + train.mini_batch_size)
                 weights = self._minibatch_token_weights(batch, minibatch)
                 self.optimizer.zero_grad(set_to_none=True)
-                for rows in micro_batches(worker_rows(start, minibatch.stop, self.rank, self.world_size),
-                                          train.micro_batch_size):
+                parts = list(micro_batches(worker_rows(start, minibatch.stop, self.rank, self.world_size),
+                                           train.micro_batch_size))
+                for index, rows in enumerate(parts):
+                    self._set_gradient_sync(last_micro_batch=index == len(parts) - 1)
                     self._accumulate_micro_batch(batch, teacher_outputs, rows, weights, start, stats, epoch == 0)
                 stats.grad_norms.append(self._clip_and_step())
         stats.lr = self.optimizer.param_groups[0]["lr"]  # what this update used; the schedule moves on below
         self.scheduler.step()
         return stats
+
+    def _set_gradient_sync(self, *, last_micro_batch: bool) -> None:
+        """FSDP: reduce-scatter gradients after the last micro-batch of an optimizer step only; before it they
+        accumulate unsharded (in float32, the policy's reduce_dtype), one collective per step instead of one per
+        micro-batch. Every rank runs the same number of micro-batches (`worker_rows`), so the ranks agree."""
+        if hasattr(self.student, "set_requires_gradient_sync"):  # an FSDPModule
+            self.student.set_requires_gradient_sync(last_micro_batch)
 
     def _minibatch_token_weights(self, batch: RolloutBatch, minibatch: range) -> torch.Tensor:
         """(M, R) weights over the WHOLE mini-batch, so summed micro-batch (and rank) losses are its loss."""
