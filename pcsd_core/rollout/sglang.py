@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 import torch
 
+from pcsd_core.rollout.answer_stop import TokenTexts, cut_at_answer_line
 from pcsd_core.rollout.base import Generation, SamplingParams, load_eos_token_ids
 from pcsd_core.distributed.weight_sync import bucketed, tensor_bytes, whole_tensors
 
@@ -148,6 +149,8 @@ class SGLangRolloutEngine:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang-weight-sync")
         sglang = _import_sglang() if engine is None else None  # the install hint before any file is read
         self.eos_token_ids = set(eos_token_ids) if eos_token_ids is not None else set(load_eos_token_ids(model_path))
+        self.model_path = model_path
+        self._token_texts: TokenTexts | None = None  # the tokenizer, loaded on the first stop_at_answer
         if engine is None:
             kwargs = engine_kwargs(model_path, placement, tp_size, base_gpu_id, mem_fraction_static, dtype, seed)
             engine = sglang.Engine(**kwargs)
@@ -176,7 +179,22 @@ class SGLangRolloutEngine:
         outputs = self.engine.generate(input_ids=input_ids, sampling_params=sampling_params)
         if len(outputs) != len(input_ids):
             raise RuntimeError(f"sglang returned {len(outputs)} outputs for {len(input_ids)} requests.")
-        return [parse_output(output, row // n, self.eos_token_ids) for row, output in enumerate(outputs)]
+        generations = [parse_output(output, row // n, self.eos_token_ids) for row, output in enumerate(outputs)]
+        if sampling.stop_at_answer:
+            # The HF engine stops at the first completed "#### <number>" line; SGLang cannot (a stop string needs
+            # its detokenizer, which skip_tokenizer_init turns off), so its text is cut at the same token here: the
+            # same greedy text up to there, hence the same scores (eval.stop_at_answer).
+            generations = [self._cut_at_answer(generation) for generation in generations]
+        return generations
+
+    def _cut_at_answer(self, generation: Generation) -> Generation:
+        if self._token_texts is None:
+            from pcsd_core.models import load_tokenizer
+
+            self._token_texts = TokenTexts(load_tokenizer(self.model_path))
+        response_ids, answered = cut_at_answer_line(list(generation.response_ids), self._token_texts)
+        return Generation(prompt_index=generation.prompt_index, response_ids=response_ids,
+                          finished=generation.finished or answered)
 
     # ---- weight sync and memory ---------------------------------------------------------------
 
