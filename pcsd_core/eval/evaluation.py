@@ -151,4 +151,4 @@ def _make_engine(cfg: PCSDConfig, model_path: str) -> RolloutEngine:
     """The configured rollout engine, with the HF engine's batches sized by eval.batch_size."""
     from pcsd_core.rollout import create_rollout_engine
 
-    return create_rollout_engine(cfg, model_path, batch_size=cfg.eval.batch_size)
+    return create_rollout_engine(cfg, model_path, batch_size=cfg.eval.batch_size, syncs_weights=False)

@@ -28,7 +28,8 @@ Placement decides how weights move and whether the engine sleeps:
   verl do the same). `close()` destroys the group on both sides.
 
 The rank-0 side is a `WeightBroadcaster`; the default one joins the group in this process with
-SGLang's `init_custom_process_group` (the actor's full tensors must be on a GPU of this process).
+SGLang's `init_custom_process_group`, sending from the GPU it is given: `create_rollout_engine` gives it the
+actor's own GPU (`weight_sync_sender_gpu`), never one of the rollout's.
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ class WeightBroadcaster(Protocol):
 class NcclWeightBroadcaster:
     """Joins the weight-sync group from this process as rank 0 and broadcasts over it (NCCL, GPU)."""
 
-    def __init__(self, device: str | torch.device = "cuda") -> None:
-        self.device = torch.device(device)
+    def __init__(self, device: str | torch.device) -> None:
+        self.device = torch.device(device)  # the sender's GPU: outside the rollout's (weight_sync_sender_gpu)
         self.group = None
 
     def connect(self, *, master_address: str, master_port: int, world_size: int, group_name: str, backend: str) -> None:
@@ -155,9 +156,8 @@ class SGLangRolloutEngine:
             kwargs = engine_kwargs(model_path, placement, tp_size, base_gpu_id, mem_fraction_static, dtype, seed)
             engine = sglang.Engine(**kwargs)
         self.engine = engine
-        self.broadcaster = None
-        if placement == "split":
-            self.broadcaster = broadcaster if broadcaster is not None else NcclWeightBroadcaster()
+        # Split placement syncs through it; None for an engine that never receives weights (evaluation).
+        self.broadcaster = broadcaster if placement == "split" else None
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -274,6 +274,11 @@ class SGLangRolloutEngine:
 
     def _connect_weight_sync(self) -> None:
         from pcsd_core.distributed.ray_cluster import free_port
+
+        if self.broadcaster is None:
+            raise ValueError("update_weights on a split SGLang engine built without a weight-sync sender: pass "
+                             "broadcaster=NcclWeightBroadcaster(device=...) on a GPU outside the rollout's "
+                             "(create_rollout_engine(..., syncs_weights=True) picks the actor's own GPU).")
 
         master_port = self.master_port or free_port()
         world_size = 1 + self.tp_size  # rank 0 = this process, ranks 1..tp_size = the engine's TP workers
