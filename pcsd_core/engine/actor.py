@@ -12,6 +12,10 @@ The same class runs in-process (one device, plain module) and inside a Ray train
 where the model is sharded with FSDP2 `fully_shard`. With FSDP the backbone *and* the loss run inside one
 forward of the sharded root module (`DistillationModule`), so FSDP's hooks unshard the root's parameters
 (embeddings and the tied lm_head) for the loss and reduce-scatter their gradients afterwards.
+
+Precision (`precision.py`): the modules the optimizer steps hold the masters in `train.master_dtype`; forward and
+backward run in `model.dtype`, through FSDP2's mixed-precision policy on the shards or, in this process, on a
+compute-dtype copy (`forward_module`).
 """
 
 from __future__ import annotations
