@@ -51,6 +51,8 @@ class ScriptedLM(nn.Module):
     def __init__(self, lm, tokenizer, eos_id: int):
         super().__init__()
         self.lm, self.config, self.tokenizer, self.eos_id = lm, lm.config, tokenizer, eos_id
+        self.base_model = lm.base_model  # what a scorer of hidden states reads, as on the real model
+        self.get_output_embeddings = lm.get_output_embeddings
         self.script, self.position = [], 0
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=True, logits_to_keep=None,
