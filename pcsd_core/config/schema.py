@@ -80,7 +80,9 @@ def _require_text(name: str, value: str, *, allow_empty: bool = False) -> None:
 class ModelConfig:
     # Alias (`smollm2-135m`, `deepseek-math-7b-base`), Hugging Face id or local checkpoint folder.
     name: str = "smollm2-135m"
-    # Parameter dtype for training and rollout: "float32", "bfloat16" or "float16".
+    # Compute dtype: the forward/backward of training runs in it (FSDP2's `param_dtype`), and the rollout engine
+    # holds its weights in it (what weight sync and the registry send): "float32", "bfloat16" or "float16". The
+    # weights that the optimizer updates live in train.master_dtype.
     dtype: Literal[DTYPE_NAMES] = "float32"
     # transformers attention implementation: one of ATTN_IMPLEMENTATIONS ("sdpa", "eager",
     # "flash_attention_2", ...) or a kernels-hub repository "owner/name".
@@ -228,6 +230,11 @@ class TrainConfig:
     # more than it saves: set false, as for flash_attention_2.
     share_prompt_prefix: bool = True
     lr: float = 1e-6
+    # dtype of the master weights and the optimizer state (one of DTYPE_NAMES): what AdamW updates and what
+    # checkpoints store. float32 (verl's choice): an Adam step of lr 1e-6 survives on every weight, where
+    # bfloat16 masters (8 mantissa bits) keep it only for |w| < ~5e-4 and move ~1% of a model. Must be float32 or
+    # model.dtype: masters narrower than the compute dtype would round every update away.
+    master_dtype: Literal[DTYPE_NAMES] = "float32"
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     weight_decay: float = 0.0
@@ -400,6 +407,11 @@ class PCSDConfig:
         _require(
             self.rollout.engine != "sglang" or self.train.device != "cpu",
             "rollout.engine 'sglang' needs a GPU; use rollout.engine 'hf' with train.device 'cpu'.",
+        )
+        _require(
+            self.train.master_dtype in ("float32", self.model.dtype),
+            f"train.master_dtype ({self.train.master_dtype!r}) must be 'float32' or model.dtype "
+            f"({self.model.dtype!r}): masters narrower than the compute dtype lose the updates; use 'float32'.",
         )
         _require(
             self.rollout.engine != "sglang" or self.model.dtype != "float32",

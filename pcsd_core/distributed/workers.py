@@ -107,23 +107,35 @@ class TrainWorker:
         return [tensor_to_wire(name, tensor) for name, tensor in self.actor.full_state_dict(which).items()]
 
     def shard_layout(self, which: str) -> list[tuple[str, int, tuple[int, ...], int]]:
-        """(name, rows this rank sends, global shape, element bytes) per tensor, for `plan_row_buckets`."""
-        return shard_layout(local_shards(_module(self.actor, which).lm, self.rank))
+        """(name, rows this rank sends, global shape, element bytes on the wire) per tensor, for `plan_row_buckets`."""
+        shards = local_shards(_module(self.actor, which).lm, self.rank)
+        return [(name, shard.rows_sent, shard.shape, _to_rollout_dtype(shard.local.reshape(-1)[:1], self._rollout_dtype())
+                 .element_size()) for name, shard in shards.items()]
 
     def read_rows(self, which: str, slices: list[RowSlice]) -> list[tuple[str, Any, str]]:
         """The rows `slices` (this rank's) name, from this rank's own shards: no collective.
 
+        The shards hold the masters (train.master_dtype); the rows go out cast to the rollout engine's dtype
+        (model.dtype): the engine gets what it computes with, and a bf16 sync moves half the bytes of a float32 one.
         Numpy arrays, which the Ray object store hands to the controller without a copy (torch tensors would be
         pickled); `wire_to_tensor` turns them back.
         """
         shards = local_shards(_module(self.actor, which).lm, self.rank)
-        return [tensor_to_wire(piece.name, read_rows(shards, piece).tensor) for piece in slices]
+        return [tensor_to_wire(piece.name, _to_rollout_dtype(read_rows(shards, piece).tensor, self._rollout_dtype()))
+                for piece in slices]
+
+    def _rollout_dtype(self) -> torch.dtype:
+        from pcsd_core.models import DTYPES
+
+        return DTYPES[self.actor.cfg.model.dtype]
 
     def training_state(self) -> dict[str, Any]:
         return self.actor.training_state()
 
-    def load_training_state(self, state: dict[str, Any], teacher_state: dict[str, torch.Tensor] | None) -> None:
+    def load_training_state(self, state: dict[str, Any], teacher_state: dict[str, torch.Tensor] | None) -> int:
+        """Loads the state (collective); returns the optimizer-state bytes this rank was sent (0 off rank 0)."""
         self.actor.load_training_state(state, teacher_state)
+        return optimizer_state_bytes(state)
 
     def peak_memory_mb(self) -> float:
         return peak_memory_mb(self.actor.device) if self.actor else 0.0
@@ -144,6 +156,18 @@ def _module(actor: Actor, which: str):
         raise ValueError(f"no {which!r} weights: train.teacher_mode {actor.cfg.train.teacher_mode!r} keeps no "
                          "teacher copy; ask for 'student'.")
     return module
+
+
+def _to_rollout_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating tensors cast to the rollout dtype (a copy only when the dtype differs); integer ones as they are."""
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def optimizer_state_bytes(state: dict[str, Any]) -> int:
+    """Bytes of the tensors in a training state's optimizer state (0 when it carries none)."""
+    per_param = (state.get("optimizer") or {}).get("state", {}).values()
+    return sum(value.numel() * value.element_size() for values in per_param for value in values.values()
+               if isinstance(value, torch.Tensor))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -172,7 +196,9 @@ class TrainWorkers(Protocol):
 
     def training_state(self) -> dict[str, Any]: ...
 
-    def load_training_state(self, state: dict[str, Any], teacher_state: dict[str, torch.Tensor] | None) -> None: ...
+    def load_training_state(self, state: dict[str, Any], teacher_state: dict[str, torch.Tensor] | None) -> list[int]:
+        """Load a checkpoint's training state; returns the optimizer-state bytes each rank was sent."""
+        ...
 
     def peak_memory_mb(self) -> float:
         """Peak memory of the worker processes other than this one (0 when the actor runs here)."""
@@ -202,16 +228,18 @@ class InProcessWorkers:
         return self.actor.full_state_dict(which)
 
     def iter_state_dict_buckets(self, which: str, bucket_bytes: int) -> Iterator[list[WeightPiece]]:
-        # Views of the live parameters, no copy: the engine copies them into its own model.
-        shards = local_shards(_module(self.actor, which).lm, rank=0)
+        # Views of the live compute-dtype parameters (the rollout's dtype), no copy: the engine copies them.
+        _module(self.actor, which)  # refuses a teacher that this teacher_mode does not keep
+        shards = local_shards(self.actor.forward_module(which).lm, rank=0)
         for bucket in plan_row_buckets([shard_layout(shards)], bucket_bytes):
             yield [read_rows(shards, piece) for piece in bucket]
 
     def training_state(self) -> dict[str, Any]:
         return self.actor.training_state()
 
-    def load_training_state(self, state: dict[str, Any], teacher_state: dict[str, torch.Tensor] | None) -> None:
+    def load_training_state(self, state: dict[str, Any], teacher_state: dict[str, torch.Tensor] | None) -> list[int]:
         self.actor.load_training_state(state, teacher_state)
+        return [optimizer_state_bytes(state)]
 
     def peak_memory_mb(self) -> float:
         return 0.0  # the actor lives in this process, which the controller measures itself
@@ -274,8 +302,18 @@ class RayWorkers:
     def training_state(self) -> dict[str, Any]:
         return self._get([w.training_state.remote() for w in self.workers], "training_state")[0]  # rank 0
 
-    def load_training_state(self, state: dict[str, Any], teacher_state: dict[str, torch.Tensor] | None) -> None:
-        self._get([w.load_training_state.remote(state, teacher_state) for w in self.workers], "load_training_state")
+    def load_training_state(self, state: dict[str, Any], teacher_state: dict[str, torch.Tensor] | None) -> list[int]:
+        import ray
+
+        # One object-store copy, which rank 0 alone reads; FSDP broadcasts the shards from it
+        # (`broadcast_from_rank0`). The other ranks get the scheduler state and an empty optimizer (and teacher)
+        # state. Passed by value to every rank, the full state (56 GB of AdamW moments at 7B) was copied and
+        # deserialised once per rank.
+        state_ref = ray.put(state)
+        teacher_ref = None if teacher_state is None else ray.put(teacher_state)
+        others = ({"scheduler": state["scheduler"]}, None if teacher_state is None else {})
+        return self._get([w.load_training_state.remote(*((state_ref, teacher_ref) if rank == 0 else others))
+                          for rank, w in enumerate(self.workers)], "load_training_state")
 
     def peak_memory_mb(self) -> float:
         return sum(self._get([w.peak_memory_mb.remote() for w in self.workers], "peak_memory_mb"))

@@ -12,6 +12,10 @@ The same class runs in-process (one device, plain module) and inside a Ray train
 where the model is sharded with FSDP2 `fully_shard`. With FSDP the backbone *and* the loss run inside one
 forward of the sharded root module (`DistillationModule`), so FSDP's hooks unshard the root's parameters
 (embeddings and the tied lm_head) for the loss and reduce-scatter their gradients afterwards.
+
+Precision (`precision.py`): the modules the optimizer steps hold the masters in `train.master_dtype`; forward and
+backward run in `model.dtype`, through FSDP2's mixed-precision policy on the shards or, in this process, on a
+compute-dtype copy (`forward_module`).
 """
 
 from __future__ import annotations
@@ -27,16 +31,18 @@ from pcsd_core.loss.spec import LossSpec
 from pcsd_core.engine.batch import (ModelInputs, RolloutBatch, TeacherOutputs, UpdateStats, flat_response_weights,
                              micro_batches, pack_prompt_groups, pad_rows, worker_rows)
 from pcsd_core.config.schema import PCSDConfig
-from pcsd_core.models import load_model
+from pcsd_core.engine.precision import ComputeCopy, mixed_precision_policy
+from pcsd_core.models import DTYPES, load_model
 
 
 class DistillationModule(nn.Module):
     """Wraps a causal LM: forward gives response hidden states (teacher) or the distillation loss (student)."""
 
-    def __init__(self, causal_lm: nn.Module, loss_spec: LossSpec):
+    def __init__(self, causal_lm: nn.Module, loss_spec: LossSpec, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.lm = causal_lm
         self.loss_spec = loss_spec
+        self.compute_dtype = compute_dtype  # what the forward runs in (FSDP's param_dtype), not the masters' dtype
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
@@ -52,8 +58,8 @@ class DistillationModule(nn.Module):
                 response_tokens=None, teacher_weight=None):
         if attention_mask.dim() == 4 and self.lm.config._attn_implementation == "eager":
             # Eager attention adds the mask to the scores; sdpa takes the boolean mask as is.
-            blocked = torch.finfo(self.lm.dtype).min
-            attention_mask = torch.zeros(attention_mask.shape, dtype=self.lm.dtype,
+            blocked = torch.finfo(self.compute_dtype).min
+            attention_mask = torch.zeros(attention_mask.shape, dtype=self.compute_dtype,
                                          device=attention_mask.device).masked_fill(~attention_mask, blocked)
         hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=False).last_hidden_state
@@ -91,10 +97,18 @@ class Actor:
     def __init__(self, cfg: PCSDConfig, model_path: str, *, device: str = "cpu", rank: int = 0, world_size: int = 1,
                  teacher_path: str | None = None, mesh=None):
         self.cfg, self.device, self.rank, self.world_size = cfg, torch.device(device), rank, world_size
-        self.student = self._build_module(model_path, mesh, trainable=True)
+        # Masters (what AdamW steps, EMA moves and checkpoints store) in train.master_dtype; a frozen teacher never
+        # moves, so it is held in the compute dtype only.
+        master, compute = cfg.train.master_dtype, cfg.model.dtype
+        self.student = self._build_module(model_path, mesh, trainable=True, dtype=master)
         self.teacher = None
         if cfg.train.teacher_mode != "live":
-            self.teacher = self._build_module(teacher_path or model_path, mesh, trainable=False)
+            self.teacher = self._build_module(teacher_path or model_path, mesh, trainable=False,
+                                              dtype=master if cfg.train.teacher_mode == "ema" else compute)
+        # In this process (no FSDP to cast): forward/backward on a compute-dtype copy of the masters (precision.py).
+        mixed = mesh is None and master != compute
+        self._student_copy = ComputeCopy(self.student, compute) if mixed else None
+        self._teacher_copy = ComputeCopy(self.teacher, compute) if mixed and cfg.train.teacher_mode == "ema" else None
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
             step, warmup_steps=cfg.train.warmup_steps, total_steps=cfg.train.total_training_steps,
@@ -103,31 +117,46 @@ class Actor:
         self.build_inputs = pack_prompt_groups if cfg.train.share_prompt_prefix else pad_rows
         self._teacher_weight: torch.Tensor | None = None
 
-    def _build_module(self, model_path: str, mesh, *, trainable: bool) -> DistillationModule:
+    def _build_module(self, model_path: str, mesh, *, trainable: bool, dtype: str) -> DistillationModule:
         mcfg = self.cfg.model
-        lm = load_model(model_path, dtype=mcfg.dtype, device=self.device, attn_implementation=mcfg.attn_implementation,
+        # With FSDP every rank loads the model into host memory and `fully_shard` moves one layer at a time to the
+        # GPU and keeps its shard: the whole model never sits on a rank's GPU (at 7B in float32, 28 GB a rank).
+        load_device = "cpu" if mesh is not None else self.device
+        lm = load_model(model_path, dtype=dtype, device=load_device, attn_implementation=mcfg.attn_implementation,
                         trust_remote_code=mcfg.trust_remote_code)
         if trainable and mcfg.gradient_checkpointing:
-            # transformers 5.2x renamed it (the old name warns, and goes in v6).
-            enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
-            enable()
+            # Non-reentrant checkpointing, said explicitly as verl does: the reentrant form leaks memory under FSDP2,
+            # and transformers' default differs across versions. 5.2x renamed the method (the old name goes in v6).
+            kwargs = {"use_reentrant": False}
+            if hasattr(lm, "activation_checkpointing_enable"):
+                lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         lm.train(trainable)
         lm.requires_grad_(trainable)
-        module = DistillationModule(lm, self.cfg.loss)
+        module = DistillationModule(lm, self.cfg.loss, compute_dtype=DTYPES[mcfg.dtype])
         if mesh is not None:
             from torch.distributed.fsdp import fully_shard
 
+            # Shards hold the masters; each forward gathers them cast to model.dtype, gradients reduce in float32.
+            policy = mixed_precision_policy(mcfg.dtype)
             for layer in module.decoder_layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(module, mesh=mesh)  # root: embeddings, final norm, (tied) lm_head
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+            fully_shard(module, mesh=mesh, mp_policy=policy)  # root: embeddings, final norm, (tied) lm_head
         return module
+
+    def forward_module(self, which: str = "student") -> DistillationModule | None:
+        """The module whose forward runs: the compute-dtype copy in this process, else the (FSDP) module itself."""
+        if which == "student":
+            return self._student_copy.module if self._student_copy else self.student
+        return self._teacher_copy.module if self._teacher_copy else self.teacher
 
     # ---- the teacher pass ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def compute_distributions(self, batch: RolloutBatch) -> TeacherOutputs:
         """Teacher hidden states at response positions for this rank's share of `batch` (no gradient)."""
-        teacher = self.teacher or self.student
+        teacher = self.forward_module("teacher" if self.teacher is not None else "student")
         hidden: list[torch.Tensor] = []
         for rows in micro_batches(worker_rows(0, len(batch), self.rank, self.world_size), self.cfg.train.micro_batch_size):
             part = batch.select(rows)
@@ -146,8 +175,9 @@ class Actor:
         optimizer_steps = self.cfg.train.ppo_epochs * (self.cfg.responses_per_step // self.cfg.train.mini_batch_size)
         if self.teacher is None and optimizer_steps == 1:
             return None
-        source = self.teacher or self.student
-        return full_tensor(source.lm_head_weight().detach()).clone()
+        source = self.forward_module("teacher" if self.teacher is not None else "student")
+        # FSDP shards hold masters; the loss computes with the compute-dtype weights, as the teacher pass did.
+        return full_tensor(source.lm_head_weight().detach()).to(DTYPES[self.cfg.model.dtype], copy=True)
 
     # ---- the student pass and update ----------------------------------------------------------------
 
@@ -160,13 +190,22 @@ class Actor:
                 minibatch = range(start, start + train.mini_batch_size)
                 weights = self._minibatch_token_weights(batch, minibatch)
                 self.optimizer.zero_grad(set_to_none=True)
-                for rows in micro_batches(worker_rows(start, minibatch.stop, self.rank, self.world_size),
-                                          train.micro_batch_size):
+                parts = list(micro_batches(worker_rows(start, minibatch.stop, self.rank, self.world_size),
+                                           train.micro_batch_size))
+                for index, rows in enumerate(parts):
+                    self._set_gradient_sync(last_micro_batch=index == len(parts) - 1)
                     self._accumulate_micro_batch(batch, teacher_outputs, rows, weights, start, stats, epoch == 0)
                 stats.grad_norms.append(self._clip_and_step())
         stats.lr = self.optimizer.param_groups[0]["lr"]  # what this update used; the schedule moves on below
         self.scheduler.step()
         return stats
+
+    def _set_gradient_sync(self, *, last_micro_batch: bool) -> None:
+        """FSDP: reduce-scatter gradients after the last micro-batch of an optimizer step only; before it they
+        accumulate unsharded (in float32, the policy's reduce_dtype), one collective per step instead of one per
+        micro-batch. Every rank runs the same number of micro-batches (`worker_rows`), so the ranks agree."""
+        if hasattr(self.student, "set_requires_gradient_sync"):  # an FSDPModule
+            self.student.set_requires_gradient_sync(last_micro_batch)
 
     def _minibatch_token_weights(self, batch: RolloutBatch, minibatch: range) -> torch.Tensor:
         """(M, R) weights over the WHOLE mini-batch, so summed micro-batch (and rank) losses are its loss."""
@@ -182,12 +221,14 @@ class Actor:
         local = minibatch_weights[rows.start - minibatch_start: rows.stop - minibatch_start]
         weights = flat_response_weights(local, part.response_lengths)  # (N,), the order of the response states
         teacher_hidden = torch.cat([teacher_outputs.hidden[i] for i in rows]).to(self.device)
-        loss, per_token, metrics = self.student(
-            *self._forward_args(inputs), teacher_hidden=teacher_hidden,
-            weights=weights.to(self.device, teacher_hidden.dtype),
+        # float32 token weights whatever the compute dtype: 1/num_tokens in bf16 is off by up to 0.4%.
+        loss, per_token, metrics = self.forward_module()(
+            *self._forward_args(inputs), teacher_hidden=teacher_hidden, weights=weights.to(self.device, torch.float32),
             response_tokens=inputs.response_tokens.to(self.device), teacher_weight=self._teacher_weight)
         # FSDP averages gradients over ranks; each rank's loss is already its share of the sum, so undo the mean.
         (loss * self.world_size).backward()
+        if self._student_copy is not None:
+            self._student_copy.accumulate_grads()  # the masters' float32 gradient, as FSDP's reduce_dtype gives
         # The loss's metrics are means over the counted tokens (weight != 0); keep sums for exact averages.
         count = int(metrics["tokens"])
         stats.loss_sum += float(loss.detach())
@@ -208,6 +249,8 @@ class Actor:
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
         self.optimizer.step()
+        if self._student_copy is not None:
+            self._student_copy.copy_from_masters()
         if self.cfg.train.teacher_mode == "ema":
             self._update_ema_teacher()
         return float(full_tensor(grad_norm))
@@ -216,7 +259,9 @@ class Actor:
     def _update_ema_teacher(self) -> None:
         """teacher <- (1 - rate) * teacher + rate * student, shard by shard (same FSDP layout on both)."""
         for teacher_param, student_param in zip(self.teacher.parameters(), self.student.parameters()):
-            teacher_param.lerp_(student_param.detach(), self.cfg.train.ema_rate)
+            teacher_param.lerp_(student_param.detach(), self.cfg.train.ema_rate)  # masters: the small moves survive
+        if self._teacher_copy is not None:
+            self._teacher_copy.copy_from_masters()
 
     # ---- state for weight sync and checkpoints -----------------------------------------------------
 
@@ -242,10 +287,15 @@ class Actor:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
+        # With FSDP only rank 0 is sent the full optimizer state (and EMA teacher); the others get {} and receive
+        # their shards from rank 0's broadcast, tensor by tensor.
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.world_size > 1)
-        set_optimizer_state_dict(self.student, self.optimizer, optim_state_dict=state["optimizer"], options=options)
+        set_optimizer_state_dict(self.student, self.optimizer, optim_state_dict=state.get("optimizer") or {},
+                                 options=options)
         self.scheduler.load_state_dict(state["scheduler"])
         if teacher_state is not None and self.teacher is not None:
             prefixed = {f"lm.{name}": tensor for name, tensor in teacher_state.items()}
             set_model_state_dict(self.teacher, prefixed, options=StateDictOptions(full_state_dict=True, strict=False,
                                                                                  broadcast_from_rank0=self.world_size > 1))
+            if self._teacher_copy is not None:
+                self._teacher_copy.copy_from_masters()

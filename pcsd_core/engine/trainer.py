@@ -283,10 +283,18 @@ class Distiller:
         return path
 
     def close(self) -> None:
-        """Shut down the Ray workers (and Ray, if they started it) and free the rollout engine."""
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
-        if self.workers is not None:
-            self.workers.shutdown()  # Ray workers: also shuts Ray down when they started it
-            self.workers = None
+        """Shut down the Ray workers (and Ray, if they started it), then the rollout engine.
+
+        In that order because SGLang's `Engine.shutdown()` SIGKILLs every child process of this process
+        (`kill_process_tree(os.getpid(), include_parent=False)`), and a local Ray started here (gcs_server, raylet,
+        the train workers) is among them: closed first, the engine would leave the workers' shutdown talking to a
+        dead cluster, and the step would fail after its last checkpoint.
+        """
+        try:
+            if self.workers is not None:
+                workers, self.workers = self.workers, None
+                workers.shutdown()  # Ray workers: also shuts Ray down when they started it
+        finally:
+            if self.engine is not None:
+                engine, self.engine = self.engine, None
+                engine.close()

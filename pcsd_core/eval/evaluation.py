@@ -75,7 +75,7 @@ def evaluate_model(model_path: str, test_path: str | Path, cfg: PCSDConfig, engi
         response_ids = [list(g.response_ids) for g in generations]
         # The teacher sees each question's TRUE solution, whatever context this run trained with (control arms).
         kl_rows = min(cfg.eval.heldout_kl_questions or len(records), len(records))
-        kl = _heldout_kl(engine, tokenizer, records[:kl_rows], load_solutions(test_path)[:kl_rows],
+        kl = _heldout_kl(source, tokenizer, records[:kl_rows], load_solutions(test_path)[:kl_rows],
                          response_ids[:kl_rows], cfg)
     finally:
         if own_engine:
@@ -119,11 +119,18 @@ def _generate_with_progress(engine: RolloutEngine, prompt_ids: list[list[int]], 
             for i in range(len(prompt_ids))]
 
 
-def _heldout_kl(engine, tokenizer, records, solutions, response_ids, cfg: PCSDConfig):
-    """KL(teacher || student) per token on the greedy answers, with the model the engine generated with."""
-    model = getattr(engine, "model", None)  # the HF engine's model; SGLang keeps its weights to itself
-    if model is None:
-        return HeldoutKL(mean_per_token=float("nan"), per_response=[float("nan")] * len(records), num_tokens=0)
+def _heldout_kl(model_path: str, tokenizer, records, solutions, response_ids, cfg: PCSDConfig):
+    """KL(teacher || student) per token on the greedy answers, scored by the model as the trainer holds it.
+
+    A transformers model of `model_path` in model.dtype on the training device (what the actor's forward runs),
+    loaded here, whatever the engine: SGLang keeps its weights to itself, and the HF engine's model would tie the
+    number to one engine. So the HF and SGLang paths give the same KL for the same answers.
+    """
+    from pcsd_core.models import load_model, resolve_device
+
+    model = load_model(model_path, dtype=cfg.model.dtype, device=resolve_device(cfg.train.device),
+                       attn_implementation=cfg.model.attn_implementation, trust_remote_code=cfg.model.trust_remote_code)
+    model.eval()
     return heldout_kl(model, tokenizer, [r.student_messages for r in records], solutions, response_ids,
                       teacher_template=cfg.data.teacher_template, batch_size=cfg.eval.batch_size)
 
@@ -144,4 +151,4 @@ def _make_engine(cfg: PCSDConfig, model_path: str) -> RolloutEngine:
     """The configured rollout engine, with the HF engine's batches sized by eval.batch_size."""
     from pcsd_core.rollout import create_rollout_engine
 
-    return create_rollout_engine(cfg, model_path, batch_size=cfg.eval.batch_size)
+    return create_rollout_engine(cfg, model_path, batch_size=cfg.eval.batch_size, syncs_weights=False)

@@ -178,9 +178,17 @@ class ChunkedDistillation(torch.autograd.Function):
                 metrics_out):
         want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         num_tokens = student_hidden.shape[0]
-        grad_hidden = torch.zeros_like(student_hidden) if want_hidden_grad else None
-        grad_weight = torch.zeros_like(student_weight) if want_weight_grad else None
+        # bf16/fp16 inputs: logits, their gradient and grad_weight in float32. A bf16 matmul rounds each logit to
+        # 8 mantissa bits (~0.05 at a logit of 10), and a bf16 grad_weight summed over chunks drops the small
+        # chunks' contributions. The float32 (V, H) weight copies and grad_weight cost 4 * V * H bytes each (1.7 GB
+        # at 7B: V 102400, H 4096), once per call; for float32 inputs `.to` returns the tensors themselves.
         loss_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+        student_weight_in = student_weight
+        student_weight = student_weight.to(loss_dtype)
+        teacher_weight = student_weight if teacher_weight.data_ptr() == student_weight_in.data_ptr() and \
+            teacher_weight.dtype == student_weight_in.dtype else teacher_weight.to(loss_dtype)
+        grad_hidden = torch.zeros_like(student_hidden) if want_hidden_grad else None  # each row written once
+        grad_weight = torch.zeros_like(student_weight) if want_weight_grad else None  # (V, H) in loss_dtype
         per_token = torch.zeros(num_tokens, dtype=loss_dtype, device=student_hidden.device)
         gap_rows = _pick_gap_rows(num_tokens, spec.metric_sample_tokens, student_hidden.device)
         sums: dict[str, float] = {}
@@ -190,8 +198,9 @@ class ChunkedDistillation(torch.autograd.Function):
         for start in range(0, num_tokens, spec.chunk_tokens):
             rows = slice(start, min(start + spec.chunk_tokens, num_tokens))
             chunk_hidden = student_hidden[rows]
-            student_logits = (chunk_hidden @ student_weight.T).to(loss_dtype)  # (c, V)
-            teacher_logits = (teacher_hidden[rows] @ teacher_weight.T).to(loss_dtype)  # (c, V)
+            chunk_hidden = chunk_hidden.to(loss_dtype)
+            student_logits = chunk_hidden @ student_weight.T  # (c, V)
+            teacher_logits = teacher_hidden[rows].to(loss_dtype) @ teacher_weight.T  # (c, V)
             if spec.metric_sample_tokens:
                 in_chunk = gap_rows[(gap_rows >= rows.start) & (gap_rows < rows.stop)] - rows.start
                 _add_sums(sums, _gap_sums(student_logits[in_chunk], teacher_logits[in_chunk], spec))
@@ -207,16 +216,18 @@ class ChunkedDistillation(torch.autograd.Function):
             _add_sums(sums, chunk_sums)
             per_token[rows] = chunk_per_token
             if grad_logits is not None:
-                grad_logits = grad_logits.to(student_weight.dtype)
+                grad_logits = grad_logits.to(loss_dtype)
                 if want_hidden_grad:
-                    grad_hidden[rows] = grad_logits @ student_weight
+                    grad_hidden[rows] = grad_logits @ student_weight  # cast to the hidden states' dtype on store
                 if want_weight_grad:
                     grad_weight.addmm_(grad_logits.T, chunk_hidden)
                 del grad_logits
         metrics_out.update(_finalise_metrics(sums, num_tokens))
         # Plain attributes, not save_for_backward: backward hands these tensors to autograd as the only
         # reference, so AccumulateGrad can adopt them instead of copying a (V, H) gradient.
-        ctx.grad_hidden, ctx.grad_weight = grad_hidden, grad_weight
+        # autograd wants the gradient in the parameter's dtype; the float32 sum is rounded once, here.
+        ctx.grad_hidden = grad_hidden
+        ctx.grad_weight = None if grad_weight is None else grad_weight.to(student_weight_in.dtype)
         ctx.mark_non_differentiable(per_token)
         return (per_token * weights.to(loss_dtype)).sum(), per_token
 

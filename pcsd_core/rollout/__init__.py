@@ -9,11 +9,11 @@ from pcsd_core.config.schema import PCSDConfig
 from pcsd_core.models import resolve_device
 from pcsd_core.rollout.base import Generation, RolloutEngine, SamplingParams
 
-__all__ = ["Generation", "RolloutEngine", "SamplingParams", "create_rollout_engine"]
+__all__ = ["Generation", "RolloutEngine", "SamplingParams", "create_rollout_engine", "weight_sync_sender_gpu"]
 
 
 def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | None = None, *,
-                          gpus_in_use: Sequence[int] = ()) -> RolloutEngine:
+                          gpus_in_use: Sequence[int] = (), syncs_weights: bool = True) -> RolloutEngine:
     """Build the engine named by `cfg.rollout.engine` for the model at `model_path`.
 
     `batch_size` overrides `rollout.batch_size` for the HF engine (evaluation uses `eval.batch_size`).
@@ -21,7 +21,8 @@ def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | No
     `hf` runs on `cfg.train.device` ("auto" = cuda when available). `sglang` placement follows
     `cfg.rollout.placement`: colocated shares the actor's first GPU (tp = rollout.num_gpus or 1). With placement
     split on CUDA, either engine takes the first rollout.num_gpus GPUs of this machine that `gpus_in_use` (the
-    train workers' GPUs here, from `TrainWorkers.local_gpu_ids`; none in evaluation) leaves free.
+    train workers' GPUs here, from `TrainWorkers.local_gpu_ids`; none in evaluation) leaves free, and its weight
+    sync is sent from the actor's own GPU (`weight_sync_sender_gpu`) unless `syncs_weights` is false (evaluation).
     """
     rollout = cfg.rollout
     if rollout.engine == "hf":
@@ -39,17 +40,24 @@ def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | No
             trust_remote_code=cfg.model.trust_remote_code,
         )
     if rollout.engine == "sglang":
-        from pcsd_core.rollout.sglang import SGLangRolloutEngine
+        from pcsd_core.rollout.sglang import NcclWeightBroadcaster, SGLangRolloutEngine
 
         tp_size = max(1, rollout.num_gpus)
+        base_gpu_id, broadcaster = 0, None
+        if rollout.placement == "split":
+            base_gpu_id = first_free_gpus(gpus_in_use, tp_size)
+        if rollout.placement == "split" and syncs_weights:
+            sender = weight_sync_sender_gpu(gpus_in_use, base_gpu_id, tp_size)
+            broadcaster = NcclWeightBroadcaster(device=f"cuda:{sender}")
         return SGLangRolloutEngine(
             model_path,
             placement=rollout.placement,
             tp_size=tp_size,
-            base_gpu_id=first_free_gpus(gpus_in_use, tp_size) if rollout.placement == "split" else 0,
+            base_gpu_id=base_gpu_id,
             mem_fraction_static=rollout.gpu_memory_utilization,
             dtype=cfg.model.dtype,
             seed=cfg.train.seed,
+            broadcaster=broadcaster,
         )
     raise ConfigError(f"rollout.engine ({rollout.engine!r}) must be 'hf' or 'sglang'.")
 
@@ -69,3 +77,28 @@ def first_free_gpus(in_use: Sequence[int], count: int, visible: int | None = Non
             f"{sorted(busy)} of its {visible}: none of {count} consecutive ones is free. Give the rollout more "
             "GPUs here, lower rollout.num_gpus, or use rollout.placement 'colocated'.")
     return base
+
+
+def weight_sync_sender_gpu(in_use: Sequence[int], rollout_base: int, rollout_gpus: int,
+                           visible: int | None = None) -> int:
+    """The GPU from which this process broadcasts the weights to a split SGLang rollout (rank 0 of the weight-sync
+    NCCL group): the actor's own first GPU on this machine, else the first visible GPU the rollout does not use.
+    Never one of the rollout's GPUs: NCCL refuses two ranks of one group on one GPU."""
+    rollout = range(rollout_base, rollout_base + rollout_gpus)
+    if in_use:
+        sender = min(in_use)
+    else:
+        if visible is None:
+            import torch
+
+            visible = torch.cuda.device_count()
+        sender = next((gpu for gpu in range(visible) if gpu not in rollout), None)
+        if sender is None:
+            raise HardwareError(
+                f"the weight sync to a split rollout on GPU(s) {list(rollout)} needs a GPU of this machine outside "
+                f"them to send from, and the train workers hold none here (of {visible} visible). Run the trainer "
+                "where an actor GPU or a spare GPU is, or use rollout.placement 'colocated'.")
+    if sender in rollout:
+        raise HardwareError(f"weight-sync sender GPU {sender} is one of the split rollout's GPUs {list(rollout)}; "
+                            "the actor's GPUs and the rollout's must not overlap.")
+    return sender

@@ -58,3 +58,13 @@ class TokenTexts:
             text = self._texts[token_id] = self._tokenizer.decode([token_id])
         return text
 
+
+
+def cut_at_answer_line(response_ids: list[int], token_text: Callable[[int], str]) -> tuple[list[int], bool]:
+    """`response_ids` up to and including the token that completes the first answer line, and whether there was
+    one: where the HF engine's decode loop stops, found after generation (for engines that cannot stop there)."""
+    stop = AnswerLineStop(token_text, 1)
+    for position, token in enumerate(response_ids):
+        if stop.update([0], [token])[0]:
+            return response_ids[: position + 1], True
+    return response_ids, False

@@ -28,7 +28,8 @@ Placement decides how weights move and whether the engine sleeps:
   verl do the same). `close()` destroys the group on both sides.
 
 The rank-0 side is a `WeightBroadcaster`; the default one joins the group in this process with
-SGLang's `init_custom_process_group` (the actor's full tensors must be on a GPU of this process).
+SGLang's `init_custom_process_group`, sending from the GPU it is given: `create_rollout_engine` gives it the
+actor's own GPU (`weight_sync_sender_gpu`), never one of the rollout's.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from typing import Any, Protocol
 
 import torch
 
+from pcsd_core.rollout.answer_stop import TokenTexts, cut_at_answer_line
 from pcsd_core.rollout.base import Generation, SamplingParams, load_eos_token_ids
 from pcsd_core.distributed.weight_sync import bucketed, tensor_bytes, whole_tensors
 
@@ -83,8 +85,8 @@ class WeightBroadcaster(Protocol):
 class NcclWeightBroadcaster:
     """Joins the weight-sync group from this process as rank 0 and broadcasts over it (NCCL, GPU)."""
 
-    def __init__(self, device: str | torch.device = "cuda") -> None:
-        self.device = torch.device(device)
+    def __init__(self, device: str | torch.device) -> None:
+        self.device = torch.device(device)  # the sender's GPU: outside the rollout's (weight_sync_sender_gpu)
         self.group = None
 
     def connect(self, *, master_address: str, master_port: int, world_size: int, group_name: str, backend: str) -> None:
@@ -148,13 +150,14 @@ class SGLangRolloutEngine:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang-weight-sync")
         sglang = _import_sglang() if engine is None else None  # the install hint before any file is read
         self.eos_token_ids = set(eos_token_ids) if eos_token_ids is not None else set(load_eos_token_ids(model_path))
+        self.model_path = model_path
+        self._token_texts: TokenTexts | None = None  # the tokenizer, loaded on the first stop_at_answer
         if engine is None:
             kwargs = engine_kwargs(model_path, placement, tp_size, base_gpu_id, mem_fraction_static, dtype, seed)
             engine = sglang.Engine(**kwargs)
         self.engine = engine
-        self.broadcaster = None
-        if placement == "split":
-            self.broadcaster = broadcaster if broadcaster is not None else NcclWeightBroadcaster()
+        # Split placement syncs through it; None for an engine that never receives weights (evaluation).
+        self.broadcaster = broadcaster if placement == "split" else None
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -176,7 +179,22 @@ class SGLangRolloutEngine:
         outputs = self.engine.generate(input_ids=input_ids, sampling_params=sampling_params)
         if len(outputs) != len(input_ids):
             raise RuntimeError(f"sglang returned {len(outputs)} outputs for {len(input_ids)} requests.")
-        return [parse_output(output, row // n, self.eos_token_ids) for row, output in enumerate(outputs)]
+        generations = [parse_output(output, row // n, self.eos_token_ids) for row, output in enumerate(outputs)]
+        if sampling.stop_at_answer:
+            # The HF engine stops at the first completed "#### <number>" line; SGLang cannot (a stop string needs
+            # its detokenizer, which skip_tokenizer_init turns off), so its text is cut at the same token here: the
+            # same greedy text up to there, hence the same scores (eval.stop_at_answer).
+            generations = [self._cut_at_answer(generation) for generation in generations]
+        return generations
+
+    def _cut_at_answer(self, generation: Generation) -> Generation:
+        if self._token_texts is None:
+            from pcsd_core.models import load_tokenizer
+
+            self._token_texts = TokenTexts(load_tokenizer(self.model_path))
+        response_ids, answered = cut_at_answer_line(list(generation.response_ids), self._token_texts)
+        return Generation(prompt_index=generation.prompt_index, response_ids=response_ids,
+                          finished=generation.finished or answered)
 
     # ---- weight sync and memory ---------------------------------------------------------------
 
@@ -256,6 +274,11 @@ class SGLangRolloutEngine:
 
     def _connect_weight_sync(self) -> None:
         from pcsd_core.distributed.ray_cluster import free_port
+
+        if self.broadcaster is None:
+            raise ValueError("update_weights on a split SGLang engine built without a weight-sync sender: pass "
+                             "broadcaster=NcclWeightBroadcaster(device=...) on a GPU outside the rollout's "
+                             "(create_rollout_engine(..., syncs_weights=True) picks the actor's own GPU).")
 
         master_port = self.master_port or free_port()
         world_size = 1 + self.tp_size  # rank 0 = this process, ranks 1..tp_size = the engine's TP workers

@@ -36,7 +36,7 @@ def test_register_is_idempotent_and_moves_champion_only_on_improvement(store, ti
     first = register(tiny_model_dir, metric_value=0.25, flow_run_id="1", source_run_id=_source_run(), **common)
     name = first.name
     assert (first.version, first.is_champion, first.already_registered) == ("1", True, False)
-    # The checkpoint files were copied (not re-saved from a loaded model), with pinned requirements.
+    # The model and tokenizer files (in model.dtype, float32 here), with pinned requirements.
     local = Path(mlflow.artifacts.download_artifacts(first.model_uri))
     files = {path.name for path in local.rglob("*")}
     assert {"MLmodel", "model.safetensors", "tokenizer.json"} <= files
@@ -190,3 +190,26 @@ def test_the_champion_is_compared_on_the_same_questions_from_its_logged_table(st
                     vs_base=_paired(better, base), scores=HeldOutScores(dict(enumerate(_scores(better)))), **common)
     assert best.is_champion and "and the champion (strict accuracy +0.450" in best.reason
     assert str(store.get_model_version_by_alias(best.name, CHAMPION_ALIAS).version) == best.version
+
+
+def test_the_registry_gets_the_model_in_model_dtype_without_training_state(store, tiny_model_dir, tmp_path):
+    """A bf16 run's checkpoint holds float32 masters and the optimizer state; the registered model is the weights
+    cast to bf16 on the sending side (what the run evaluated), and none of the training state."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+
+    checkpoint = tmp_path / "step_000004"
+    shutil.copytree(tiny_model_dir, checkpoint)
+    torch.save({"optimizer": {}}, checkpoint / "training_state.pt")
+    result = register(checkpoint, model="smollm2-135m", dataset="openai/gsm8k", metric_value=0.25, flow_run_id="1",
+                      source_run_id=_source_run(), dtype="bfloat16")
+    local = Path(mlflow.artifacts.download_artifacts(result.model_uri))
+    files = {path.name: path for path in local.rglob("*")}
+    assert "training_state.pt" not in files and "tokenizer.json" in files
+    with safe_open(files["model.safetensors"], framework="pt") as registered, \
+            safe_open(checkpoint / "model.safetensors", framework="pt") as saved:
+        assert set(registered.keys()) <= set(saved.keys())
+        for name in registered.keys():
+            assert torch.equal(registered.get_tensor(name), saved.get_tensor(name).to(torch.bfloat16)), name

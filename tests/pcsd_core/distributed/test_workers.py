@@ -169,3 +169,90 @@ def test_distiller_runs_with_ray_workers(tiny_model_dir, gsm8k_dir, tmp_path, ra
     finally:
         distiller.close()
     assert ray.is_initialized()  # the fixture's Ray session is not torn down by the Distiller
+
+
+def test_two_fsdp_workers_train_float32_masters_in_bf16_and_resume_through_rank_0(tiny_model_dir, ray_session):
+    """model.dtype bfloat16 at lr 1e-6 on two FSDP2 ranks: one step moves >= 90% of the float32 masters (a bf16
+    weight keeps a 1e-6 step only for |w| < ~5e-4), as the in-process actor does; the weight sync sends the masters
+    cast to bf16. A resume hands the optimizer state to rank 0 alone, and rank 1 gets its shards by broadcast."""
+    from pcsd_core.distributed.workers import launch_train_workers
+
+    bf16 = {"lr": 1e-6, "use_ray": True, "num_workers": 2}
+    cfg = config_from_dict({"train": {"prompts_per_step": 4, "mini_batch_size": 4, "micro_batch_size": 2,
+                                      "device": "cpu", **bf16}, "rollout": {"n": 2}, "model": {"dtype": "bfloat16"}})
+    single_cfg = config_from_dict({"train": {**cfg.to_dict()["train"], "use_ray": False, "num_workers": 1},
+                                   "rollout": {"n": 2}, "model": {"dtype": "bfloat16"}})
+    batch = random_batch(8)
+    single = Actor(single_cfg, str(tiny_model_dir))
+    initial = {name: tensor.clone() for name, tensor in single.full_state_dict().items()}
+    single_stats = single.update_policy_with_distillation(batch, single.compute_distributions(batch))
+
+    group = launch_train_workers(cfg, str(tiny_model_dir), device_type="cpu")
+    try:
+        stats = group.update(batch, group.compute_distributions(batch))
+        gathered = group.full_state_dict()
+        pieces = [piece for bucket in group.iter_state_dict_buckets("student", 2**20) for piece in bucket]
+        state = group.training_state()
+        sent = group.load_training_state(state, None)
+        reloaded = group.training_state()
+    finally:
+        group.shutdown()
+
+    assert stats.loss_sum == pytest.approx(single_stats.loss_sum, rel=1e-3)
+    assert {tensor.dtype for tensor in gathered.values()} == {torch.float32}
+    moved = sum(int((gathered[name] != tensor).sum()) for name, tensor in initial.items())
+    assert moved / sum(tensor.numel() for tensor in initial.values()) >= 0.9
+    expected = single.full_state_dict()
+    for name, tensor in expected.items():  # Adam steps of 1e-6; a sign of a near-zero gradient may differ
+        torch.testing.assert_close(gathered[name], tensor, rtol=0, atol=2.5e-6, msg=name)
+    streamed = dict(whole_tensors(pieces))
+    for name, tensor in streamed.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, gathered[name].to(torch.bfloat16)), name
+
+    assert sent[0] > 0 and sent[1] == 0  # bytes of optimizer state each rank was handed
+    moments = state["optimizer"]["state"]
+    assert {value.dtype for per_param in moments.values() for value in per_param.values() if value.dim()} == {
+        torch.float32}
+    for name, per_param in moments.items():  # rank 1's shards came back by broadcast: the same full state
+        for key, value in per_param.items():
+            assert torch.equal(reloaded["optimizer"]["state"][name][key], value), (name, key)
+
+
+GRADIENT_SYNC_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+from pcsd_core.config.loader import config_from_dict
+from pcsd_core.engine.actor import Actor
+from pcsd_core.engine.batch import RolloutBatch
+
+calls = []
+original = _fsdp_param_group.foreach_reduce
+_fsdp_param_group.foreach_reduce = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=0, world_size=1)
+cfg = config_from_dict({"train": {"prompts_per_step": 4, "mini_batch_size": 4, "micro_batch_size": 1,
+                                  "device": "cpu", "use_ray": True}, "rollout": {"n": 2}})
+actor = Actor(cfg, sys.argv[1], mesh=init_device_mesh("cpu", (1,)))
+ids = [[11 + i, 12, 13, 14] for i in range(8)]
+batch = RolloutBatch(ids, ids, [[20, 21 + i] for i in range(8)], [True] * 8, [i // 2 for i in range(8)])
+actor.update_policy_with_distillation(batch, actor.compute_distributions(batch))
+groups = 1 + len(actor.student.decoder_layers)  # one FSDP parameter group per layer, plus the root
+print("REDUCES", len(calls), "GROUPS", groups)
+dist.destroy_process_group()
+"""
+
+
+def test_gradients_are_reduced_once_per_optimizer_step_not_per_micro_batch(tiny_model_dir):
+    """2 optimizer steps of 4 micro-batches each on one FSDP2 rank: FSDP's reduce runs once per parameter group
+    per optimizer step (8 reduces of 4 groups would mean one per micro-batch). In a subprocess: the process
+    group and the counting patch stay out of the test process."""
+    import subprocess
+    import sys
+
+    from pcsd_core.distributed.ray_cluster import free_port
+
+    result = subprocess.run([sys.executable, "-c", GRADIENT_SYNC_SCRIPT, str(tiny_model_dir), str(free_port())],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, reduces, _, groups = next(line for line in result.stdout.splitlines() if line.startswith("REDUCES")).split()
+    assert int(reduces) == 2 * int(groups), result.stdout

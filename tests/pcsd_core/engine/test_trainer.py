@@ -103,6 +103,35 @@ def test_resume_continues_with_same_weights_and_data_order(tiny_model_dir, train
         assert (tmp_path / "straight" / name).read_text() == (tmp_path / "resumed" / name).read_text()
 
 
+def test_bf16_run_checkpoints_float32_masters_and_resumes_with_the_same_loss(tiny_model_dir, train_parquet, tmp_path):
+    """model.dtype bfloat16: the checkpoint holds the float32 masters and optimizer state, so a resume from it
+    trains step 2 with the same loss and weights as the uninterrupted run (the rollout engine, loaded from the
+    checkpoint in bf16, samples the same responses)."""
+    from safetensors import safe_open
+
+    overrides = {"model.dtype": "bfloat16", "train.total_training_steps": 2, "train.checkpoint_every": 1,
+                 "train.lr": 1e-6}
+    straight, straight_result = run(tiny_config(tiny_model_dir, tmp_path / "straight", **overrides), train_parquet)
+    straight.close()
+    first, _ = run(tiny_config(tiny_model_dir, tmp_path / "resumed", **overrides), train_parquet, stop_after_step=1)
+    first.close()
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step_000001"
+    with safe_open(checkpoint / "model.safetensors", framework="pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.float32}
+    moments = torch.load(checkpoint / "training_state.pt", weights_only=False)["optimizer"]["state"]
+    assert {value.dtype for state in moments.values() for value in state.values() if value.dim()} == {torch.float32}
+    resumed, result = run(tiny_config(tiny_model_dir, tmp_path / "resumed", **overrides,
+                                      **{"train.resume_from": str(checkpoint)}), train_parquet)
+    resumed.close()
+    assert result.history[0]["train/loss"] == pytest.approx(straight_result.history[1]["train/loss"], rel=1e-6)
+    final = {}
+    for name in ("straight", "resumed"):
+        with safe_open(tmp_path / name / "final" / "model.safetensors", framework="pt") as weights:
+            final[name] = {key: weights.get_tensor(key) for key in weights.keys()}
+    for key, tensor in final["straight"].items():
+        assert torch.equal(final["resumed"][key], tensor), key
+
+
 def test_data_order_is_a_seeded_permutation_per_pass():
     first_pass = [i for step in range(3) for i in prompt_indices_for_step(step, 4, 12, seed=7)]
     assert sorted(first_pass) == list(range(12)) and first_pass != list(range(12))

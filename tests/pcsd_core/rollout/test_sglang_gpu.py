@@ -94,13 +94,15 @@ def test_greedy_matches_hf_then_sleep_wake_update_and_a_second_engine(tiny_llama
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="split placement needs a second GPU for the engine")
 def test_two_split_engines_sync_weights_in_one_process(tiny_llama_dir):
+    from pcsd_core.rollout.sglang import NcclWeightBroadcaster
+
     path, state = tiny_llama_dir
     torch.manual_seed(2)
     perturbed = {name: (tensor.float() + 0.5 * torch.randn_like(tensor.float())).to(tensor.dtype)
                  for name, tensor in state.items()}
     outputs = []
     for _ in range(2):
-        engine = _sglang(path, placement="split", base_gpu_id=1)
+        engine = _sglang(path, placement="split", base_gpu_id=1, broadcaster=NcclWeightBroadcaster(device="cuda:0"))
         engine.update_weights((name, tensor.cuda(0)) for name, tensor in perturbed.items())
         outputs.append(_ids(engine.generate(PROMPTS, n=1, sampling=GREEDY)))
         engine.update_weights((name, tensor.cuda(0)) for name, tensor in state.items())
