@@ -74,6 +74,7 @@ BAD_VALUES: dict[str, list] = {
     "train.lr": [0, -1e-5, INF, "inf", ".inf", NAN],
     "train.warmup_steps": [-1],
     "train.lr_schedule": ["step"],
+    "train.master_dtype": ["float64"],
     "train.weight_decay": [-5.0, INF],
     "train.grad_clip": [-1.0],
     "train.seed": [-1, 2**32],
