@@ -33,8 +33,8 @@ from pcsd_core.engine.actor import Actor
 from pcsd_core.engine.batch import RolloutBatch, TeacherOutputs, UpdateStats
 from pcsd_core.config.schema import PCSDConfig
 from pcsd_core.distributed.ray_cluster import ensure_ray, free_port, local_gpu_indexes, placement_bundles
-from pcsd_core.distributed.weight_sync import (RowSlice, WeightPiece, local_shards, plan_row_buckets, read_rows, shard_layout,
-                                   tensor_to_wire, wire_to_tensor)
+from pcsd_core.distributed.weight_sync import (RowSlice, WeightPiece, local_shards_of, plan_row_buckets, read_rows,
+                                               shard_layout, tensor_to_wire, unique_state_items, wire_to_tensor)
 
 # Bounds on waiting for Ray workers, so that nothing hangs until a job's wall-clock limit: a collective whose
 # peer died fails after COLLECTIVE_TIMEOUT_S; a call none of whose ranks died but that has not answered fails
@@ -108,7 +108,7 @@ class TrainWorker:
 
     def shard_layout(self, which: str) -> list[tuple[str, int, tuple[int, ...], int]]:
         """(name, rows this rank sends, global shape, element bytes) per tensor, for `plan_row_buckets`."""
-        return shard_layout(local_shards(_module(self.actor, which).lm, self.rank))
+        return shard_layout(local_shards_of(_sync_items(self.actor, which), self.rank))
 
     def read_rows(self, which: str, slices: list[RowSlice]) -> list[tuple[str, Any, str]]:
         """The rows `slices` (this rank's) name, from this rank's own shards: no collective.
@@ -116,7 +116,7 @@ class TrainWorker:
         Numpy arrays, which the Ray object store hands to the controller without a copy (torch tensors would be
         pickled); `wire_to_tensor` turns them back.
         """
-        shards = local_shards(_module(self.actor, which).lm, self.rank)
+        shards = local_shards_of(_sync_items(self.actor, which), self.rank)
         return [tensor_to_wire(piece.name, read_rows(shards, piece).tensor) for piece in slices]
 
     def training_state(self) -> dict[str, Any]:
@@ -144,6 +144,13 @@ def _module(actor: Actor, which: str):
         raise ValueError(f"no {which!r} weights: train.teacher_mode {actor.cfg.train.teacher_mode!r} keeps no "
                          "teacher copy; ask for 'student'.")
     return module
+
+
+def _sync_items(actor: Actor, which: str):
+    """What weight sync sends: with LoRA the adapter alone (the engine holds the same base), else every weight."""
+    if actor.cfg.model.uses_lora:
+        return actor.adapter_items(which)
+    return unique_state_items(_module(actor, which).lm)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -203,7 +210,7 @@ class InProcessWorkers:
 
     def iter_state_dict_buckets(self, which: str, bucket_bytes: int) -> Iterator[list[WeightPiece]]:
         # Views of the live parameters, no copy: the engine copies them into its own model.
-        shards = local_shards(_module(self.actor, which).lm, rank=0)
+        shards = local_shards_of(_sync_items(self.actor, which), rank=0)
         for bucket in plan_row_buckets([shard_layout(shards)], bucket_bytes):
             yield [read_rows(shards, piece) for piece in bucket]
 

@@ -13,10 +13,12 @@ __all__ = ["Generation", "RolloutEngine", "SamplingParams", "create_rollout_engi
 
 
 def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | None = None, *,
-                          gpus_in_use: Sequence[int] = ()) -> RolloutEngine:
+                          gpus_in_use: Sequence[int] = (), adapter_sync: bool = False) -> RolloutEngine:
     """Build the engine named by `cfg.rollout.engine` for the model at `model_path`.
 
     `batch_size` overrides `rollout.batch_size` for the HF engine (evaluation uses `eval.batch_size`).
+    `adapter_sync` (training with `model.lora_rank >= 1`): the engine holds `model_path` as the base plus a LoRA
+    adapter, and weight sync ships the adapter alone. Evaluation loads a model (or a merged adapter) as is.
 
     `hf` runs on `cfg.train.device` ("auto" = cuda when available). `sglang` placement follows
     `cfg.rollout.placement`: colocated shares the actor's first GPU (tp = rollout.num_gpus or 1). With placement
@@ -37,6 +39,7 @@ def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | No
             batch_size=batch_size or rollout.batch_size,
             attn_implementation=cfg.model.attn_implementation,
             trust_remote_code=cfg.model.trust_remote_code,
+            lora=cfg.model if adapter_sync and cfg.model.uses_lora else None,
         )
     if rollout.engine == "sglang":
         from pcsd_core.rollout.sglang import SGLangRolloutEngine
@@ -50,6 +53,7 @@ def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | No
             mem_fraction_static=rollout.gpu_memory_utilization,
             dtype=cfg.model.dtype,
             seed=cfg.train.seed,
+            lora=cfg.model if adapter_sync and cfg.model.uses_lora else None,
         )
     raise ConfigError(f"rollout.engine ({rollout.engine!r}) must be 'hf' or 'sglang'.")
 
