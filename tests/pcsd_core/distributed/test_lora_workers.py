@@ -24,14 +24,6 @@ def config(**train) -> PCSDConfig:
                              "model": {"lora_rank": 4, "lora_alpha": 8.0}})
 
 
-def adapter_gradients(worker_self) -> dict[str, torch.Tensor]:
-    """Runs inside a TrainWorker (Ray's __ray_call__): the student adapter's whole gradients (collective)."""
-    names = {name: wire for name, _ in worker_self.actor.student.lm.named_parameters()
-             if (wire := lora.wire_name(name, lora.STUDENT))}
-    return {names[name]: full_tensor(p.grad).clone() for name, p in worker_self.actor.student.lm.named_parameters()
-            if name in names}
-
-
 def test_two_fsdp_workers_give_one_process_adapter_gradients(tiny_model_dir, ray_session):
     from pcsd_core.distributed.workers import launch_train_workers
     from pcsd_core.rollout.hf import HFRolloutEngine
@@ -40,6 +32,12 @@ def test_two_fsdp_workers_give_one_process_adapter_gradients(tiny_model_dir, ray
     single = Actor(config(), str(tiny_model_dir))
     single_stats = single.update_policy_with_distillation(batch, single.compute_distributions(batch))
     expected_grads = {wire: p.grad.clone() for wire, p in lora.adapter_items(single.student.lm, detach=False)}
+
+    def adapter_gradients(worker_self) -> dict[str, torch.Tensor]:
+        """Runs inside a TrainWorker (Ray's __ray_call__; a local function, so it travels by value): the student
+        adapter's whole gradients (full_tensor is collective: every rank runs it)."""
+        return {wire: full_tensor(p.grad).clone() for wire, p in lora.adapter_items(worker_self.actor.student.lm,
+                                                                                   detach=False)}
 
     group = launch_train_workers(config(use_ray=True, num_workers=2), str(tiny_model_dir), device_type="cpu")
     try:
@@ -59,10 +57,13 @@ def test_two_fsdp_workers_give_one_process_adapter_gradients(tiny_model_dir, ray
         assert rank_grads.keys() == expected_grads.keys()
         for name, grad in expected_grads.items():
             torch.testing.assert_close(rank_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
-    for name, tensor in single.adapter_items("student"):
-        torch.testing.assert_close(adapter[name], tensor, rtol=0, atol=2e-5, msg=name)
-    for name, tensor in single.adapter_items("teacher"):
-        torch.testing.assert_close(ema[name], tensor, rtol=0, atol=2e-5, msg=name)
+    # The weights after the two AdamW steps: B equal; A within a tenth of the lr (1e-2). At the first step B = 0,
+    # so A's gradient is exactly 0 in one process and rounding-size (~1e-10) after FSDP's reduce-scatter, which
+    # Adam's g / (sqrt(v) + eps) turns into a step of a sizeable fraction of the lr: Adam's, not the gradients'.
+    for which, got in (("student", adapter), ("teacher", ema)):
+        for name, tensor in single.adapter_items(which):
+            atol = 2e-5 if ".lora_B." in name else 1e-3
+            torch.testing.assert_close(got[name], tensor, rtol=0, atol=atol, msg=f"{which} {name}")
     assert len(optimizer["state"]) == len(expected_grads)  # AdamW moments of the adapter alone
 
     # Adapter-only sync from the shards: the bound holds, no base weight crosses, the engine matches the actor.
