@@ -449,7 +449,10 @@ def _check_options(placement, tp_size, base_gpu_id, mem_fraction_static, bucket_
 
 
 def _check_result(operation: str, result: Any) -> None:
-    """SGLang's control calls answer (success, message); raise with the message on failure."""
+    """SGLang's control calls answer (success, message), its LoRA calls a `LoRAUpdateOutput` (success,
+    error_message); raise with the message on failure."""
     if isinstance(result, tuple) and len(result) >= 1 and result[0] is False:
         message = result[1] if len(result) > 1 else ""
         raise RuntimeError(f"sglang {operation} failed: {message}")
+    if getattr(result, "success", None) is False:
+        raise RuntimeError(f"sglang {operation} failed: {getattr(result, 'error_message', '')}")

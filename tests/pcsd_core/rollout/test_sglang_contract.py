@@ -233,6 +233,9 @@ def test_lora_adapter_config_has_every_key_sglang_reads(sglang_dir, recorded_cal
     assert len(unloads) == len(loads) - len(adapter.PLACEMENTS)  # each sync after the first replaces the adapter
     named = [kwargs["lora_path"] for method, _, kwargs in recorded_calls if method == "generate" and "lora_path" in kwargs]
     assert named and all(set(paths) == {adapter.ADAPTER_NAME} for paths in named)
+    # The LoRA calls answer a LoRAUpdateOutput, whose fields `_check_result` reads.
+    output = _class(_parse(sglang_dir / "srt" / "managers" / "io_struct.py"), "LoRAUpdateOutput")
+    assert {"success", "error_message"} <= {node.target.id for node in output.body if isinstance(node, ast.AnnAssign)}
 
 
 def test_memory_tags_are_the_pinned_ones(sglang_dir, recorded_calls):
