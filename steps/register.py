@@ -5,6 +5,11 @@ and never loads the weights), with explicit pip requirements so MLflow does not 
 them. The version goes under a name derived from the model and dataset (`pcsd-smollm2-135m-gsm8k`); the
 alias `champion` moves to it only when its evaluation beats the current champion's (stored as version tags).
 
+A LoRA checkpoint (an adapter folder, `model.lora_rank >= 1`) is logged as a PEFT model, which MLflow's
+transformers flavour saves as the adapter plus a reference to its base (`base_model_path` for a local base, the
+hub id otherwise) and loads back as base + adapter. With `model.merge_adapter_on_register` the adapter is merged
+into the base first and the merged model is logged like a full checkpoint (servable without peft).
+
 A retried step must not register twice: every version is tagged with the flow run id, and a version that
 already carries this flow run's tag is returned instead of registering again.
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +35,7 @@ from steps.join import BranchOutcome
 from steps.plan import slug
 
 CHAMPION_ALIAS = "champion"
+TAG_LORA = "pcsd.lora"  # on a LoRA run's version: "adapter" (PEFT model) or "merged" (adapter merged into the base)
 
 
 @dataclass
@@ -59,6 +66,7 @@ def register(
     branch: str = "",
     metric_name: str = HEADLINE_METRIC,
     alias: str = CHAMPION_ALIAS,
+    merge_adapter: bool = False,
 ) -> RegisterResult:
     """Register the checkpoint at `checkpoint_dir` (a local folder or a storage URI, `steps.storage`) once per flow
     run; move `alias` to it if `metric_value` beats the holder's. A retried step finds its version without
@@ -75,7 +83,13 @@ def register(
             TAG_EVAL_VALUE: repr(float(metric_value)),
         }
         with storage.scratch() as scratch:  # a checkpoint at a storage URI is downloaded; MLflow copies it anyway
-            version = _log_and_register(storage.local_copy(checkpoint_dir, scratch), name, source_run_id, tags)
+            local = storage.local_copy(checkpoint_dir, scratch)
+            if _is_adapter(local):
+                tags[TAG_LORA] = "merged" if merge_adapter else "adapter"
+                version = _log_and_register_adapter(local, name, source_run_id, tags, merge=merge_adapter,
+                                                    scratch=scratch)
+            else:
+                version = _log_and_register(local, name, source_run_id, tags)
     else:
         version = existing
     is_champion = _maybe_promote(client, name, version, float(metric_value), alias)
@@ -95,8 +109,42 @@ def _check_checkpoint(checkpoint_dir: str | Path) -> None:
         if not storage.is_published(str(checkpoint_dir)):
             raise InputNotFoundError(f"register: {checkpoint_dir} holds no published checkpoint (no "
                                     f"{storage.MARKER}); the distill step that wrote it did not finish.")
-    elif not Path(checkpoint_dir, "config.json").is_file():
-        raise InputNotFoundError(f"register: {checkpoint_dir} is not a saved checkpoint (no config.json).")
+    elif not Path(checkpoint_dir, "config.json").is_file() and not _is_adapter(Path(checkpoint_dir)):
+        raise InputNotFoundError(f"register: {checkpoint_dir} is not a saved checkpoint (no config.json, nor a "
+                                 "LoRA checkpoint's adapter_config.json).")
+
+
+def _is_adapter(checkpoint_dir: Path) -> bool:
+    return Path(checkpoint_dir, "adapter_config.json").is_file() and not Path(checkpoint_dir, "config.json").is_file()
+
+
+def _log_and_register_adapter(checkpoint_dir: Path, name: str, source_run_id: str, tags: dict[str, str], *,
+                              merge: bool, scratch: Path):
+    """A LoRA checkpoint: merged into its base and logged as a full model, or logged as a PEFT model."""
+    import mlflow
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from pcsd_core.models import load_model
+
+    if merge:
+        merged = scratch / "merged"
+        load_model(str(checkpoint_dir)).save_pretrained(merged)  # base + adapter, merged (pcsd_core.models)
+        AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(merged)
+        return _log_and_register(merged, name, source_run_id, tags)
+    base = json.loads(Path(checkpoint_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(load_model(base), checkpoint_dir)
+    with tracking.open_run(source_run_id, system_metrics=False):
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": AutoTokenizer.from_pretrained(checkpoint_dir)},
+            name="model",
+            task="text-generation",
+            # A local base is referenced by its path (it must be readable where the model is loaded); a hub
+            # base by its id, which MLflow records with its revision.
+            base_model_path=base if Path(base).is_dir() else None,
+            pip_requirements=_pip_requirements() + [_pinned("peft")],
+        )
+    return mlflow.register_model(info.model_uri, name, tags=tags)
 
 
 def _log_and_register(checkpoint_dir: Path, name: str, source_run_id: str, tags: dict[str, str]):
@@ -173,7 +221,13 @@ def _pip_requirements() -> list[str]:
     """Pinned to what is running now, so serving reproduces the evaluation environment."""
     from importlib.metadata import version
 
-    return [f"{package}=={version(package)}" for package in ("torch", "transformers", "accelerate")]
+    return [_pinned(package) for package in ("torch", "transformers", "accelerate")]
+
+
+def _pinned(package: str) -> str:
+    from importlib.metadata import version
+
+    return f"{package}=={version(package)}"
 
 
 def register_best(best: BranchOutcome | None, flow_run_id: str) -> RegisterResult | None:
@@ -189,4 +243,5 @@ def register_best(best: BranchOutcome | None, flow_run_id: str) -> RegisterResul
         flow_run_id=flow_run_id,
         source_run_id=best.run_id,
         branch=best.label,
+        merge_adapter=best.config.model.merge_adapter_on_register,
     )

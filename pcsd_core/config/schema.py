@@ -104,6 +104,9 @@ class ModelConfig:
     # of the decoder blocks. Checked against the model's modules at setup, before training (an unknown name, or
     # a model with none of them, is refused). Not lm_head/embed_tokens (the loss reads lm_head directly).
     lora_target_modules: str = DEFAULT_LORA_TARGETS
+    # Register step, LoRA runs: false logs the adapter as a PEFT model (MLflow loads base + adapter; a local
+    # base is referenced by path); true merges the adapter into the base and logs the full merged model.
+    merge_adapter_on_register: bool = False
 
     def __post_init__(self) -> None:
         _check_field_types(self, "model")
@@ -116,6 +119,9 @@ class ModelConfig:
         _require(bool(targets) and all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) for name in targets),
                  f"model.lora_target_modules ({self.lora_target_modules!r}) must be comma-separated module names, "
                  f"e.g. {DEFAULT_LORA_TARGETS!r}.")
+        _require(self.uses_lora or not self.merge_adapter_on_register,
+                 "model.merge_adapter_on_register (true) needs model.lora_rank >= 1: full fine-tuning has no adapter "
+                 "to merge.")
         bad = [name for name in targets if name in LORA_UNTARGETABLE]
         _require(not bad, f"model.lora_target_modules ({self.lora_target_modules!r}) names {bad}: the loss reads "
                  "the lm_head weight directly, so an adapter there (or on the tied embeddings) would be bypassed; "

@@ -29,6 +29,7 @@ BAD_VALUES: dict[str, list] = {
     "model.lora_rank": [-1, 1.5, "sixteen"],
     "model.lora_alpha": [0, -8.0, NAN],
     "model.lora_dropout": [-0.1, 1.0],
+    "model.merge_adapter_on_register": ["maybe", True],
     "model.lora_target_modules": ["", "q_proj,", "q proj", "q_proj,lm_head", "embed_tokens", 5],
     "data.path": ["   ", "data\x00", 3],
     "data.hub_name": [""],
