@@ -10,7 +10,8 @@ One training step, top to bottom (`_train_step`):
   2. rollout: the engine samples `rollout.n` responses per student prompt from the current policy;
   3. teacher pass: `compute_distributions` scores the responses after the teacher prompt (no grad);
   4. student pass + update: `update_policy_with_distillation` (ppo_epochs x mini-batches x micro-batches);
-  5. weight sync: the actor's full weights stream into the rollout engine bucket by bucket (step 2 stays on-policy);
+  5. weight sync: the actor's full weights (with LoRA, the adapter alone) stream into the rollout engine bucket by
+     bucket (step 2 stays on-policy);
   6. metrics through `log_metrics(metrics, step)`, a few per-token samples, a checkpoint every K steps.
 
 The actor sits behind `workers.TrainWorkers`: with `train.use_ray` N Ray workers holding FSDP2 shards
@@ -222,7 +223,8 @@ class Distiller:
         return self._prompt_pairs[record_index]
 
     def _sync_weights(self) -> None:
-        """Stream the actor's weights into the engine one bucket at a time (extra memory: about one bucket)."""
+        """Stream the actor's weights (LoRA: the adapter) into the engine one bucket at a time (extra memory: about
+        one bucket)."""
         self.engine.wake()
         buckets = self.workers.iter_state_dict_buckets("student", self.cfg.train.weight_sync_bucket_mb * 2**20)
         self.engine.update_weights(drain(buckets))
