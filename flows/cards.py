@@ -31,7 +31,7 @@ def sweep_card(summary, headers: list[str], registration=None, report_path: str 
             components.append(Image(outcome.curves_png, label=outcome.label))
     if registration is not None:
         champion = "champion" if registration.is_champion else "not champion"
-        components.append(Markdown(f"Registered `{registration.model_uri}` ({champion})"))
+        components.append(Markdown(f"Registered `{registration.model_uri}` ({champion}: {registration.reason})"))
     if report_path:
         components.append(Markdown(f"Sweep report (plots, per-token KL view): `{report_path}`, also under "
                                    "`report/` of the parent MLflow run"))

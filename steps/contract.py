@@ -37,6 +37,7 @@ TAG_BEST_BRANCH = "pcsd.best_branch"  # on the parent run
 TAG_REGISTERED_MODEL = "pcsd.registered_model"  # on the parent run: models:/<name>/<version>
 TAG_EVAL_METRIC = "pcsd.eval_metric"  # on a registered model version: the metric that ranked it
 TAG_EVAL_VALUE = "pcsd.eval_value"
+TAG_PROMOTION = "pcsd.promotion"  # on a registered model version: why the champion alias moved to it, or why not
 
 # ---- metrics ------------------------------------------------------------------------------------------
 EVAL_PHASES = ("before", "after", "delta")

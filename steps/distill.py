@@ -33,7 +33,7 @@ class DistillResult:
     checkpoint_dir: str  # the final HF checkpoint: a local folder or a storage URI (`steps.storage`)
     steps: int
     history: list[dict[str, float]]  # per-step metrics, as the Distiller logged them (a retry's: from step 1)
-    curves_png: bytes  # training-curve plot (also an MLflow artifact); bytes, so later steps need no shared disk
+    curves_png: bytes  # training-curve plot (also an MLflow artifact; b"" without a plotter); bytes: no shared disk
     wall_s: float = 0.0  # the whole training, model loading included
     resumed_from_step: int = 0  # > 0 when a retried task continued from its own last checkpoint
 
@@ -86,10 +86,11 @@ def distill(branch: Branch, *, parent_run_id: str, flow_run_id: str, pathspec: s
         if logged_before and distiller.start_step and history:
             # A retry: the steps up to its checkpoint were trained, and logged, by the failed attempt.
             history = tracking.logged_rows(run_id, history[0], distiller.start_step) + history
-        if plot_curves is not None:
+        curves_png = plot_curves(history, title=branch.label) if plot_curves is not None else b""
+        if curves_png:
             plot = output_dir / "plots" / "training_curves.png"
             plot.parent.mkdir(parents=True, exist_ok=True)
-            plot.write_bytes(plot_curves(history, title=branch.label))
+            plot.write_bytes(curves_png)
             mlflow.log_artifact(str(plot), "plots")
         samples_dir = output_dir / "samples"
         if samples_dir.is_dir():

@@ -63,10 +63,15 @@ def results_summary(summary: SweepSummary, registration: RegisterResult | None) 
                          f"(paired bootstrap 95%), McNemar p={metrics[vs_base + 'mcnemar_p']:.3g}; held-out "
                          f"KL(teacher||student) {metrics.get(contract.eval_metric('before', 'heldout_kl'), float('nan')):.4f}"
                          f" -> {metrics.get(contract.eval_metric('after', 'heldout_kl'), float('nan')):.4f} nats/token")
+    for group in summary.seed_groups:
+        after, delta = group.strict_after, group.strict_delta
+        lines.append(f"  arm {group.arm} over seeds {group.seeds}: strict after {after.estimate:.1%} "
+                     f"[{after.low:.1%}, {after.high:.1%}], delta {delta.estimate:+.1%} [{delta.low:+.1%}, "
+                     f"{delta.high:+.1%}] (mean, Student-t 95% over seeds)")
     if registration is not None:
         holder = f"holds alias '{registration.alias}'" if registration.is_champion else \
-            f"did not beat the holder of alias '{registration.alias}'"
-        lines.append(f"  registered {registration.model_uri} ({holder})")
+            f"not promoted to '{registration.alias}'"
+        lines.append(f"  registered {registration.model_uri} ({holder}: {registration.reason})")
     return "\n".join(lines)
 
 

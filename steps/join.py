@@ -12,11 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pcsd_core.eval.stats import Interval, mean_over_seeds_interval
 from pcsd_core.metric_names import TRAIN_KL
 from steps import contract
 from steps.distill import DistillResult
 from steps.evaluate import BranchEvaluation, EvalResult
-from steps.plan import Branch
+from steps.plan import Branch, branch_label
 
 _STRICT, _FLEXIBLE = contract.ACCURACY_METRICS
 TABLE_METRICS = (
@@ -37,10 +38,44 @@ class BranchOutcome:
     steps: int = 0  # training steps run
     train_s: float = 0.0  # wall time of the training
     final_kl: float = float("nan")  # train/kl of the last step
+    overrides: dict[str, Any] = field(default_factory=dict)  # the branch's sweep point
 
     @property
     def succeeded(self) -> bool:
         return self.evaluation is not None
+
+
+SEED_KEY = "train.seed"
+
+
+@dataclass(frozen=True)
+class SeedGroup:
+    """One arm (a sweep point without its seed) over the seeds it ran with."""
+
+    arm: str
+    seeds: list[int]
+    strict_after: Interval  # mean over seeds of the strict accuracy after training, 95% t-interval over seeds
+    strict_delta: Interval  # the same for after - before
+
+
+def arm_label(overrides: dict[str, Any]) -> str:
+    """The branch label without its seed: the arm a seed sweep repeats ('lr=1e-05,train.seed=1' -> 'lr=1e-05')."""
+    return branch_label({key: value for key, value in overrides.items() if key != SEED_KEY})
+
+
+def seed_groups(outcomes: list[BranchOutcome]) -> list[SeedGroup]:
+    """Group the evaluated branches by arm, when the sweep has a `train.seed` axis; arms in first-seen order."""
+    evaluated = [o for o in outcomes if o.succeeded and SEED_KEY in o.overrides]
+    arms: dict[str, list[BranchOutcome]] = {}
+    for outcome in evaluated:
+        arms.setdefault(arm_label(outcome.overrides), []).append(outcome)
+    strict = contract.ACCURACY_METRICS[0]
+    return [SeedGroup(arm=arm, seeds=[int(o.overrides[SEED_KEY]) for o in members],
+                      strict_after=mean_over_seeds_interval([o.evaluation.metrics[contract.eval_metric("after", strict)]
+                                                             for o in members]),
+                      strict_delta=mean_over_seeds_interval([o.evaluation.metrics[contract.eval_metric("delta", strict)]
+                                                             for o in members]))
+            for arm, members in arms.items()]
 
 
 @dataclass
@@ -50,6 +85,8 @@ class SweepSummary:
     failed: list[str] = field(default_factory=list)
     # One row per pair of evaluated branches: {"a", "b", "strict/difference", ..., "strict/mcnemar_p", ...}.
     paired_tests: list[dict[str, Any]] = field(default_factory=list)
+    # Arms swept over `train.seed`: each arm's mean over its seeds with a Student-t interval over seeds.
+    seed_groups: list[SeedGroup] = field(default_factory=list)
 
     def table(self) -> list[list[str]]:
         """Rows for cards and logs: label, strict before/after/delta, flexible after, status."""
@@ -71,7 +108,8 @@ def summarize_sweep(outcomes: list[BranchOutcome]) -> SweepSummary:
         label_of=lambda outcome: outcome.label,
     )
     return SweepSummary(outcomes=outcomes, best=best, failed=[o.label for o in outcomes if not o.succeeded],
-                        paired_tests=paired_tests([outcome for outcome in outcomes if outcome.succeeded]))
+                        paired_tests=paired_tests([outcome for outcome in outcomes if outcome.succeeded]),
+                        seed_groups=seed_groups(outcomes))
 
 
 def paired_tests(outcomes: list[BranchOutcome], seed: int = 0) -> list[dict[str, Any]]:
@@ -98,6 +136,7 @@ def outcome_of(branch: Branch | None, trained: DistillResult | None, evaluation:
         evaluation=None if errors else evaluation,
         error="; ".join(errors),
         config=branch.config if branch is not None else None,
+        overrides=dict(branch.overrides) if branch is not None else {},
     )
     if trained is not None:
         outcome.run_id, outcome.curves_png = trained.run_id, trained.curves_png

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pcsd_core.errors import ConfigError
+from pcsd_core.errors import ConfigError, HardwareError
 from pcsd_core.config.schema import PCSDConfig
 from pcsd_core.config.loader import (RESOURCES_KEY, SWEEP_KEY, Preset, load_preset, parse_overrides, parse_sweep, read_preset_text,
                                      replace_fields)
@@ -192,7 +192,7 @@ def plan_run(
     batch shapes), with the same overrides on top. `check_machine` refuses, in milliseconds and before any
     download, a plan this machine has not the GPUs for (`check_hardware`); the flow's start step sets it.
     """
-    from pcsd_core.models import check_hardware, recipe_preset
+    from pcsd_core.models import recipe_preset
 
     resolved = resolve_overrides(overrides=overrides, env=env, **knobs)
     model = resolved.get("model.name")
@@ -220,11 +220,24 @@ def plan_run(
             raise ConfigError(f"sweep branches {twin.label!r} and {label!r} are the same point (or write to the same "
                              "folder); remove the duplicate value from the sweep grid.")
         if check_machine:
-            check_hardware(config)
+            _check_this_machine(config)
         branches.append(Branch(label=label, overrides=point, config=config, keys=sharing_keys(config)))
     for branch in branches:
         branch.sweep_size = len(branches)
     return RunPlan(base_config=base, sweep=grid, branches=branches, output_root=output_root)
+
+
+def _check_this_machine(config: PCSDConfig) -> None:
+    """`check_hardware`, its fix spelled as the flow commands that run the model's preset or the CPU default."""
+    from pcsd_core.models import check_hardware, recipe_for
+
+    try:
+        check_hardware(config)
+    except HardwareError as error:
+        recipe = recipe_for(config.model.name)
+        on_gpus = f"python flows/pcsd_flow.py --config config {recipe.preset} run on such a machine, or " if recipe else ""
+        raise HardwareError(f"{error} With the flow: {on_gpus}python flows/pcsd_flow.py run (the embedded CPU "
+                            "default: no --model, no MODEL_PATH).") from None
 
 
 def _absolute_paths(config: PCSDConfig) -> PCSDConfig:

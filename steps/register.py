@@ -2,12 +2,14 @@
 
 The checkpoint folder is logged with the transformers flavour *from its path* (the flavour copies the files
 and never loads the weights), with explicit pip requirements so MLflow does not import the model to infer
-them. The version goes under a name derived from the model and dataset (`pcsd-smollm2-135m-gsm8k`); the
-alias `champion` moves to it only when its evaluation beats the current champion's (stored as version tags).
+them. The version goes under a name derived from the model and dataset (`pcsd-smollm2-135m-gsm8k`). Every run
+registers its best branch, for lineage; the alias `champion` moves to it only by `register.promote_if`
+(`promotion_decision`): by default only a significant paired gain over the base model and over the current
+champion. The version's tag `pcsd.promotion` says why it was or was not promoted.
 
 A LoRA checkpoint (an adapter folder, `model.lora_rank >= 1`) is logged as a PEFT model, which MLflow's
 transformers flavour saves as the adapter plus a reference to its base (`base_model_path` for a local base, the
-hub id otherwise) and loads back as base + adapter. With `model.merge_adapter_on_register` the adapter is merged
+hub id otherwise) and loads back as base + adapter. With `register.merge_adapter` the adapter is merged
 into the base first and the merged model is logged like a full checkpoint (servable without peft).
 
 A retried step must not register twice: every version is tagged with the flow run id, and a version that
@@ -23,13 +25,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pcsd_core.errors import InputNotFoundError
-from steps.contract import (HEADLINE_METRIC, TAG_BRANCH, TAG_EVAL_METRIC, TAG_EVAL_VALUE,
-                                         TAG_FLOW_RUN_ID)
+from pcsd_core.eval.metrics import ResponseScore, compare_paired
+from steps.contract import (HEADLINE_METRIC, PAIRED_PREFIX, TAG_BRANCH, TAG_EVAL_METRIC, TAG_EVAL_VALUE,
+                            TAG_FLOW_RUN_ID, TAG_PROMOTION)
 from steps import storage, tracking
 from steps.join import BranchOutcome
 from steps.plan import slug
@@ -46,6 +49,59 @@ class RegisterResult:
     already_registered: bool  # True when a retried step found this flow run's version
     model_uri: str
     alias: str = CHAMPION_ALIAS
+    reason: str = ""  # why the alias moved to this version, or why not
+
+
+@dataclass(frozen=True)
+class Promotion:
+    promote: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class HeldOutScores:
+    """A version's per-question results on the held-out set: question index -> its score."""
+
+    by_question: dict[int, ResponseScore]
+
+
+def significant_gain(paired: Mapping[str, float], alpha: float) -> tuple[bool, str]:
+    """(gain, text) from `compare_paired` statistics (A against B): strict difference > 0 and McNemar p < alpha."""
+    difference, p_value = paired["strict/difference"], paired["strict/mcnemar_p"]
+    interval = f"[{paired.get('strict/difference_low', float('nan')):+.3f}, {paired.get('strict/difference_high', float('nan')):+.3f}]"
+    text = (f"strict accuracy {difference:+.3f} {interval}, McNemar p = {p_value:.3g} "
+            f"({int(paired['strict/only_a'])} turned right, {int(paired['strict/only_b'])} turned wrong)")
+    return difference > 0 and p_value < alpha, text
+
+
+def promotion_decision(rule: str, alpha: float, *, metric_value: float, vs_base: Mapping[str, float] | None,
+                       champion_value: float | None, vs_champion: Mapping[str, float] | None) -> Promotion:
+    """Whether the alias moves to a new version, and why (`register.promote_if`, documented in the config).
+
+    `champion_value` is None when no version holds the alias; `vs_champion` is the paired comparison with the
+    champion on the same questions (None when it was scored on other questions); `vs_base` the paired comparison
+    with the base model (None when unknown)."""
+    if rule == "never":
+        return Promotion(False, "register.promote_if is 'never': registered for lineage only")
+    if rule == "better":
+        if champion_value is None:
+            return Promotion(True, "the first version of this model")
+        if metric_value > champion_value:
+            return Promotion(True, f"strict accuracy {metric_value:.3f} > the champion's {champion_value:.3f}")
+        return Promotion(False, f"strict accuracy {metric_value:.3f} is not above the champion's {champion_value:.3f}")
+    if vs_base is None:
+        return Promotion(False, "no paired test against the base model was recorded")
+    gain, text = significant_gain(vs_base, alpha)
+    if not gain:
+        return Promotion(False, f"no significant gain over the base model at alpha {alpha:g}: {text}")
+    if champion_value is None:
+        return Promotion(True, f"significant gain over the base model: {text}")
+    if vs_champion is None:
+        return Promotion(False, "the champion was scored on other questions, so no paired test is possible; it stays")
+    gain, champion_text = significant_gain(vs_champion, alpha)
+    if not gain:
+        return Promotion(False, f"no significant gain over the champion at alpha {alpha:g}: {champion_text}")
+    return Promotion(True, f"significant gain over the base model ({text}) and the champion ({champion_text})")
 
 
 def registered_model_name(model: str, dataset: str) -> str:
@@ -66,11 +122,15 @@ def register(
     branch: str = "",
     metric_name: str = HEADLINE_METRIC,
     alias: str = CHAMPION_ALIAS,
+    promote_if: str = "better",
+    alpha: float = 0.05,
+    vs_base: Mapping[str, float] | None = None,
+    scores: HeldOutScores | None = None,
     merge_adapter: bool = False,
 ) -> RegisterResult:
     """Register the checkpoint at `checkpoint_dir` (a local folder or a storage URI, `steps.storage`) once per flow
-    run; move `alias` to it if `metric_value` beats the holder's. A retried step finds its version without
-    downloading the checkpoint again."""
+    run; move `alias` to it by `promote_if` (`promotion_decision`; `vs_base` and the per-question `scores` feed the
+    paired tests). A retried step finds its version without downloading the checkpoint again."""
     _check_checkpoint(checkpoint_dir)
     name = registered_model_name(model, dataset)
     client = tracking.client()
@@ -92,7 +152,9 @@ def register(
                 version = _log_and_register(local, name, source_run_id, tags)
     else:
         version = existing
-    is_champion = _maybe_promote(client, name, version, float(metric_value), alias)
+    is_champion, reason = _maybe_promote(client, name, version, float(metric_value), alias, promote_if, alpha, vs_base,
+                                         scores)
+    client.set_model_version_tag(name, str(version.version), TAG_PROMOTION, reason)
     return RegisterResult(
         name=name,
         version=str(version.version),
@@ -100,6 +162,7 @@ def register(
         already_registered=existing is not None,
         model_uri=f"models:/{name}/{version.version}",
         alias=alias,
+        reason=reason,
     )
 
 
@@ -200,21 +263,49 @@ def _version_of_flow_run(client, name: str, flow_run_id: str):
     return None
 
 
-def _maybe_promote(client, name: str, version, metric_value: float, alias: str) -> bool:
-    """Point `alias` at `version` when it has no holder or `metric_value` is strictly better."""
+def _maybe_promote(client, name: str, version, metric_value: float, alias: str, rule: str, alpha: float,
+                   vs_base: Mapping[str, float] | None, scores: HeldOutScores | None) -> tuple[bool, str]:
+    """Point `alias` at `version` when `promotion_decision` says so; (holds the alias now, why)."""
     from mlflow.exceptions import MlflowException
 
     try:
         holder = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         holder = None
-    if holder is not None and str(holder.version) == str(version.version):
-        return True
+    if holder is not None and str(holder.version) == str(version.version):  # a retried step
+        return True, holder.tags.get(TAG_PROMOTION, "")
     holder_value = float(holder.tags.get(TAG_EVAL_VALUE, "-inf")) if holder is not None else None
-    if holder_value is not None and metric_value <= holder_value:
-        return False
-    client.set_registered_model_alias(name, alias, str(version.version))
-    return True
+    vs_champion = None
+    if holder is not None and scores is not None:
+        vs_champion = _paired_with(scores, _held_out_scores(holder.run_id))
+    decision = promotion_decision(rule, alpha, metric_value=metric_value, vs_base=vs_base, champion_value=holder_value,
+                                  vs_champion=vs_champion)
+    if decision.promote:
+        client.set_registered_model_alias(name, alias, str(version.version))
+    return decision.promote, decision.reason
+
+
+def _held_out_scores(run_id: str) -> HeldOutScores | None:
+    """A registered version's per-question scores, from its run's `eval/after_examples.json` (None if absent)."""
+    import mlflow
+
+    try:
+        table = mlflow.load_table("eval/after_examples.json", run_ids=[run_id])
+    except Exception:  # an older version, or a run from elsewhere: no paired test possible
+        return None
+    rows = table.to_dict("records")
+    if not rows or "index" not in rows[0]:
+        return None
+    fields = ResponseScore.__dataclass_fields__
+    return HeldOutScores({int(row["index"]): ResponseScore(**{key: row[key] for key in fields}) for row in rows})
+
+
+def _paired_with(new: HeldOutScores, champion: HeldOutScores | None) -> dict[str, float] | None:
+    """`compare_paired(new, champion)` on the same questions; None when they were scored on different ones."""
+    if champion is None or set(new.by_question) != set(champion.by_question):
+        return None
+    order = sorted(new.by_question)
+    return compare_paired([new.by_question[i] for i in order], [champion.by_question[i] for i in order])
 
 
 def _pip_requirements() -> list[str]:
@@ -234,7 +325,13 @@ def register_best(best: BranchOutcome | None, flow_run_id: str) -> RegisterResul
     """Register the sweep's best branch; None when every branch failed."""
     if best is None:
         return None
+    from steps.evaluate import EvalResult
+
     data = best.config.data
+    after = EvalResult.load(best.evaluation.result_path) if best.evaluation.result_path else None
+    scores = HeldOutScores(dict(zip((row["index"] for row in after.examples), after.scores()))) if after else None
+    vs_base = {key.removeprefix(PAIRED_PREFIX): value for key, value in best.evaluation.metrics.items()
+               if key.startswith(PAIRED_PREFIX)} or None
     return register(
         best.evaluation.checkpoint_dir,
         model=best.config.model.name,
@@ -243,5 +340,9 @@ def register_best(best: BranchOutcome | None, flow_run_id: str) -> RegisterResul
         flow_run_id=flow_run_id,
         source_run_id=best.run_id,
         branch=best.label,
-        merge_adapter=best.config.model.merge_adapter_on_register,
+        promote_if=best.config.register.promote_if,
+        alpha=best.config.register.alpha,
+        vs_base=vs_base,
+        scores=scores,
+        merge_adapter=best.config.register.merge_adapter,
     )

@@ -22,6 +22,7 @@ import yaml
 
 from pcsd_core.data.privileged import parse_privileged_context
 from pcsd_core.data.prompts import DEFAULT_TEACHER_TEMPLATE_NAME, resolve_teacher_template
+from pcsd_core.data.synthetic import MAX_DIFFICULTY, TASKS as SYNTHETIC_TASKS
 from pcsd_core.errors import ConfigError
 from pcsd_core.loss.spec import LossSpec
 
@@ -104,9 +105,6 @@ class ModelConfig:
     # of the decoder blocks. Checked against the model's modules at setup, before training (an unknown name, or
     # a model with none of them, is refused). Not lm_head/embed_tokens (the loss reads lm_head directly).
     lora_target_modules: str = DEFAULT_LORA_TARGETS
-    # Register step, LoRA runs: false logs the adapter as a PEFT model (MLflow loads base + adapter; a local
-    # base is referenced by path); true merges the adapter into the base and logs the full merged model.
-    merge_adapter_on_register: bool = False
 
     def __post_init__(self) -> None:
         _check_field_types(self, "model")
@@ -119,9 +117,6 @@ class ModelConfig:
         _require(bool(targets) and all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) for name in targets),
                  f"model.lora_target_modules ({self.lora_target_modules!r}) must be comma-separated module names, "
                  f"e.g. {DEFAULT_LORA_TARGETS!r}.")
-        _require(self.uses_lora or not self.merge_adapter_on_register,
-                 "model.merge_adapter_on_register (true) needs model.lora_rank >= 1: full fine-tuning has no adapter "
-                 "to merge.")
         bad = [name for name in targets if name in LORA_UNTARGETABLE]
         _require(not bad, f"model.lora_target_modules ({self.lora_target_modules!r}) names {bad}: the loss reads "
                  "the lm_head weight directly, so an adapter there (or on the tied embeddings) would be bypassed; "
@@ -173,6 +168,15 @@ class DataConfig:
     teacher_template: str = DEFAULT_TEACHER_TEMPLATE_NAME
     # `data_source` written into the parquet (verl uses it to pick a reward function).
     data_source: str = "openai/gsm8k"
+    # A generated task instead of a dataset: "" (none) or "arithmetic", the shipped positive control
+    # (`pcsd_core.data.synthetic`: seeded multi-step arithmetic word problems in GSM8K's answer format). Rows per
+    # split come from max_train_rows / max_test_rows (0 = SYNTHETIC_DEFAULT_ROWS); `path` must then be empty.
+    synthetic: Literal[("",) + SYNTHETIC_TASKS] = ""
+    # Operations chained per generated question (1 to MAX_DIFFICULTY); calibrated in
+    # benchmarks/synthetic_calibration.py and fixed in configs/positive_control_cpu_smollm2.yaml.
+    synthetic_difficulty: int = 2
+    # Seed of the generated questions (>= 0): the same seed, difficulty and sizes give the same rows.
+    synthetic_seed: int = 0
 
     def __post_init__(self) -> None:
         _check_field_types(self, "data")
@@ -184,6 +188,12 @@ class DataConfig:
         _require_text("data.id_column", self.id_column, allow_empty=True)
         _require_text("data.data_source", self.data_source)
         parse_privileged_context(self.privileged_context)
+        _require(1 <= self.synthetic_difficulty <= MAX_DIFFICULTY,
+                 f"data.synthetic_difficulty ({self.synthetic_difficulty}) must be in 1..{MAX_DIFFICULTY}.")
+        _require(self.synthetic_seed >= 0, f"data.synthetic_seed ({self.synthetic_seed}) must be >= 0.")
+        _require(not (self.synthetic and self.path),
+                 f"data.synthetic ({self.synthetic!r}) generates the data, so data.path ({self.path!r}) must be empty; "
+                 "set one of them.")
         _require(
             isinstance(self.shuffle_seed, int) and self.shuffle_seed >= 0,
             f"data.shuffle_seed ({self.shuffle_seed!r}) must be a whole number >= 0; for example 0.",
@@ -372,6 +382,31 @@ class EvalConfig:
         _require(self.batch_size >= 1, f"eval.batch_size ({self.batch_size}) must be >= 1.")
 
 
+PROMOTION_RULES = ("significant_gain", "better", "never")
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    # When the registry's `champion` alias moves to a run's registered version (every run registers its best
+    # branch, for lineage):
+    #   "significant_gain" (default): its strict accuracy beats the base model's on the same held-out questions by
+    #       an exact McNemar test at level `alpha` (more questions turned right than wrong), and beats the current
+    #       champion's the same way (paired, on the same questions; a champion scored on other questions is kept);
+    #   "better": strictly higher strict accuracy than the champion, no test (a first version always promotes);
+    #   "never": register for lineage only.
+    promote_if: Literal[PROMOTION_RULES] = "significant_gain"
+    # Level of the McNemar tests of "significant_gain" (two-sided exact p-value below it, difference above 0).
+    alpha: float = 0.05
+    # LoRA runs (model.lora_rank >= 1): false logs the adapter as a PEFT model (MLflow's transformers flavour loads
+    # base + adapter; a local base is referenced by its path); true merges the adapter into the base first and
+    # logs the merged model, servable without peft.
+    merge_adapter: bool = False
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "register")
+        _require(0 < self.alpha < 1, f"register.alpha ({self.alpha}) must be in (0, 1); 0.05 is the usual level.")
+
+
 @dataclass(frozen=True)
 class PCSDConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -380,8 +415,12 @@ class PCSDConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
 
     def __post_init__(self) -> None:
+        _require(self.model.uses_lora or not self.register.merge_adapter,
+                 "register.merge_adapter (true) needs model.lora_rank >= 1: full fine-tuning has no adapter to merge; "
+                 "set it false.")
         responses_per_step = self.train.prompts_per_step * self.rollout.n
         _require(
             responses_per_step % self.train.mini_batch_size == 0,

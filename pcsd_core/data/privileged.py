@@ -10,14 +10,25 @@ read this module; a new strategy is one entry in `STRATEGIES` plus its branch in
                    derangement (`data.shuffle_seed`); no row gets its own solution, though it can get an identical
                    text when two questions share one. Tests whether the right solution matters or any helps.
     generic_hint   control arm: no solution, only `GENERIC_HINT`, the same for every question. Tests whether the
-                   teacher's gain comes from the question's solution or from a prompted format.
+                   teacher's gain comes from the question's solution or from a prompted format: the reference-free
+                   self-distillation arm.
+    wrong_answer   control arm: the question's own worked solution with its final number, and only that, replaced
+                   by a wrong one (deterministic per solution, `wrong_final_answer`). Tests whether the teacher's
+                   gain needs the right answer or only the worked steps.
     column:<name>  a column of the user's dataset.
+
+There is no `none` arm: without context the teacher is the student itself (live) or its own starting point
+(frozen, EMA), so the loss and its gradient are zero from the first step; `generic_hint` is the reference-free
+control.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
+
+import hashlib
+import re
 
 import numpy as np
 
@@ -33,6 +44,7 @@ STRATEGIES = {
     "answer_only": "the question's final number",
     "shuffled": "control: another question's worked solution (a seeded derangement)",
     "generic_hint": "control: the same solution-free hint for every question",
+    "wrong_answer": "control: the question's own worked solution with a wrong final number",
 }
 # The data fields that change only what the teacher sees: two runs differing in these alone share the student's
 # prompts, so they share the base model's evaluation.
@@ -65,6 +77,8 @@ def context_for_row(context: PrivilegedContext, read_column: Callable[[str], str
         return read_column(GIVEN_CONTEXT_COLUMN) or solution
     if context.strategy == "shuffled":
         return solution
+    if context.strategy == "wrong_answer":
+        return wrong_final_answer(solution, ground_truth)
     if context.strategy == "answer_only":
         return ground_truth
     if context.strategy == "generic_hint":
@@ -74,6 +88,24 @@ def context_for_row(context: PrivilegedContext, read_column: Callable[[str], str
         raise DataValidationError(f"{where} field {context.column!r} is empty; it is the privileged context "
                                   f"(data.privileged_context = 'column:{context.column}'), so every row needs one.")
     return text
+
+
+_FINAL_ANSWER = re.compile(r"(####\s*)(-?[\d,]*\.?\d+)\s*$")
+
+
+def wrong_final_answer(solution: str, ground_truth: str) -> str:
+    """`solution` with its final number (after the last `####`, or the whole text when it is a bare number) replaced
+    by a wrong one: the true value plus an offset of 1 to 9 fixed by a hash of the solution, so the same solution
+    always gets the same wrong answer. Nothing else of the text changes."""
+    offset = 1 + int(hashlib.sha256(solution.encode()).hexdigest(), 16) % 9
+    true_value = float(ground_truth)
+    wrong = true_value + offset
+    text = str(int(wrong)) if true_value.is_integer() else f"{wrong:.{len(ground_truth.split('.')[1])}f}"
+    stripped = solution.rstrip()
+    match = _FINAL_ANSWER.search(stripped)
+    if match is None:  # a bare final number, as some datasets give the answer
+        return text + solution[len(stripped):]
+    return stripped[:match.start(2)] + text + solution[len(stripped):]
 
 
 def assign_split_contexts(context: PrivilegedContext, contexts: list[str], source: str, seed: int) -> list[str]:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pcsd_core.config.schema import DataConfig
+from pcsd_core.data.synthetic import DEFAULT_ROWS as SYNTHETIC_DEFAULT_ROWS, generate_splits
 from pcsd_core.errors import DataValidationError, HubUnreachableError
 from pcsd_core.eval.scoring import extract_answer, normalize_number
 
@@ -53,7 +54,14 @@ def require_hub_reachable(what: str, timeout_s: float = 5.0) -> None:
 
 
 def load_raw_splits(data_cfg: DataConfig) -> dict[str, RawSplit]:
-    """Both splits from the local folder `data.path`, or from the hub when it is empty."""
+    """Both splits: generated (`data.synthetic`), from the local folder `data.path`, or from the hub."""
+    if data_cfg.synthetic:
+        sizes = [data_cfg.max_train_rows or SYNTHETIC_DEFAULT_ROWS["train"],
+                 data_cfg.max_test_rows or SYNTHETIC_DEFAULT_ROWS["test"]]
+        generated = generate_splits(*sizes, seed=data_cfg.synthetic_seed, difficulty=data_cfg.synthetic_difficulty,
+                                    task=data_cfg.synthetic)
+        where = f"synthetic:{data_cfg.synthetic}(difficulty={data_cfg.synthetic_difficulty}, seed={data_cfg.synthetic_seed})"
+        return {split: RawSplit(f"{where}[{split}]", generated[split]) for split in SPLITS}
     if not data_cfg.path:
         return _load_hub_splits(data_cfg)
     folder = Path(data_cfg.path).expanduser()

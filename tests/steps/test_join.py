@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from dashboards.report import best_branch as report_best_branch
-from dashboards.runs import Branch as ReportBranch
+from dashboards.runs import BranchRun
 from pcsd_core.config.schema import PCSDConfig
 from steps.distill import DistillResult
 from steps.evaluate import BranchEvaluation
@@ -61,7 +61,7 @@ def test_card_and_report_name_the_same_best_branch_on_a_tie():
         generator.shuffle(labels)
         join_best = summarize_sweep([_outcome(label, *scores[label]) for label in labels]).best.label
         generator.shuffle(labels)
-        report_branches = [ReportBranch(run_id=label, name=label, status="FINISHED", params={},
+        report_branches = [BranchRun(run_id=label, name=label, status="FINISHED", params={},
                                         metrics=_metrics(*scores[label]), curves={}) for label in labels]
         assert join_best == report_best_branch(report_branches).name == expected
 
@@ -87,3 +87,37 @@ def test_every_pair_of_evaluated_branches_is_compared_on_the_same_questions(tmp_
     first = rows[0]
     assert first["strict/difference"] == 0.5 and (first["strict/only_a"], first["strict/only_b"]) == (5, 0)
     assert first["strict/mcnemar_p"] == 0.0625  # exact two-sided binomial, 5 discordant pairs all one way
+
+
+def test_branches_are_grouped_by_arm_over_seeds_with_a_student_t_interval():
+    """A sweep over arms x seeds: each arm's mean over its seeds, with the t-interval scipy gives for those values."""
+    import numpy as np
+    import pytest
+    from scipy import stats
+
+    from steps.finish import results_summary
+
+    def seeded(arm: str, seed: int, after: float, before: float = 0.1, failed: bool = False):
+        overrides = {"data.privileged_context": arm, "train.seed": seed}
+        metrics = {**_metrics(after, after), "eval/before/gsm8k_accuracy_strict": before,
+                   "eval/before/gsm8k_accuracy_flexible": before,
+                   "eval/delta/gsm8k_accuracy_strict": after - before}
+        evaluation = BranchEvaluation(arm, f"run-{arm}-{seed}", "/ckpt", metrics)
+        branch = Branch(label=f"privileged_context={arm},seed={seed}", overrides=overrides, config=PCSDConfig())
+        return outcome_of(branch, None, evaluation, [RuntimeError("crashed") if failed else None])
+
+    outcomes = [seeded("solution", 0, 0.30), seeded("shuffled", 0, 0.20), seeded("solution", 1, 0.40),
+                seeded("shuffled", 1, 0.10), seeded("solution", 2, 0.35), seeded("shuffled", 2, 0.9, failed=True)]
+    groups = summarize_sweep(outcomes).seed_groups
+    assert [(g.arm, g.seeds) for g in groups] == [("privileged_context=solution", [0, 1, 2]),
+                                                  ("privileged_context=shuffled", [0, 1])]  # the failed seed is out
+    for group, values in zip(groups, ([0.30, 0.40, 0.35], [0.20, 0.10])):
+        low, high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+        assert group.strict_after.estimate == pytest.approx(np.mean(values))
+        assert (group.strict_after.low, group.strict_after.high) == pytest.approx((low, high), rel=1e-9)
+        assert group.strict_delta.estimate == pytest.approx(np.mean(values) - 0.1)
+    summary = summarize_sweep(outcomes)
+    text = results_summary(summary, None)
+    assert "arm privileged_context=solution over seeds [0, 1, 2]: strict after 35.0% [" in text
+    # No seed axis, no groups.
+    assert summarize_sweep([_outcome("a", 0.2), _outcome("b", 0.3)]).seed_groups == []

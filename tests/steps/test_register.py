@@ -85,3 +85,108 @@ def test_a_checkpoint_at_a_storage_uri_is_downloaded_once_and_not_again_on_a_ret
     retry = register(location, source_run_id=_source_run(), **common)
     assert (retry.version, retry.already_registered) == (first.version, True)
     assert downloads == [location]  # the retried step found its version without downloading the weights again
+
+
+# ---- the promotion rule (register.promote_if) --------------------------------------------------------------
+
+
+def _scores(correct: list[bool]) -> list:
+    from pcsd_core.eval.metrics import ResponseScore
+
+    return [ResponseScore(correct_strict=c, correct_flexible=c, has_answer_line=True, degenerate=False,
+                          length_tokens=10, truncated=False) for c in correct]
+
+
+def _paired(new: list[bool], old: list[bool]) -> dict[str, float]:
+    from pcsd_core.eval.metrics import compare_paired
+
+    return compare_paired(_scores(new), _scores(old))
+
+
+def test_promotion_is_refused_for_a_model_no_better_than_the_base():
+    from steps.register import promotion_decision
+
+    same = [True] * 3 + [False] * 37
+    decision = promotion_decision("significant_gain", 0.05, metric_value=0.075, vs_base=_paired(same, same),
+                                  champion_value=None, vs_champion=None)
+    assert not decision.promote
+    assert decision.reason.startswith("no significant gain over the base model at alpha 0.05: strict accuracy +0.000")
+    # Better by 3 of 40 questions (3 turned right, 0 wrong): McNemar p = 0.25, not significant either.
+    slightly = [True] * 6 + [False] * 34
+    decision = promotion_decision("significant_gain", 0.05, metric_value=0.15, vs_base=_paired(slightly, same),
+                                  champion_value=None, vs_champion=None)
+    assert not decision.promote and "McNemar p = 0.25 (3 turned right, 0 turned wrong)" in decision.reason
+
+
+def test_promotion_needs_a_significant_gain_over_the_base_and_the_champion():
+    from scipy.stats import binomtest
+
+    from steps.register import promotion_decision
+
+    base = [False] * 40
+    much_better = [True] * 12 + [False] * 28  # 12 turned right, 0 wrong: exact McNemar p = 2 * 0.5**12
+    assert binomtest(12, 12, 0.5).pvalue == pytest.approx(2 * 0.5**12)
+    vs_base = _paired(much_better, base)
+    assert vs_base["strict/mcnemar_p"] == pytest.approx(binomtest(12, 12, 0.5).pvalue)
+    first = promotion_decision("significant_gain", 0.05, metric_value=0.3, vs_base=vs_base, champion_value=None,
+                               vs_champion=None)
+    assert first.promote and first.reason.startswith("significant gain over the base model")
+    # A champion as good as the new version: the gain over the base is not enough.
+    kept = promotion_decision("significant_gain", 0.05, metric_value=0.3, vs_base=vs_base, champion_value=0.3,
+                              vs_champion=_paired(much_better, much_better))
+    assert not kept.promote and kept.reason.startswith("no significant gain over the champion")
+    # A champion scored on other questions cannot be compared pairwise: it stays.
+    other = promotion_decision("significant_gain", 0.05, metric_value=0.3, vs_base=vs_base, champion_value=0.0,
+                               vs_champion=None)
+    assert not other.promote and "other questions" in other.reason
+    beats = promotion_decision("significant_gain", 0.05, metric_value=0.3, vs_base=vs_base, champion_value=0.0,
+                               vs_champion=_paired(much_better, base))
+    assert beats.promote
+    assert not promotion_decision("never", 0.05, metric_value=1.0, vs_base=vs_base, champion_value=None,
+                                  vs_champion=None).promote
+    assert promotion_decision("better", 0.05, metric_value=0.3, vs_base=None, champion_value=0.2,
+                              vs_champion=None).promote
+
+
+def test_a_registered_version_says_why_it_is_not_the_champion(store, tiny_model_dir):
+    """The default rule registers every run's best branch, and crowns none without a significant gain."""
+    from steps.register import HeldOutScores
+
+    same = [True] * 2 + [False] * 18
+    result = register(tiny_model_dir, model="smollm2-135m", dataset="openai/gsm8k", metric_value=0.1,
+                      flow_run_id="1", source_run_id=_source_run(), promote_if="significant_gain",
+                      vs_base=_paired(same, same), scores=HeldOutScores(dict(enumerate(_scores(same)))))
+    assert not result.is_champion and result.reason.startswith("no significant gain over the base model")
+    version = store.get_model_version(result.name, result.version)
+    assert version.tags["pcsd.promotion"] == result.reason and version.aliases == []
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        store.get_model_version_by_alias(result.name, CHAMPION_ALIAS)
+
+
+def test_the_champion_is_compared_on_the_same_questions_from_its_logged_table(store, tiny_model_dir):
+    """The champion's per-question scores come back from its run's `eval/after_examples.json`, as the evaluate step
+    logs it; a new version must beat them significantly, question by question."""
+    from dataclasses import asdict
+
+    from steps.register import HeldOutScores
+
+    def source_run_with(correct: list[bool]) -> str:
+        run_id = _source_run()
+        rows = [{"index": i, **asdict(score)} for i, score in enumerate(_scores(correct))]
+        mlflow.log_table(data={key: [row[key] for row in rows] for key in rows[0]},
+                         artifact_file="eval/after_examples.json", run_id=run_id)
+        return run_id
+
+    base, good = [False] * 40, [True] * 12 + [False] * 28
+    better = [True] * 30 + [False] * 10  # 18 more right than `good`, none worse
+    common = dict(model="smollm2-135m", dataset="openai/gsm8k", promote_if="significant_gain")
+    first = register(tiny_model_dir, metric_value=0.3, flow_run_id="1", source_run_id=source_run_with(good),
+                     vs_base=_paired(good, base), scores=HeldOutScores(dict(enumerate(_scores(good)))), **common)
+    assert first.is_champion
+    same_again = register(tiny_model_dir, metric_value=0.3, flow_run_id="2", source_run_id=source_run_with(good),
+                          vs_base=_paired(good, base), scores=HeldOutScores(dict(enumerate(_scores(good)))), **common)
+    assert not same_again.is_champion and same_again.reason.startswith("no significant gain over the champion")
+    best = register(tiny_model_dir, metric_value=0.75, flow_run_id="3", source_run_id=source_run_with(better),
+                    vs_base=_paired(better, base), scores=HeldOutScores(dict(enumerate(_scores(better)))), **common)
+    assert best.is_champion and "and the champion (strict accuracy +0.450" in best.reason
+    assert str(store.get_model_version_by_alias(best.name, CHAMPION_ALIAS).version) == best.version

@@ -1,5 +1,5 @@
 """Register step, LoRA runs: the adapter checkpoint is logged as a PEFT model that loads back through MLflow and
-scores as the checkpoint does, or, with model.merge_adapter_on_register, as the merged model."""
+scores as the checkpoint does, or, with register.merge_adapter, as the merged model."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_a_registered_adapter_loads_back_through_mlflow_and_scores_as_the_checkp
         torch.testing.assert_close(loaded(input_ids=PROMPT).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_merge_adapter_on_register_logs_the_merged_model(store, adapter_checkpoint):
+def test_register_merge_adapter_logs_the_merged_model(store, adapter_checkpoint):
     path, expected = adapter_checkpoint
     result = register(path, model="smollm2-135m", dataset="openai/gsm8k", metric_value=0.1, flow_run_id="1",
                       source_run_id=_source_run(), merge_adapter=True)

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from pcsd_core.config.schema import PCSDConfig
+from pcsd_core.data.privileged import STRATEGIES
 from pcsd_core.errors import ConfigError
 from pcsd_core.config.loader import load_preset, parse_overrides
 from pcsd_core.loss.distillation import hidden_state_distillation_loss
@@ -84,14 +85,14 @@ def test_from_yaml_reads_a_file_and_applies_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("raw", "overrides", "message"),
     [
-        ({"trainer": {}}, None, "unknown config section(s) ['trainer']; valid sections: ['data', 'eval', 'loss', 'model', 'rollout', 'train']"),
+        ({"trainer": {}}, None, "unknown config section(s) ['trainer']; valid sections: ['data', 'eval', 'loss', 'model', 'register', 'rollout', 'train']"),
         ({"train": {"learning_rate": 1e-5}}, None, "unknown key(s) ['learning_rate'] in config section 'train'"),
         ({}, {"train.learning_rate": 1e-5}, "unknown key(s) ['learning_rate'] in config section 'train'"),
         ({}, {"lr": 1e-5}, "override key 'lr' must look like 'section.field', e.g. 'train.lr'"),
         ({}, {"train.lr": "fast"}, "train.lr ('fast') must be a number"),
         ({}, {"rollout.n": 2.5}, "rollout.n (2.5) must be a whole number"),
         ({}, {"loss.divergence": "kl"}, "loss.divergence ('kl') must be one of ['forward_kl', 'reverse_kl', 'jsd']"),
-        ({}, {"data.privileged_context": "hint"}, "data.privileged_context ('hint') must be one of ['solution', 'answer_only', 'shuffled', 'generic_hint'] or 'column:<name>'"),
+        ({}, {"data.privileged_context": "hint"}, f"data.privileged_context ('hint') must be one of {list(STRATEGIES)} or 'column:<name>'"),
         ({}, {"data.shuffle_seed": -1}, "data.shuffle_seed (-1) must be a whole number >= 0"),
         ({}, {"data.teacher_template": "{question}"}, "data.teacher_template ('{question}') is neither a template name (['reference', 'worked_solution']) nor a format string with {question} and {context} (it lacks {context})"),
     ],

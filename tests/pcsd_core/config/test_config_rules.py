@@ -16,7 +16,9 @@ import warnings
 
 import pytest
 
-from pcsd_core.config.schema import DataConfig, EvalConfig, LossConfig, ModelConfig, PCSDConfig, RolloutConfig, TrainConfig
+from pcsd_core.config.schema import (DataConfig, EvalConfig, LossConfig, ModelConfig, PCSDConfig, RegisterConfig,
+                                     RolloutConfig, TrainConfig)
+from pcsd_core.errors import ConfigError
 from pcsd_core.config.loader import read_preset_yaml
 
 INF, NAN = math.inf, math.nan
@@ -29,7 +31,6 @@ BAD_VALUES: dict[str, list] = {
     "model.lora_rank": [-1, 1.5, "sixteen"],
     "model.lora_alpha": [0, -8.0, NAN],
     "model.lora_dropout": [-0.1, 1.0],
-    "model.merge_adapter_on_register": ["maybe", True],
     "model.lora_target_modules": ["", "q_proj,", "q proj", "q_proj,lm_head", "embed_tokens", 5],
     "data.path": ["   ", "data\x00", 3],
     "data.hub_name": [""],
@@ -44,6 +45,9 @@ BAD_VALUES: dict[str, list] = {
     "data.instruction": [5],
     "data.teacher_template": ["{question}", "{context}"],
     "data.data_source": [""],
+    "data.synthetic": ["algebra"],
+    "data.synthetic_difficulty": [0, 5],
+    "data.synthetic_seed": [-1],
     "rollout.engine": ["vllm"],
     "rollout.n": [0, 2.0, "2.0", 2.5, "two"],
     "rollout.temperature": [0, -1.0, INF, "inf", NAN],
@@ -93,16 +97,19 @@ BAD_VALUES: dict[str, list] = {
     "eval.heldout_kl_questions": [-1, 2.5],
     "eval.max_new_tokens": [0],
     "eval.batch_size": [0],
+    "register.promote_if": ["maybe"],
+    "register.alpha": [0, 1.0, NAN],
+    "register.merge_adapter": ["maybe"],  # true without model.lora_rank: tests/pcsd_core/engine/test_lora.py
 }
 SECTIONS_WITH_TYPE_RULES = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig, "train": TrainConfig,
-                            "eval": EvalConfig}
+                            "eval": EvalConfig, "register": RegisterConfig}
 CASES = [(dotted, value) for dotted, values in BAD_VALUES.items() for value in values]
 
 
 def all_fields() -> set[str]:
     hints = {f.name: f.type for f in dataclasses.fields(PCSDConfig)}
     sections = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig, "loss": LossConfig,
-                "train": TrainConfig, "eval": EvalConfig}
+                "train": TrainConfig, "eval": EvalConfig, "register": RegisterConfig}
     assert set(hints) == set(sections), "a new config section needs its dataclass in this test"
     return {f"{name}.{item.name}" for name, cls in sections.items() for item in dataclasses.fields(cls)}
 
@@ -116,18 +123,20 @@ def test_every_field_has_a_bad_value():
 
 @pytest.mark.parametrize(("dotted", "value"), CASES, ids=[f"{d}={v!r}" for d, v in CASES])
 def test_loader_refuses_the_bad_value_naming_the_field(dotted, value):
-    with pytest.raises(ValueError) as refused:
+    with pytest.raises(ConfigError) as refused:
         config_from_dict({}, {dotted: value})
     assert str(refused.value).startswith(dotted), str(refused.value)
+    assert refused.value.field == dotted  # the field, as an attribute callers and tests can read
 
 
 @pytest.mark.parametrize(("dotted", "value"), [case for case in CASES if case[0].split(".")[0] in SECTIONS_WITH_TYPE_RULES],
                          ids=lambda item: repr(item))
 def test_direct_construction_refuses_the_bad_value(dotted, value):
     section, name = dotted.split(".")
-    with pytest.raises(ValueError) as refused:
+    with pytest.raises(ConfigError) as refused:
         SECTIONS_WITH_TYPE_RULES[section](**{name: value})
     assert str(refused.value).startswith(dotted), str(refused.value)
+    assert refused.value.field == dotted
 
 
 def test_messages_name_the_value_rule_and_fix():

@@ -120,3 +120,9 @@ def test_a_model_with_none_of_the_default_targets_is_refused():
     cfg = config_from_dict({"model": LORA})
     with pytest.raises(ConfigError, match=r"^model.lora_target_modules .*has none of them.*c_attn"):
         lora.check_lora_targets(GPT2Config(n_layer=1, n_embd=32, n_head=2), cfg.model)
+
+
+def test_merging_an_adapter_needs_one():
+    with pytest.raises(ConfigError, match=r"^register.merge_adapter \(true\) needs model.lora_rank >= 1"):
+        config_from_dict({"register": {"merge_adapter": True}})
+    assert config_from_dict({"register": {"merge_adapter": True}, "model": LORA}).register.merge_adapter

@@ -91,3 +91,23 @@ def test_bootstrap_is_seeded():
     assert bootstrap_mean_interval(values, seed=3) == bootstrap_mean_interval(values, seed=3)
     assert bootstrap_mean_interval(values, seed=3) != bootstrap_mean_interval(values, seed=4)
     assert bootstrap_mean_interval([5.0] * 10, num_resamples=100) == Interval(5.0, 5.0, 5.0)
+
+
+def test_student_t_quantile_matches_scipy_and_the_seed_interval_matches_scipy_t_interval():
+    import numpy as np
+    import pytest
+    from scipy import stats as scipy_stats
+
+    from pcsd_core.eval.stats import mean_over_seeds_interval, student_t_quantile
+
+    for df in (1, 2, 3, 7, 30, 200):
+        for probability in (0.025, 0.1, 0.5, 0.9, 0.975, 0.999):
+            assert student_t_quantile(probability, df) == pytest.approx(scipy_stats.t.ppf(probability, df), abs=1e-8)
+    values = [0.12, 0.31, 0.18, 0.2]
+    interval = mean_over_seeds_interval(values)
+    low, high = scipy_stats.t.interval(0.95, 3, loc=np.mean(values), scale=scipy_stats.sem(values))
+    assert (interval.estimate, interval.low, interval.high) == pytest.approx((np.mean(values), low, high))
+    single = mean_over_seeds_interval([0.3])
+    assert single.estimate == 0.3 and np.isnan(single.low) and np.isnan(single.high)
+    with pytest.raises(ValueError):
+        student_t_quantile(1.0, 3)
