@@ -58,10 +58,10 @@ def resolve_model(name: str) -> str:
         return HUB_ALIASES[name]
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():  # LoRA checkpoint
             raise ModelNotFoundError(
                 f"model {name!r} is a local path but {path / 'config.json'} is missing; point at a folder written "
-                "by `save_pretrained` (config.json + weights + tokenizer)."
+                "by `save_pretrained` (config.json + weights + tokenizer, or a LoRA checkpoint's adapter_config.json)."
             )
         return str(path)
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
@@ -98,6 +98,9 @@ def load_model(
     if dtype not in DTYPES:
         raise ValueError(f"model dtype {dtype!r} must be one of {sorted(DTYPES)}.")
     source = resolve_model(name)
+    if Path(source, "adapter_config.json").is_file() and not Path(source, "config.json").is_file():
+        return _load_merged_adapter(source, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                                    trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -176,6 +179,18 @@ def _convert_bundled(alias: str) -> Path:
 # ---- model recipes and the hardware check ---------------------------------------------------------
 
 
+def _load_merged_adapter(folder: str, **load_args):
+    """A LoRA checkpoint (peft adapter folder) as a plain model: its base with the adapter merged in, so that
+    evaluation runs at the base model's speed. The base is the one the adapter config names."""
+    import json
+
+    from peft import PeftModel
+
+    base_path = json.loads(Path(folder, "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = load_model(base_path, **load_args)
+    return PeftModel.from_pretrained(base, folder).merge_and_unload()
+
+
 @dataclass(frozen=True)
 class Recipe:
     """The preset a model alias runs with (dtype, device, rollout engine, batch shapes) and the GPUs it needs."""
@@ -184,6 +199,11 @@ class Recipe:
     min_gpus: int  # CUDA devices the preset's layout uses (0 = runs on CPU)
     min_gpu_memory_gb: float  # memory each of those devices needs (0 = no GPU)
     why: str  # where the numbers come from, shown in the error
+    # The same model with a LoRA adapter (model.lora_rank >= 1): its preset and GPUs ("" / 0: no LoRA recipe).
+    lora_preset: str = ""
+    lora_min_gpus: int = 0
+    lora_min_gpu_memory_gb: float = 0
+    lora_why: str = ""
 
 
 MODEL_RECIPES = {
@@ -195,6 +215,12 @@ MODEL_RECIPES = {
         preset="configs/gpu_gsm8k_7b.yaml", min_gpus=8, min_gpu_memory_gb=40,
         why="bf16 weights 13.8 GB; 4 FSDP actor GPUs hold 8 bytes/parameter = 55 GB of training state, "
             "4 SGLang rollout GPUs hold the weights and a KV cache",
+        # LoRA rank 16 (README, "LoRA"): the frozen bf16 base 13.8 GB + adapter, its gradients and AdamW moments
+        # 0.6 GB + activations ~10 GB (gradient checkpointing) for the actor; SGLang colocated in 0.35 of the
+        # GPU: its own 13.8 GB copy of the base and ~14 GB of KV cache. ~53 GB in all: one 80 GB GPU. Untested.
+        lora_preset="configs/gpu_gsm8k_7b_lora.yaml", lora_min_gpus=1, lora_min_gpu_memory_gb=80,
+        lora_why="LoRA rank 16, untested on GPU: actor 13.8 GB frozen base + 0.6 GB adapter state + activations, "
+                 "SGLang colocated with its base copy and KV cache, ~53 GB",
     ),
     "smollm2-135m": Recipe(preset="configs/cpu_smollm2.yaml", min_gpus=0, min_gpu_memory_gb=0,
                            why="135M parameters, fp32, runs on 2 CPU cores"),
@@ -249,17 +275,24 @@ def check_hardware(cfg, visible_gpus: int | None = None, gpu_memory_gb: list[flo
     can be checked on a CPU one).
     """
     recipe = recipe_for(cfg.model.name)
+    lora = recipe is not None and cfg.model.uses_lora and bool(recipe.lora_preset)
+    min_gpus = (recipe.lora_min_gpus if lora else recipe.min_gpus) if recipe is not None else 0
     needed = local_gpus_required(cfg)
-    if recipe is not None and recipe.min_gpus and needed == 0:
-        needed = recipe.min_gpus  # a GPU model in a CPU config (e.g. --model on the CPU preset)
+    if min_gpus and needed == 0:
+        needed = min_gpus  # a GPU model in a CPU config (e.g. --model on the CPU preset)
     if needed == 0:
         return
     if visible_gpus is None:
         visible_gpus = torch.cuda.device_count()
-    memory_gb = recipe.min_gpu_memory_gb if recipe is not None else 0
+    memory_gb = (recipe.lora_min_gpu_memory_gb if lora else recipe.min_gpu_memory_gb) if recipe is not None else 0
     need_text = f"{needed} CUDA GPU(s)" + (f" with >= {memory_gb:g} GB each" if memory_gb else "")
-    reason = f" ({recipe.why})" if recipe is not None else ""
-    fix = (f"Run it on a machine with {need_text}" + (f" (its preset: {recipe.preset})" if recipe else "")
+    reason = f" ({recipe.lora_why if lora else recipe.why})" if recipe is not None else ""
+    preset = (recipe.lora_preset if lora else recipe.preset) if recipe is not None else ""
+    other = ""
+    if recipe is not None and recipe.lora_preset and not lora:  # how many GPUs the other mode needs
+        other = (f"; or train a LoRA adapter on {recipe.lora_min_gpus} GPU(s) with >= "
+                 f"{recipe.lora_min_gpu_memory_gb:g} GB ({recipe.lora_preset}, untested on GPU)")
+    fix = (f"Run it on a machine with {need_text}" + (f" (its preset: {preset})" if recipe else "") + other
            + f"; or run {CPU_DEFAULT} instead.")
     if visible_gpus < needed:
         raise HardwareError(
@@ -267,7 +300,7 @@ def check_hardware(cfg, visible_gpus: int | None = None, gpu_memory_gb: list[flo
             f"(train.device {cfg.train.device!r}, train.num_workers {cfg.train.num_workers}, rollout.engine "
             f"{cfg.rollout.engine!r}, rollout.num_gpus {cfg.rollout.num_gpus}). {fix}"
         )
-    if recipe is not None and recipe.min_gpus and gpus_required(cfg) == 0:
+    if min_gpus and gpus_required(cfg) == 0:
         raise HardwareError(
             f"model {cfg.model.name!r} needs {need_text}{reason}, but this config does not put it on GPUs "
             f"(train.device {cfg.train.device!r}, rollout.engine {cfg.rollout.engine!r}). {fix}"

@@ -7,6 +7,11 @@ registers its best branch, for lineage; the alias `champion` moves to it only by
 (`promotion_decision`): by default only a significant paired gain over the base model and over the current
 champion. The version's tag `pcsd.promotion` says why it was or was not promoted.
 
+A LoRA checkpoint (an adapter folder, `model.lora_rank >= 1`) is logged as a PEFT model, which MLflow's
+transformers flavour saves as the adapter plus a reference to its base (`base_model_path` for a local base, the
+hub id otherwise) and loads back as base + adapter. With `register.merge_adapter` the adapter is merged
+into the base first and the merged model is logged like a full checkpoint (servable without peft).
+
 A retried step must not register twice: every version is tagged with the flow run id, and a version that
 already carries this flow run's tag is returned instead of registering again.
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +38,7 @@ from steps.join import BranchOutcome
 from steps.plan import slug
 
 CHAMPION_ALIAS = "champion"
+TAG_LORA = "pcsd.lora"  # on a LoRA run's version: "adapter" (PEFT model) or "merged" (adapter merged into the base)
 
 
 @dataclass
@@ -120,6 +127,7 @@ def register(
     vs_base: Mapping[str, float] | None = None,
     scores: HeldOutScores | None = None,
     dtype: str = "float32",
+    merge_adapter: bool = False,
 ) -> RegisterResult:
     """Register the checkpoint at `checkpoint_dir` (a local folder or a storage URI, `steps.storage`) once per flow
     run; move `alias` to it by `promote_if` (`promotion_decision`; `vs_base` and the per-question `scores` feed the
@@ -138,8 +146,14 @@ def register(
             TAG_EVAL_VALUE: repr(float(metric_value)),
         }
         with storage.scratch() as scratch:  # a checkpoint at a storage URI is downloaded; MLflow copies it anyway
-            served = _served_model(storage.local_copy(checkpoint_dir, scratch), scratch / "served", dtype)
-            version = _log_and_register(served, name, source_run_id, tags)
+            local = storage.local_copy(checkpoint_dir, scratch)
+            if _is_adapter(local):
+                tags[TAG_LORA] = "merged" if merge_adapter else "adapter"
+                version = _log_and_register_adapter(local, name, source_run_id, tags, merge=merge_adapter,
+                                                    scratch=scratch)
+            else:
+                served = _served_model(local, scratch / "served", dtype)
+                version = _log_and_register(served, name, source_run_id, tags)
     else:
         version = existing
     is_champion, reason = _maybe_promote(client, name, version, float(metric_value), alias, promote_if, alpha, vs_base,
@@ -162,8 +176,42 @@ def _check_checkpoint(checkpoint_dir: str | Path) -> None:
         if not storage.is_published(str(checkpoint_dir)):
             raise InputNotFoundError(f"register: {checkpoint_dir} holds no published checkpoint (no "
                                     f"{storage.MARKER}); the distill step that wrote it did not finish.")
-    elif not Path(checkpoint_dir, "config.json").is_file():
-        raise InputNotFoundError(f"register: {checkpoint_dir} is not a saved checkpoint (no config.json).")
+    elif not Path(checkpoint_dir, "config.json").is_file() and not _is_adapter(Path(checkpoint_dir)):
+        raise InputNotFoundError(f"register: {checkpoint_dir} is not a saved checkpoint (no config.json, nor a "
+                                 "LoRA checkpoint's adapter_config.json).")
+
+
+def _is_adapter(checkpoint_dir: Path) -> bool:
+    return Path(checkpoint_dir, "adapter_config.json").is_file() and not Path(checkpoint_dir, "config.json").is_file()
+
+
+def _log_and_register_adapter(checkpoint_dir: Path, name: str, source_run_id: str, tags: dict[str, str], *,
+                              merge: bool, scratch: Path):
+    """A LoRA checkpoint: merged into its base and logged as a full model, or logged as a PEFT model."""
+    import mlflow
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from pcsd_core.models import load_model
+
+    if merge:
+        merged = scratch / "merged"
+        load_model(str(checkpoint_dir)).save_pretrained(merged)  # base + adapter, merged (pcsd_core.models)
+        AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(merged)
+        return _log_and_register(merged, name, source_run_id, tags)
+    base = json.loads(Path(checkpoint_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(load_model(base), checkpoint_dir)
+    with tracking.open_run(source_run_id, system_metrics=False):
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": AutoTokenizer.from_pretrained(checkpoint_dir)},
+            name="model",
+            task="text-generation",
+            # A local base is referenced by its path (it must be readable where the model is loaded); a hub
+            # base by its id, which MLflow records with its revision.
+            base_model_path=base if Path(base).is_dir() else None,
+            pip_requirements=_pip_requirements() + [_pinned("peft")],
+        )
+    return mlflow.register_model(info.model_uri, name, tags=tags)
 
 
 def _served_model(checkpoint_dir: Path, folder: Path, dtype: str) -> Path:
@@ -277,7 +325,13 @@ def _pip_requirements() -> list[str]:
     """Pinned to what is running now, so serving reproduces the evaluation environment."""
     from importlib.metadata import version
 
-    return [f"{package}=={version(package)}" for package in ("torch", "transformers", "accelerate")]
+    return [_pinned(package) for package in ("torch", "transformers", "accelerate")]
+
+
+def _pinned(package: str) -> str:
+    from importlib.metadata import version
+
+    return f"{package}=={version(package)}"
 
 
 def register_best(best: BranchOutcome | None, flow_run_id: str) -> RegisterResult | None:
@@ -304,4 +358,5 @@ def register_best(best: BranchOutcome | None, flow_run_id: str) -> RegisterResul
         vs_base=vs_base,
         scores=scores,
         dtype=best.config.model.dtype,
+        merge_adapter=best.config.register.merge_adapter,
     )

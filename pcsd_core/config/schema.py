@@ -31,6 +31,11 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")  # parameter/compute dtypes; pc
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (and libraries built on it) take 32-bit seeds
 LARGE_LR = 1e-2  # above this, full fine-tuning of a pretrained LM usually diverges
+# The attention and MLP projections of Llama/Qwen/Mistral-shaped decoders (also deepseek-math-7b, SmolLM2).
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+# The loss reads the lm_head weight directly (chunked logits) and the embeddings are the tied lm_head in small
+# models, so an adapter there would be silently bypassed: refused.
+LORA_UNTARGETABLE = ("lm_head", "embed_tokens")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -91,16 +96,48 @@ class ModelConfig:
     trust_remote_code: bool = False
     # Recompute activations in the backward pass to save memory (GPU runs of large models).
     gradient_checkpointing: bool = False
+    # LoRA adapter rank (peft): 0 = full fine-tuning (the default); >= 1 trains only a rank-r adapter on
+    # `lora_target_modules`, the base weights stay frozen (the frozen teacher is the base with the adapter off).
+    lora_rank: int = 0
+    # LoRA scaling numerator: the adapter's update is (lora_alpha / lora_rank) * B @ A. > 0.
+    lora_alpha: float = 32.0
+    # Dropout on the adapter's input during training, in [0, 1). 0 keeps the teacher/student passes deterministic.
+    lora_dropout: float = 0.0
+    # Comma-separated module names (the last part of a module's name) that get an adapter: the linear layers
+    # of the decoder blocks. Checked against the model's modules at setup, before training (an unknown name, or
+    # a model with none of them, is refused). Not lm_head/embed_tokens (the loss reads lm_head directly).
+    lora_target_modules: str = DEFAULT_LORA_TARGETS
 
     def __post_init__(self) -> None:
         _check_field_types(self, "model")
         _require_text("model.name", self.name)
+        _require(self.lora_rank >= 0, f"model.lora_rank ({self.lora_rank}) must be >= 0 (0 = full fine-tuning, "
+                 "e.g. 16 for a rank-16 LoRA adapter).")
+        _require(self.lora_alpha > 0, f"model.lora_alpha ({self.lora_alpha}) must be > 0 (e.g. 2 * lora_rank).")
+        _require(0 <= self.lora_dropout < 1, f"model.lora_dropout ({self.lora_dropout}) must be in [0, 1).")
+        targets = self.lora_targets
+        _require(bool(targets) and all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) for name in targets),
+                 f"model.lora_target_modules ({self.lora_target_modules!r}) must be comma-separated module names, "
+                 f"e.g. {DEFAULT_LORA_TARGETS!r}.")
+        bad = [name for name in targets if name in LORA_UNTARGETABLE]
+        _require(not bad, f"model.lora_target_modules ({self.lora_target_modules!r}) names {bad}: the loss reads "
+                 "the lm_head weight directly, so an adapter there (or on the tied embeddings) would be bypassed; "
+                 f"target the decoder's linear layers, e.g. {DEFAULT_LORA_TARGETS!r}.")
         attn = self.attn_implementation
         _require(
             attn in ATTN_IMPLEMENTATIONS or (attn.count("/") == 1 and all(attn.split("/"))),
             f"model.attn_implementation ({attn!r}) must be one of {list(ATTN_IMPLEMENTATIONS)} (or a kernels-hub "
             "repository 'owner/name'); 'sdpa' works everywhere.",
         )
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """`lora_target_modules` as a tuple of names."""
+        return tuple(name.strip() for name in self.lora_target_modules.split(","))  # "" stays, and is refused
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora_rank > 0
 
 
 @dataclass(frozen=True)
@@ -367,6 +404,10 @@ class RegisterConfig:
     promote_if: Literal[PROMOTION_RULES] = "significant_gain"
     # Level of the McNemar tests of "significant_gain" (two-sided exact p-value below it, difference above 0).
     alpha: float = 0.05
+    # LoRA runs (model.lora_rank >= 1): false logs the adapter as a PEFT model (MLflow's transformers flavour loads
+    # base + adapter; a local base is referenced by its path); true merges the adapter into the base first and
+    # logs the merged model, servable without peft.
+    merge_adapter: bool = False
 
     def __post_init__(self) -> None:
         _check_field_types(self, "register")
@@ -384,6 +425,9 @@ class PCSDConfig:
     register: RegisterConfig = field(default_factory=RegisterConfig)
 
     def __post_init__(self) -> None:
+        _require(self.model.uses_lora or not self.register.merge_adapter,
+                 "register.merge_adapter (true) needs model.lora_rank >= 1: full fine-tuning has no adapter to merge; "
+                 "set it false.")
         responses_per_step = self.train.prompts_per_step * self.rollout.n
         _require(
             responses_per_step % self.train.mini_batch_size == 0,

@@ -92,8 +92,13 @@ class LocalShard:
 
 def local_shards(lm: torch.nn.Module, rank: int) -> dict[str, LocalShard]:
     """Each unique state tensor of `lm` as `rank` holds it, in state-dict order (the same on every rank)."""
+    return local_shards_of(unique_state_items(lm), rank)
+
+
+def local_shards_of(items: Iterable[tuple[str, torch.Tensor]], rank: int) -> dict[str, LocalShard]:
+    """`local_shards` of given (name, tensor) items, e.g. a LoRA adapter's alone (the same order on every rank)."""
     shards = {}
-    for name, tensor in unique_state_items(lm):
+    for name, tensor in items:
         placements = getattr(tensor, "placements", None)  # a DTensor (FSDP2) has them; a plain tensor does not
         # A dim-0 shard holds rows [offset, offset + len), offset = the lower ranks' rows; a DTensor reports its
         # global shape.

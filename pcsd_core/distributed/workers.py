@@ -33,8 +33,8 @@ from pcsd_core.engine.actor import Actor
 from pcsd_core.engine.batch import RolloutBatch, TeacherOutputs, UpdateStats
 from pcsd_core.config.schema import PCSDConfig
 from pcsd_core.distributed.ray_cluster import ensure_ray, free_port, local_gpu_indexes, placement_bundles
-from pcsd_core.distributed.weight_sync import (RowSlice, WeightPiece, local_shards, plan_row_buckets, read_rows, shard_layout,
-                                   tensor_to_wire, wire_to_tensor)
+from pcsd_core.distributed.weight_sync import (RowSlice, WeightPiece, local_shards, local_shards_of, plan_row_buckets, read_rows,
+                                               shard_layout, tensor_to_wire, unique_state_items, wire_to_tensor)
 
 # Bounds on waiting for Ray workers, so that nothing hangs until a job's wall-clock limit: a collective whose
 # peer died fails after COLLECTIVE_TIMEOUT_S; a call none of whose ranks died but that has not answered fails
@@ -108,8 +108,8 @@ class TrainWorker:
 
     def shard_layout(self, which: str) -> list[tuple[str, int, tuple[int, ...], int]]:
         """(name, rows this rank sends, global shape, element bytes on the wire) per tensor, for `plan_row_buckets`."""
-        shards = local_shards(_module(self.actor, which).lm, self.rank)
-        return [(name, shard.rows_sent, shard.shape, _to_rollout_dtype(shard.local.reshape(-1)[:1], self._rollout_dtype())
+        shards = local_shards_of(_sync_items(self.actor, which), self.rank)
+        return [(name, shard.rows_sent, shard.shape, _to_wire_dtype(shard.local.reshape(-1)[:1], self._wire_dtype())
                  .element_size()) for name, shard in shards.items()]
 
     def read_rows(self, which: str, slices: list[RowSlice]) -> list[tuple[str, Any, str]]:
@@ -120,14 +120,16 @@ class TrainWorker:
         Numpy arrays, which the Ray object store hands to the controller without a copy (torch tensors would be
         pickled); `wire_to_tensor` turns them back.
         """
-        shards = local_shards(_module(self.actor, which).lm, self.rank)
-        return [tensor_to_wire(piece.name, _to_rollout_dtype(read_rows(shards, piece).tensor, self._rollout_dtype()))
+        shards = local_shards_of(_sync_items(self.actor, which), self.rank)
+        return [tensor_to_wire(piece.name, _to_wire_dtype(read_rows(shards, piece).tensor, self._wire_dtype()))
                 for piece in slices]
 
-    def _rollout_dtype(self) -> torch.dtype:
+    def _wire_dtype(self) -> torch.dtype | None:
+        """The rollout engine's dtype (model.dtype) for full weights; None (as held) for a LoRA adapter, which the
+        engine keeps in float32 as peft does, and which is megabytes anyway."""
         from pcsd_core.models import DTYPES
 
-        return DTYPES[self.actor.cfg.model.dtype]
+        return None if self.actor.cfg.model.uses_lora else DTYPES[self.actor.cfg.model.dtype]
 
     def training_state(self) -> dict[str, Any]:
         return self.actor.training_state()
@@ -158,9 +160,9 @@ def _module(actor: Actor, which: str):
     return module
 
 
-def _to_rollout_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Floating tensors cast to the rollout dtype (a copy only when the dtype differs); integer ones as they are."""
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+def _to_wire_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Floating tensors cast to `dtype` (a copy only when the dtype differs); integer ones, or `dtype` None, as is."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def optimizer_state_bytes(state: dict[str, Any]) -> int:
@@ -168,6 +170,13 @@ def optimizer_state_bytes(state: dict[str, Any]) -> int:
     per_param = (state.get("optimizer") or {}).get("state", {}).values()
     return sum(value.numel() * value.element_size() for values in per_param for value in values.values()
                if isinstance(value, torch.Tensor))
+
+
+def _sync_items(actor: Actor, which: str):
+    """What weight sync sends: with LoRA the adapter alone (the engine holds the same base), else every weight."""
+    if actor.cfg.model.uses_lora:
+        return actor.adapter_items(which)
+    return unique_state_items(_module(actor, which).lm)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -228,9 +237,11 @@ class InProcessWorkers:
         return self.actor.full_state_dict(which)
 
     def iter_state_dict_buckets(self, which: str, bucket_bytes: int) -> Iterator[list[WeightPiece]]:
-        # Views of the live compute-dtype parameters (the rollout's dtype), no copy: the engine copies them.
-        _module(self.actor, which)  # refuses a teacher that this teacher_mode does not keep
-        shards = local_shards(self.actor.forward_module(which).lm, rank=0)
+        if self.actor.cfg.model.uses_lora:  # the adapter's master tensors (float32, as the engine's adapter)
+            shards = local_shards_of(_sync_items(self.actor, which), rank=0)
+        else:  # views of the live compute-dtype parameters (the rollout's dtype), no copy: the engine copies them
+            _module(self.actor, which)  # refuses a teacher that this teacher_mode does not keep
+            shards = local_shards(self.actor.forward_module(which).lm, rank=0)
         for bucket in plan_row_buckets([shard_layout(shards)], bucket_bytes):
             yield [read_rows(shards, piece) for piece in bucket]
 

@@ -20,6 +20,7 @@ compute-dtype copy (`forward_module`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -31,6 +32,7 @@ from pcsd_core.loss.spec import LossSpec
 from pcsd_core.engine.batch import (ModelInputs, RolloutBatch, TeacherOutputs, UpdateStats, flat_response_weights,
                              micro_batches, pack_prompt_groups, pad_rows, worker_rows)
 from pcsd_core.config.schema import PCSDConfig
+from pcsd_core.engine import lora
 from pcsd_core.engine.precision import ComputeCopy, mixed_precision_policy
 from pcsd_core.models import DTYPES, load_model
 
@@ -46,7 +48,7 @@ class DistillationModule(nn.Module):
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
-        layers = getattr(self.lm.base_model, "layers", None)
+        layers = getattr(lora.backbone(self.lm), "layers", None)
         if layers is None:
             raise TypeError(f"{type(self.lm).__name__} has no `base_model.layers`; FSDP sharding needs decoder layers.")
         return layers
@@ -61,7 +63,7 @@ class DistillationModule(nn.Module):
             blocked = torch.finfo(self.compute_dtype).min
             attention_mask = torch.zeros(attention_mask.shape, dtype=self.compute_dtype,
                                          device=attention_mask.device).masked_fill(~attention_mask, blocked)
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        hidden = lora.backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=False).last_hidden_state
         response_hidden = hidden.reshape(-1, hidden.shape[-1])[response_positions]  # (N, H)
         if teacher_hidden is None:
@@ -102,14 +104,17 @@ class Actor:
         master, compute = cfg.train.master_dtype, cfg.model.dtype
         self.student = self._build_module(model_path, mesh, trainable=True, dtype=master)
         self.teacher = None
-        if cfg.train.teacher_mode != "live":
+        # With LoRA the frozen teacher is the base (adapter off) and the EMA teacher a second adapter: no copy.
+        if cfg.train.teacher_mode != "live" and not cfg.model.uses_lora:
             self.teacher = self._build_module(teacher_path or model_path, mesh, trainable=False,
                                               dtype=master if cfg.train.teacher_mode == "ema" else compute)
         # In this process (no FSDP to cast): forward/backward on a compute-dtype copy of the masters (precision.py).
         mixed = mesh is None and master != compute
         self._student_copy = ComputeCopy(self.student, compute) if mixed else None
-        self._teacher_copy = ComputeCopy(self.teacher, compute) if mixed and cfg.train.teacher_mode == "ema" else None
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self._teacher_copy = ComputeCopy(self.teacher, compute) if mixed and self.teacher is not None \
+            and cfg.train.teacher_mode == "ema" else None
+        trainable = [parameter for parameter in self.student.parameters() if parameter.requires_grad]  # LoRA: the adapter
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
             step, warmup_steps=cfg.train.warmup_steps, total_steps=cfg.train.total_training_steps,
             schedule=cfg.train.lr_schedule))
@@ -133,7 +138,11 @@ class Actor:
             else:
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         lm.train(trainable)
-        lm.requires_grad_(trainable)
+        if mcfg.uses_lora:  # the base frozen, the adapter trains (and an EMA adapter beside it when asked)
+            lm = lora.add_lora(lm, mcfg, ema_adapter=self.cfg.train.teacher_mode == "ema", base_model_path=model_path,
+                               seed=self.cfg.train.seed)
+        else:
+            lm.requires_grad_(trainable)
         module = DistillationModule(lm, self.cfg.loss, compute_dtype=DTYPES[mcfg.dtype])
         if mesh is not None:
             from torch.distributed.fsdp import fully_shard
@@ -161,10 +170,18 @@ class Actor:
         for rows in micro_batches(worker_rows(0, len(batch), self.rank, self.world_size), self.cfg.train.micro_batch_size):
             part = batch.select(rows)
             inputs = self.build_inputs(part.teacher_prompt_ids, part.response_ids, self.pad_id)
-            states = teacher(*self._forward_args(inputs))
+            with self._teacher_view():
+                states = teacher(*self._forward_args(inputs))
             hidden.extend(states.detach().cpu().split(part.response_lengths))
         self._teacher_weight = self._snapshot_teacher_weight()
         return TeacherOutputs(hidden=hidden)
+
+    def _teacher_view(self):
+        """LoRA: the frozen teacher is the base (adapter off), the EMA teacher its adapter; else nothing to switch."""
+        if not self.cfg.model.uses_lora or self.cfg.train.teacher_mode == "live":
+            return contextlib.nullcontext()
+        adapter = lora.EMA if self.cfg.train.teacher_mode == "ema" else None
+        return lora.adapter_view(self.student.lm, adapter)
 
     def _snapshot_teacher_weight(self) -> torch.Tensor | None:
         """The teacher lm_head as it was when the hidden states were computed.
@@ -173,7 +190,7 @@ class Actor:
         weight, detached. With more steps, or a separate teacher that EMA moves, keep the weights of this pass.
         """
         optimizer_steps = self.cfg.train.ppo_epochs * (self.cfg.responses_per_step // self.cfg.train.mini_batch_size)
-        if self.teacher is None and optimizer_steps == 1:
+        if (self.teacher is None and optimizer_steps == 1) or self.cfg.model.uses_lora:  # LoRA: lm_head is frozen
             return None
         source = self.forward_module("teacher" if self.teacher is not None else "student")
         # FSDP shards hold masters; the loss computes with the compute-dtype weights, as the teacher pass did.
@@ -251,7 +268,9 @@ class Actor:
         self.optimizer.step()
         if self._student_copy is not None:
             self._student_copy.copy_from_masters()
-        if self.cfg.train.teacher_mode == "ema":
+        if self.cfg.train.teacher_mode == "ema" and self.cfg.model.uses_lora:
+            lora.ema_update(self.student.lm, self.cfg.train.ema_rate)
+        elif self.cfg.train.teacher_mode == "ema":
             self._update_ema_teacher()
         return float(full_tensor(grad_norm))
 
@@ -269,6 +288,9 @@ class Actor:
         """Unsharded weights by Hugging Face name on rank 0 (CPU); {} on other ranks. Collective with FSDP."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        if self.cfg.model.uses_lora:  # the adapter alone (peft's file names): the base is the run's base model
+            state = {name: full_tensor(tensor).cpu().clone() for name, tensor in self.adapter_items(which)}
+            return state if self.rank == 0 else {}
         module = self.student if which == "student" else self.teacher
         if self.world_size == 1:  # in-process, or one FSDP2 worker: its parameters are whole DTensors, made plain
             return {name: full_tensor(tensor.detach()) for name, tensor in module.lm.state_dict().items()}
@@ -293,9 +315,39 @@ class Actor:
         set_optimizer_state_dict(self.student, self.optimizer, optim_state_dict=state.get("optimizer") or {},
                                  options=options)
         self.scheduler.load_state_dict(state["scheduler"])
-        if teacher_state is not None and self.teacher is not None:
+        if self.cfg.model.uses_lora:  # the checkpoint's adapters onto the base this actor loaded
+            self._load_adapter(state.get("adapter"), lora.STUDENT)
+            self._load_adapter(teacher_state, lora.EMA)
+            if self._student_copy is not None:
+                self._student_copy.copy_from_masters()
+        elif teacher_state is not None and self.teacher is not None:
             prefixed = {f"lm.{name}": tensor for name, tensor in teacher_state.items()}
             set_model_state_dict(self.teacher, prefixed, options=StateDictOptions(full_state_dict=True, strict=False,
                                                                                  broadcast_from_rank0=self.world_size > 1))
             if self._teacher_copy is not None:
                 self._teacher_copy.copy_from_masters()
+
+    # ---- LoRA adapters ------------------------------------------------------------------------------
+
+    def adapter_items(self, which: str = "student") -> list[tuple[str, torch.Tensor]]:
+        """The student's (or the EMA teacher's) adapter tensors by peft file name; this rank's shards under FSDP2."""
+        if not self.cfg.model.uses_lora:
+            raise ValueError("adapter_items needs model.lora_rank >= 1; full fine-tuning has no adapter.")
+        if which == "teacher" and self.cfg.train.teacher_mode != "ema":
+            raise ValueError(f"train.teacher_mode {self.cfg.train.teacher_mode!r} keeps no teacher adapter.")
+        return lora.adapter_items(self.student.lm, lora.STUDENT if which == "student" else lora.EMA)
+
+    def _load_adapter(self, adapter_state: dict[str, torch.Tensor] | None, adapter: str) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if adapter_state is None:
+            return
+        names = lora.adapter_param_names(self.student.lm, adapter)
+        unknown = sorted(set(adapter_state) - set(names))
+        missing = sorted(set(names) - set(adapter_state))
+        if unknown or missing:
+            raise ValueError(f"the checkpoint's {adapter!r} adapter does not fit this model's (model.lora_rank, "
+                             f"model.lora_target_modules): unknown {unknown[:3]}, missing {missing[:3]}.")
+        prefixed = {f"lm.{names[name]}": tensor for name, tensor in adapter_state.items()}
+        set_model_state_dict(self.student, prefixed, options=StateDictOptions(
+            full_state_dict=True, strict=False, broadcast_from_rank0=self.world_size > 1))

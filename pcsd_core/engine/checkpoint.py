@@ -9,6 +9,11 @@
         manifest.json        every other file's size (and sha256 up to HASH_MAX_BYTES), written last
     <output_dir>/final -> checkpoints/step_000004   (symlink to the newest checkpoint)
 
+A LoRA run (`model.lora_rank >= 1`) writes the adapter instead of config.json and the model's weights:
+        adapter_config.json, adapter_model.safetensors   <- peft's format: `PeftModel.from_pretrained(base, folder)`
+        base_model.json      the base it adapts: alias, path or hub id, and the sha256 of its files (checked at resume)
+The optimizer state then covers the adapter alone.
+
 Every checkpoint is written into a staging folder `checkpoints/.step_000004-<pid>-<random>` and renamed into
 place with `os.replace`, so a crash never leaves a half-written `step_*` folder that `resume_from` could pick
 up; a staging folder whose process is gone (a SIGKILL mid-save) is removed at the next save or resume.
@@ -46,7 +51,11 @@ TRAINING_STATE = "training_state.pt"
 RNG_STATE = "rng_state.pt"
 TEACHER_WEIGHTS = "teacher.safetensors"
 MANIFEST = "manifest.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+BASE_MODEL = "base_model.json"
 REQUIRED_FILES = ("config.json", TRAINER_STATE, TRAINING_STATE, RNG_STATE)
+LORA_REQUIRED_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_MODEL, TRAINER_STATE, TRAINING_STATE, RNG_STATE)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # one file, or the index of shards
 HASH_MAX_BYTES = 64 * 2**20  # files up to this size get a sha256 in the manifest; bigger ones a size only
 STEP_FOLDER = re.compile(r"step_(\d+)")
@@ -64,19 +73,32 @@ class CheckpointState:
     trainer_state: dict[str, Any]
     training_state: dict[str, Any]
     teacher_state: dict[str, torch.Tensor] | None
+    adapter_state: dict[str, torch.Tensor] | None = None  # LoRA: the student adapter (peft file names)
+    base_model: dict[str, Any] | None = None  # LoRA: the base reference (base_model.json)
 
 
 def save_checkpoint(output_dir: str | Path, step: int, *, model_source: str, model_state: dict[str, torch.Tensor],
                     tokenizer: Any, training_state: dict[str, Any], trainer_state: dict[str, Any],
-                    teacher_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `checkpoints/step_<step>` atomically and point `final` at it; returns its path."""
+                    teacher_state: dict[str, torch.Tensor] | None = None, adapter_config: Any = None,
+                    base_model: dict[str, Any] | None = None) -> Path:
+    """Write `checkpoints/step_<step>` atomically and point `final` at it; returns its path.
+
+    With `adapter_config` (a peft `LoraConfig`) `model_state` is the adapter, written in peft's format, and
+    `base_model` (`base_model_reference`) names the base it adapts."""
     checkpoints = Path(output_dir) / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     remove_orphan_staging(checkpoints)
     target = checkpoints / checkpoint_name(step)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-{os.getpid()}-", dir=checkpoints))
     try:
-        _save_hf_model(staging, model_source, model_state)
+        if adapter_config is not None:
+            from safetensors.torch import save_file
+
+            adapter_config.save_pretrained(staging)
+            save_file({k: v.contiguous() for k, v in model_state.items()}, staging / ADAPTER_WEIGHTS)
+            (staging / BASE_MODEL).write_text(json.dumps(base_model, indent=2))
+        else:
+            _save_hf_model(staging, model_source, model_state)
         tokenizer.save_pretrained(staging)
         torch.save(training_state, staging / TRAINING_STATE)
         torch.save(_rng_states(), staging / RNG_STATE)
@@ -104,6 +126,19 @@ def _save_hf_model(folder: Path, model_source: str, state: dict[str, torch.Tenso
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     skeleton.save_pretrained(folder, state_dict=state)
+
+
+def base_model_reference(name: str, source: str) -> dict[str, Any]:
+    """What a LoRA checkpoint records of its base: the alias/id the user gave, the folder or hub id it resolved
+    to, and for a local folder the sha256 of config.json and each weight file (hashed once per run: 0.3 s for
+    SmolLM2, ~8 s for a 14 GB 7B model at the measured 1.7 GB/s)."""
+    folder = Path(source)
+    files = {}
+    if folder.is_dir():
+        for file in sorted(folder.iterdir()):
+            if file.name == "config.json" or file.suffix in (".safetensors", ".bin"):
+                files[file.name] = _sha256(file)
+    return {"name": name, "source": source, "sha256": files}
 
 
 def _point_final_at(output_dir: Path, target: Path) -> None:
@@ -140,8 +175,10 @@ def _sha256(file: Path) -> str:
 
 def checkpoint_problems(path: Path) -> list[str]:
     """What is wrong with the checkpoint folder `path` (empty when it is complete and matches its manifest)."""
-    problems = [f"{name} is missing" for name in REQUIRED_FILES if not (path / name).is_file()]
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
+    lora = (path / ADAPTER_CONFIG).is_file()
+    problems = [f"{name} is missing" for name in (LORA_REQUIRED_FILES if lora else REQUIRED_FILES)
+                if not (path / name).is_file()]
+    if not lora and not any((path / name).is_file() for name in WEIGHT_FILES):
         problems.append(f"the weights ({' or '.join(WEIGHT_FILES)}) are missing")
     if not (path / MANIFEST).is_file():
         return problems + [f"{MANIFEST} is missing (it is written last, so the save did not finish, or the "
@@ -208,7 +245,7 @@ def validate_checkpoint_dir(path: str | Path) -> Path:
     output_dir, for which the newest complete checkpoint is chosen.
     """
     path = Path(path).expanduser()
-    is_checkpoint = any((path / name).exists() for name in (MANIFEST, TRAINER_STATE, *WEIGHT_FILES))
+    is_checkpoint = any((path / name).exists() for name in (MANIFEST, TRAINER_STATE, ADAPTER_CONFIG, *WEIGHT_FILES))
     if not is_checkpoint and (path / "checkpoints").is_dir():
         latest = latest_complete_checkpoint(path)
         if latest is None:
@@ -249,5 +286,12 @@ def load_checkpoint(path: str | Path) -> CheckpointState:
         from safetensors.torch import load_file
 
         teacher_state = load_file(path / TEACHER_WEIGHTS)
+    adapter_state = base_model = None
+    if (path / ADAPTER_CONFIG).is_file():
+        from safetensors.torch import load_file
+
+        adapter_state = load_file(path / ADAPTER_WEIGHTS)
+        base_model = json.loads((path / BASE_MODEL).read_text())
     return CheckpointState(path=path, step=int(trainer_state["step"]), trainer_state=trainer_state,
-                           training_state=training_state, teacher_state=teacher_state)
+                           training_state=training_state, teacher_state=teacher_state, adapter_state=adapter_state,
+                           base_model=base_model)

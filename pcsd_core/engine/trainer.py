@@ -10,7 +10,8 @@ One training step, top to bottom (`_train_step`):
   2. rollout: the engine samples `rollout.n` responses per student prompt from the current policy;
   3. teacher pass: `compute_distributions` scores the responses after the teacher prompt (no grad);
   4. student pass + update: `update_policy_with_distillation` (ppo_epochs x mini-batches x micro-batches);
-  5. weight sync: the actor's full weights stream into the rollout engine bucket by bucket (step 2 stays on-policy);
+  5. weight sync: the actor's full weights (with LoRA, the adapter alone) stream into the rollout engine bucket by
+     bucket (step 2 stays on-policy);
   6. metrics through `log_metrics(metrics, step)`, a few per-token samples, a checkpoint every K steps.
 
 The actor sits behind `workers.TrainWorkers`: with `train.use_ray` N Ray workers holding FSDP2 shards
@@ -35,6 +36,7 @@ from pcsd_core.errors import ConfigError, DataValidationError, InputNotFoundErro
 from pcsd_core.engine import checkpoint as ckpt
 from pcsd_core import metric_names as names
 from pcsd_core.engine.batch import RolloutBatch, UpdateStats
+from pcsd_core.engine.lora import check_lora_targets, lora_config
 from pcsd_core.config.schema import PCSDConfig
 from pcsd_core.models import check_context_length, load_tokenizer, resolve_device, resolve_model
 from pcsd_core.data.prompts import build_prompt_pair
@@ -107,10 +109,14 @@ class Distiller:
             raise DataValidationError(f"train parquet {str(self.train_parquet)!r} holds no prompts.")
         self._prompt_pairs: dict[int, Any] = {}
         self._check_lengths_fit_the_model()
-        model_path = str(resume) if resume else self.base_model_path
+        # LoRA: the base is loaded, and a resumed adapter is loaded onto it (`_resume`).
+        model_path = str(resume) if resume and not cfg.model.uses_lora else self.base_model_path
+        if cfg.model.uses_lora:
+            self.base_reference = ckpt.base_model_reference(cfg.model.name, self.base_model_path)
         # Frozen and EMA teachers start from the run's initial weights, not from a resumed checkpoint.
         self.workers = build_train_workers(cfg, model_path, device=self.device, teacher_path=self.base_model_path)
-        self.engine = create_rollout_engine(self.cfg, model_path, gpus_in_use=self.workers.local_gpu_ids())
+        self.engine = create_rollout_engine(self.cfg, model_path, gpus_in_use=self.workers.local_gpu_ids(),
+                                            adapter_sync=True)
         if resume:
             self._resume(resume)
 
@@ -121,6 +127,7 @@ class Distiller:
         model_config = AutoConfig.from_pretrained(self.base_model_path, trust_remote_code=self.cfg.model.trust_remote_code)
         longest = max(len(self._prompt_pair(index).teacher_ids) for index in range(len(self.records)))
         check_context_length(self.cfg, model_config, max_prompt_tokens=longest)
+        check_lora_targets(model_config, self.cfg.model)  # LoRA target names against the model's modules
 
     def _resume(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path)
@@ -131,8 +138,21 @@ class Distiller:
                 f"{state.trainer_state.get('seed')}, but this run has {len(self.records)} prompts and seed "
                 f"{self.cfg.train.seed}; the data order would differ. Use the same train parquet and train.seed."
             )
-        self.workers.load_training_state(state.training_state, state.teacher_state)
+        training_state = state.training_state
+        if self.cfg.model.uses_lora:
+            self._check_same_base(path, state.base_model)
+            training_state = {**training_state, "adapter": state.adapter_state}
+        self.workers.load_training_state(training_state, state.teacher_state)
         self.start_step = state.step
+        if self.cfg.model.uses_lora:
+            self._sync_weights()  # the engine holds the base and a fresh adapter: give it the resumed one
+
+    def _check_same_base(self, path: Path, saved: dict[str, Any] | None) -> None:
+        if saved is None or saved.get("sha256") != self.base_reference["sha256"]:
+            raise ConfigError(
+                f"train.resume_from ({str(path)!r}) holds a LoRA adapter of base {(saved or {}).get('source')!r}, "
+                f"whose files differ from this run's base {self.base_model_path!r} (model.name "
+                f"{self.cfg.model.name!r}, model.lora_rank {self.cfg.model.lora_rank}); resume with the same base.")
 
     # ---- the loop ----------------------------------------------------------------------------------
 
@@ -203,7 +223,8 @@ class Distiller:
         return self._prompt_pairs[record_index]
 
     def _sync_weights(self) -> None:
-        """Stream the actor's weights into the engine one bucket at a time (extra memory: about one bucket)."""
+        """Stream the actor's weights (LoRA: the adapter) into the engine one bucket at a time (extra memory: about
+        one bucket)."""
         self.engine.wake()
         buckets = self.workers.iter_state_dict_buckets("student", self.cfg.train.weight_sync_bucket_mb * 2**20)
         self.engine.update_weights(drain(buckets))
@@ -274,10 +295,14 @@ class Distiller:
         teacher_state = self.workers.full_state_dict("teacher") if self.cfg.train.teacher_mode == "ema" else None
         trainer_state = {"seed": self.cfg.train.seed, "num_records": len(self.records),
                          "prompts_per_step": self.cfg.train.prompts_per_step, "base_model": self.base_model_path}
+        lora_files = {}
+        if self.cfg.model.uses_lora:  # the adapter alone, in peft's format, and the base it adapts
+            lora_files = {"adapter_config": lora_config(self.cfg.model, self.base_model_path),
+                          "base_model": self.base_reference}
         path = ckpt.save_checkpoint(self.output_dir, step, model_source=self.base_model_path,
                                     model_state=self.workers.full_state_dict("student"), tokenizer=self.tokenizer,
                                     training_state=training_state, trainer_state=trainer_state,
-                                    teacher_state=teacher_state)
+                                    teacher_state=teacher_state, **lora_files)
         if self.on_checkpoint is not None:
             self.on_checkpoint(path)
         return path

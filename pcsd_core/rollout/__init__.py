@@ -13,10 +13,13 @@ __all__ = ["Generation", "RolloutEngine", "SamplingParams", "create_rollout_engi
 
 
 def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | None = None, *,
-                          gpus_in_use: Sequence[int] = (), syncs_weights: bool = True) -> RolloutEngine:
+                          gpus_in_use: Sequence[int] = (), syncs_weights: bool = True,
+                          adapter_sync: bool = False) -> RolloutEngine:
     """Build the engine named by `cfg.rollout.engine` for the model at `model_path`.
 
     `batch_size` overrides `rollout.batch_size` for the HF engine (evaluation uses `eval.batch_size`).
+    `adapter_sync` (training with `model.lora_rank >= 1`): the engine holds `model_path` as the base plus a LoRA
+    adapter, and weight sync ships the adapter alone. Evaluation loads a model (or a merged adapter) as is.
 
     `hf` runs on `cfg.train.device` ("auto" = cuda when available). `sglang` placement follows
     `cfg.rollout.placement`: colocated shares the actor's first GPU (tp = rollout.num_gpus or 1). With placement
@@ -38,6 +41,7 @@ def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | No
             batch_size=batch_size or rollout.batch_size,
             attn_implementation=cfg.model.attn_implementation,
             trust_remote_code=cfg.model.trust_remote_code,
+            lora=cfg.model if adapter_sync and cfg.model.uses_lora else None,
         )
     if rollout.engine == "sglang":
         from pcsd_core.rollout.sglang import NcclWeightBroadcaster, SGLangRolloutEngine
@@ -46,7 +50,8 @@ def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | No
         base_gpu_id, broadcaster = 0, None
         if rollout.placement == "split":
             base_gpu_id = first_free_gpus(gpus_in_use, tp_size)
-        if rollout.placement == "split" and syncs_weights:
+        lora_sync = adapter_sync and cfg.model.uses_lora  # the adapter goes in one API call: no NCCL group
+        if rollout.placement == "split" and syncs_weights and not lora_sync:
             sender = weight_sync_sender_gpu(gpus_in_use, base_gpu_id, tp_size)
             broadcaster = NcclWeightBroadcaster(device=f"cuda:{sender}")
         return SGLangRolloutEngine(
@@ -58,6 +63,7 @@ def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | No
             dtype=cfg.model.dtype,
             seed=cfg.train.seed,
             broadcaster=broadcaster,
+            lora=cfg.model if adapter_sync and cfg.model.uses_lora else None,
         )
     raise ConfigError(f"rollout.engine ({rollout.engine!r}) must be 'hf' or 'sglang'.")
 

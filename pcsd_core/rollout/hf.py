@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -48,7 +49,10 @@ class HFRolloutEngine:
         batch_size: int = 16,
         attn_implementation: str = "sdpa",
         trust_remote_code: bool = False,
+        lora: Any = None,
     ) -> None:
+        """`lora`: a `ModelConfig` with `lora_rank >= 1`: the engine holds the base plus an adapter of that shape,
+        and `update_weights` takes the adapter's tensors alone (peft file names)."""
         if batch_size < 1:
             raise ValueError(f"HFRolloutEngine batch_size ({batch_size}) must be >= 1 (prompts per generate call).")
         if dtype not in DTYPES:
@@ -64,6 +68,15 @@ class HFRolloutEngine:
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
         )
+        self.lora = lora is not None and lora.uses_lora
+        self._peft_model = None
+        if self.lora:
+            from pcsd_core.engine.lora import add_lora
+
+            # A zero-initialised B: until the first sync the engine samples from the base, as the actor does. peft
+            # injects the adapter into the model's own layers, so decoding calls the model as before; the peft
+            # wrapper is kept for the adapter's names.
+            self._peft_model = add_lora(self.model, lora)
         self.model.eval()
         self.model.requires_grad_(False)
         # config.json ∪ generation_config.json, the set SGLang stops on too.
@@ -178,7 +191,7 @@ class HFRolloutEngine:
         """
         if self._asleep:
             raise RuntimeError("HFRolloutEngine.update_weights called while asleep; call wake() first.")
-        targets = self.model.state_dict()  # name -> tensor sharing storage with the live parameters
+        targets = self._sync_targets()  # name -> tensor sharing storage with the live parameters
         spans: dict[str, list[tuple[int, int]]] = {}
         for piece in map(as_piece, named_tensors):
             if piece.name not in targets:
@@ -194,12 +207,23 @@ class HFRolloutEngine:
         if partial:
             raise ValueError(f"update_weights got the rows of {partial[:3]} incompletely or more than once "
                              f"(e.g. {sorted(spans[partial[0]])[:4]} of {rows_of(targets[partial[0]])}).")
-        required = {name for name, _ in self.model.named_parameters()}  # tied aliases appear once
-        missing = sorted(required - set(spans) - _tied_aliases_received(self.model, set(spans)))
+        if self.lora:
+            missing = sorted(set(targets) - set(spans))
+        else:
+            required = {name for name, _ in self.model.named_parameters()}  # tied aliases appear once
+            missing = sorted(required - set(spans) - _tied_aliases_received(self.model, set(spans)))
         if missing:
             raise ValueError(
                 f"update_weights is missing {len(missing)} parameter(s), e.g. {missing[:3]}; send the full state dict."
             )
+
+    def _sync_targets(self) -> dict[str, torch.Tensor]:
+        """What a sync writes: every weight by Hugging Face name, or with LoRA the adapter by peft file name."""
+        if self.lora:
+            from pcsd_core.engine.lora import adapter_items
+
+            return dict(adapter_items(self._peft_model))
+        return self.model.state_dict()
 
     def sleep(self) -> None:
         """On CUDA move the weights to host memory and free the cache; on CPU there is nothing to free."""
@@ -215,7 +239,7 @@ class HFRolloutEngine:
         self._asleep = False
 
     def close(self) -> None:
-        self.model = None
+        self.model = self._peft_model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -30,6 +30,13 @@ Placement decides how weights move and whether the engine sleeps:
 The rank-0 side is a `WeightBroadcaster`; the default one joins the group in this process with
 SGLang's `init_custom_process_group`, sending from the GPU it is given: `create_rollout_engine` gives it the
 actor's own GPU (`weight_sync_sender_gpu`), never one of the rollout's.
+
+LoRA (`lora=`, a `ModelConfig` with `lora_rank >= 1`): the engine launches with `enable_lora`, `max_lora_rank`
+and `lora_target_modules`, holds the base for the whole run, and `update_weights` replaces the adapter
+`ADAPTER_NAME` with `unload_lora_adapter` + `load_lora_adapter_from_tensors` (its config as peft's dict), in
+either placement: the adapter is megabytes, so it goes in one call and needs no NCCL group. `generate` then asks
+for that adapter (`lora_path`). Sleep releases the KV cache and CUDA graphs only: SGLang leaves released weights
+undefined, and the base is never sent again.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ SGLANG_INSTALL_HINT = (
 )
 PLACEMENTS = ("colocated", "split")
 DEFAULT_BUCKET_BYTES = 512 << 20  # tensors per weight-sync call; bounds the staging memory SGLang needs
+ADAPTER_NAME = "pcsd_policy"  # the one LoRA adapter the engine serves (LoRA runs), replaced at each sync
 # SGLang's memory tags (sglang/srt/constants.py GPU_MEMORY_TYPE_*), in the order they come back on wake.
 WEIGHTS_TAGS = ["weights"]
 CACHE_TAGS = ["kv_cache", "cuda_graph"]
@@ -132,6 +140,7 @@ class SGLangRolloutEngine:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         rendezvous_timeout_s: float = 600.0,
         gpu_memory_probe: Callable[[], tuple[int, int]] | None = None,
+        lora: Any = None,
     ) -> None:
         _check_options(placement, tp_size, base_gpu_id, mem_fraction_static, bucket_bytes)
         self.placement = placement
@@ -152,9 +161,11 @@ class SGLangRolloutEngine:
         self.eos_token_ids = set(eos_token_ids) if eos_token_ids is not None else set(load_eos_token_ids(model_path))
         self.model_path = model_path
         self._token_texts: TokenTexts | None = None  # the tokenizer, loaded on the first stop_at_answer
+        self.lora = lora if lora is not None and lora.uses_lora else None
+        self._adapter_loaded = False
         if engine is None:
             kwargs = engine_kwargs(model_path, placement, tp_size, base_gpu_id, mem_fraction_static, dtype, seed)
-            engine = sglang.Engine(**kwargs)
+            engine = sglang.Engine(**kwargs, **lora_engine_kwargs(self.lora))
         self.engine = engine
         # Split placement syncs through it; None for an engine that never receives weights (evaluation).
         self.broadcaster = broadcaster if placement == "split" else None
@@ -176,7 +187,9 @@ class SGLangRolloutEngine:
         # order is explicit; the radix cache shares the repeated prompt's KV anyway.
         input_ids = [list(ids) for ids in prompt_ids for _ in range(n)]
         sampling_params = to_sglang_sampling_params(sampling, num_requests=len(input_ids))
-        outputs = self.engine.generate(input_ids=input_ids, sampling_params=sampling_params)
+        # Before the first sync the adapter is the initial one (B = 0), i.e. the base: no lora_path.
+        adapter = {"lora_path": [ADAPTER_NAME] * len(input_ids)} if self._adapter_loaded else {}
+        outputs = self.engine.generate(input_ids=input_ids, sampling_params=sampling_params, **adapter)
         if len(outputs) != len(input_ids):
             raise RuntimeError(f"sglang returned {len(outputs)} outputs for {len(input_ids)} requests.")
         generations = [parse_output(output, row // n, self.eos_token_ids) for row, output in enumerate(outputs)]
@@ -206,6 +219,9 @@ class SGLangRolloutEngine:
         """
         if self._memory == "released":
             raise RuntimeError("SGLangRolloutEngine.update_weights called after sleep(); call wake() first.")
+        if self.lora is not None:
+            self._load_adapter(named_tensors)
+            return
         # One bucket of look-ahead (to know which is last) instead of a list of all: the caller may stream the
         # weights from the train workers, and holding them all would cost the whole model.
         buckets = bucketed(whole_tensors(named_tensors), tensor_bytes, self.bucket_bytes)
@@ -228,9 +244,30 @@ class SGLangRolloutEngine:
             self._resume(CACHE_TAGS, self._released_bytes["cache"], "its KV cache and CUDA graphs")
             self._memory = "resident"
 
+    def _load_adapter(self, named_tensors: Iterable[tuple]) -> None:
+        """Replace the adapter: the whole adapter (megabytes) in one call, under the same name."""
+        tensors = dict(whole_tensors(named_tensors))
+        if not tensors:
+            raise ValueError("update_weights got no adapter tensors; with LoRA pass the adapter's (name, tensor) pairs.")
+        if self._adapter_loaded:
+            _check_result("unload_lora_adapter", self.engine.unload_lora_adapter(lora_name=ADAPTER_NAME))
+        result = self.engine.load_lora_adapter_from_tensors(lora_name=ADAPTER_NAME, tensors=tensors,
+                                                            config_dict=sglang_lora_config(self.lora))
+        _check_result("load_lora_adapter_from_tensors", result)
+        self._adapter_loaded = True
+        if self._memory == "weights_only":  # the KV cache and CUDA graphs come back (the base never left)
+            self._resume(CACHE_TAGS, self._released_bytes["cache"], "its KV cache and CUDA graphs")
+            self._memory = "resident"
+
     def sleep(self) -> None:
-        """Colocated: free the KV cache and CUDA graphs, then the weights. Split: nothing to free."""
+        """Colocated: free the KV cache and CUDA graphs, then the weights (not with LoRA: the base stays). Split:
+        nothing to free."""
         if self.placement != "colocated" or self._memory == "released":
+            return
+        if self.lora is not None:
+            if self._memory == "resident":
+                self._released_bytes["cache"] = self._release(CACHE_TAGS)
+                self._memory = "weights_only"  # generate needs update_weights first, which resumes the cache
             return
         if self._memory == "resident":
             self._released_bytes["cache"] = self._release(CACHE_TAGS)
@@ -336,6 +373,20 @@ def engine_kwargs(model_path, placement, tp_size, base_gpu_id, mem_fraction_stat
     }
 
 
+def lora_engine_kwargs(lora: Any) -> dict:
+    """`sglang.Engine` keyword arguments (ServerArgs fields) that enable LoRA for `lora` (a ModelConfig), or {}."""
+    if lora is None:
+        return {}
+    return {"enable_lora": True, "max_lora_rank": lora.lora_rank, "lora_target_modules": list(lora.lora_targets),
+            "max_loras_per_batch": 1}
+
+
+def sglang_lora_config(lora: Any) -> dict:
+    """The adapter config SGLang's `LoRAConfig(config_dict=...)` reads: peft's adapter_config.json keys."""
+    return {"peft_type": "LORA", "r": lora.lora_rank, "lora_alpha": lora.lora_alpha,
+            "target_modules": list(lora.lora_targets), "lora_dropout": 0.0, "bias": "none"}
+
+
 def to_sglang_sampling_params(sampling: SamplingParams, num_requests: int) -> dict | list[dict]:
     """Our SamplingParams -> SGLang's sampling_params (keys of `sglang.srt.sampling.SamplingParams`).
 
@@ -421,7 +472,10 @@ def _check_options(placement, tp_size, base_gpu_id, mem_fraction_static, bucket_
 
 
 def _check_result(operation: str, result: Any) -> None:
-    """SGLang's control calls answer (success, message); raise with the message on failure."""
+    """SGLang's control calls answer (success, message), its LoRA calls a `LoRAUpdateOutput` (success,
+    error_message); raise with the message on failure."""
     if isinstance(result, tuple) and len(result) >= 1 and result[0] is False:
         message = result[1] if len(result) > 1 else ""
         raise RuntimeError(f"sglang {operation} failed: {message}")
+    if getattr(result, "success", None) is False:
+        raise RuntimeError(f"sglang {operation} failed: {getattr(result, 'error_message', '')}")

@@ -106,3 +106,19 @@ def test_refusal_in_a_fresh_process_takes_seconds_and_downloads_nothing(tmp_path
     assert completed.returncode != 0 and "HardwareError" in completed.stderr
     assert "needs 8 CUDA GPU(s) with >= 40 GB each" in completed.stderr
     assert not (tmp_path / ".cache" / "huggingface").exists()
+
+
+def test_the_7b_recipe_says_what_each_mode_needs():
+    """Full fine-tuning: 8 GPUs of >= 40 GB, and the refusal names the LoRA way; LoRA: one GPU of >= 80 GB."""
+    lora_preset = load_config(REPO_ROOT / "configs" / "gpu_gsm8k_7b_lora.yaml")
+    assert lora_preset.model.lora_rank == 16 and lora_preset.train.num_workers == 1
+    assert lora_preset.rollout.placement == "colocated"
+    with pytest.raises(HardwareError) as full:
+        check_hardware(load_config(PRESET_7B), visible_gpus=1, gpu_memory_gb=[80.0])
+    assert "needs 8 CUDA GPU(s) with >= 40 GB" in str(full.value)
+    assert "LoRA adapter on 1 GPU(s) with >= 80 GB (configs/gpu_gsm8k_7b_lora.yaml, untested on GPU)" in str(full.value)
+    check_hardware(lora_preset, visible_gpus=1, gpu_memory_gb=[80.0])  # one 80 GB GPU is enough
+    with pytest.raises(HardwareError, match=r"needs 1 CUDA GPU\(s\) with >= 80 GB.*too small here: cuda:0 40 GB"):
+        check_hardware(lora_preset, visible_gpus=1, gpu_memory_gb=[40.0])
+    with pytest.raises(HardwareError, match=r"needs 1 CUDA GPU\(s\) with >= 80 GB .*LoRA rank 16"):
+        check_hardware(lora_preset, visible_gpus=0)

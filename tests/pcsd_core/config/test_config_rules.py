@@ -28,6 +28,10 @@ BAD_VALUES: dict[str, list] = {
     "model.attn_implementation": ["bogus", "", "flash_attention"],
     "model.trust_remote_code": ["maybe", 2],
     "model.gradient_checkpointing": ["maybe"],
+    "model.lora_rank": [-1, 1.5, "sixteen"],
+    "model.lora_alpha": [0, -8.0, NAN],
+    "model.lora_dropout": [-0.1, 1.0],
+    "model.lora_target_modules": ["", "q_proj,", "q proj", "q_proj,lm_head", "embed_tokens", 5],
     "data.path": ["   ", "data\x00", 3],
     "data.hub_name": [""],
     "data.hub_config": [" main"],
@@ -96,6 +100,7 @@ BAD_VALUES: dict[str, list] = {
     "eval.batch_size": [0],
     "register.promote_if": ["maybe"],
     "register.alpha": [0, 1.0, NAN],
+    "register.merge_adapter": ["maybe"],  # true without model.lora_rank: tests/pcsd_core/engine/test_lora.py
 }
 SECTIONS_WITH_TYPE_RULES = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig, "train": TrainConfig,
                             "eval": EvalConfig, "register": RegisterConfig}

@@ -19,8 +19,12 @@ behaviour of the pinned release and fails loudly where the real engine would mis
 - finish reasons: the length limit is checked before EOS, so EOS sampled as the last allowed token
   reports "length" (schedule_batch.Req.check_finished).
 
-Generation is scripted: 3 content tokens derived from the prompt and the weights' checksum, then EOS,
-so a test can see that new weights reached the engine.
+- LoRA (`lora_enabled`, the engine launched with enable_lora): `load_lora_adapter_from_tensors` under a name
+  already loaded fails, as does `unload_lora_adapter` of an unknown name (a `LoRAUpdateOutput` with
+  success False); a `generate` naming an adapter not loaded crashes; without enable_lora the LoRA calls fail.
+
+Generation is scripted: 3 content tokens derived from the prompt and the weights' checksum (and the adapter's,
+when a request names one), then EOS, so a test can see that new weights reached the engine.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import types
 
 import torch
 
@@ -48,7 +53,10 @@ class FakeSGLangEngine:
         timeout_s: float = 5.0,
         tag_bytes: dict[str, int] | None = None,
         gpu_total_bytes: int = 100 << 30,
+        lora_enabled: bool = False,
     ):
+        self.lora_enabled = lora_enabled
+        self.adapters: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}  # name -> (tensors, config_dict)
         self.weights = {name: tensor.detach().clone() for name, tensor in state_dict.items()}
         self.eos_token_id = eos_token_id
         self.timeout_s = timeout_s
@@ -99,11 +107,17 @@ class FakeSGLangEngine:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
         if len(params) != len(input_ids):
             raise ProtocolError(f"{len(params)} sampling_params for {len(input_ids)} requests")
-        return [self._respond(ids, request_params) for ids, request_params in zip(input_ids, params)]
+        lora_paths = kwargs.get("lora_path") or [None] * len(input_ids)
+        if len(lora_paths) != len(input_ids) or any(path is not None and path not in self.adapters for path in lora_paths):
+            self._crash(f"generate names LoRA adapters {lora_paths} but only {sorted(self.adapters)} are loaded")
+        return [self._respond(ids, request_params, path) for ids, request_params, path in
+                zip(input_ids, params, lora_paths)]
 
-    def _respond(self, ids: list[int], params: dict) -> dict:
-        """3 content tokens derived from the prompt and weights, then EOS, cut at max_new_tokens."""
-        base = sum(ids) + self.weights_checksum() + int(params.get("sampling_seed") or 0)
+    def _respond(self, ids: list[int], params: dict, lora_path: str | None = None) -> dict:
+        """3 content tokens derived from the prompt, weights and adapter, then EOS, cut at max_new_tokens."""
+        adapter = self.adapters[lora_path][0] if lora_path else {}
+        adapter_sum = int(sum(float(t.double().abs().sum()) for t in adapter.values()) * 1000) % 997
+        base = sum(ids) + self.weights_checksum() + adapter_sum + int(params.get("sampling_seed") or 0)
         limit = params["max_new_tokens"]
         tokens = ([10 + (base + step) % 50 for step in range(3)] + [self.eos_token_id])[:limit]
         if len(tokens) >= limit:  # the length check runs before the EOS check
@@ -125,6 +139,26 @@ class FakeSGLangEngine:
         for name, tensor in named_tensors:
             self._load(name, tensor)
         return True, "Succeeded to update model weights."
+
+    # ---- LoRA adapters (the pinned Engine's signatures) -------------------------------------------
+
+    def load_lora_adapter_from_tensors(self, lora_name, tensors, config_dict, load_format=None):
+        self._record("load_lora_adapter_from_tensors", lora_name=lora_name, names=sorted(tensors),
+                     config_dict=config_dict, load_format=load_format)
+        if not self.lora_enabled:
+            return types.SimpleNamespace(success=False, error_message="LoRA is not enabled; launch with enable_lora")
+        if lora_name in self.adapters:
+            return types.SimpleNamespace(success=False, error_message=f"adapter {lora_name!r} is already loaded")
+        if load_format is not None or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ProtocolError("plain tensors need load_format=None")
+        self.adapters[lora_name] = ({n: t.detach().clone() for n, t in tensors.items()}, dict(config_dict))
+        return types.SimpleNamespace(success=True, error_message=None)
+
+    def unload_lora_adapter(self, lora_name):
+        self._record("unload_lora_adapter", lora_name=lora_name)
+        if self.adapters.pop(lora_name, None) is None:
+            return types.SimpleNamespace(success=False, error_message=f"adapter {lora_name!r} is not loaded")
+        return types.SimpleNamespace(success=True, error_message=None)
 
     def release_memory_occupation(self, tags=None):
         self._record("release_memory_occupation", tags=tags)

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pcsd_core.config.loader import config_from_dict
 from pcsd_core.rollout import sglang as adapter
 from pcsd_core.rollout.base import SamplingParams
 
@@ -128,6 +129,21 @@ def recorded_calls(tmp_path_factory) -> list[tuple[str, tuple, dict]]:
             engine.generate([[1, 2]], n=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=4))
             engine.close()
             calls += recorder.calls
+        # LoRA (model.lora_rank >= 1): the adapter is loaded by tensors, replaced at the next sync.
+        lora = config_from_dict({"model": {"lora_rank": 8}}).model
+        adapter_tensors = [("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", torch.zeros(8, 2))]
+        for placement in adapter.PLACEMENTS:
+            engine = adapter.SGLangRolloutEngine(str(model_dir), placement=placement, broadcaster=NullBroadcaster(),
+                                                 lora=lora)
+            recorder = engine.engine
+            for _ in range(2):
+                engine.generate([[1, 2]], n=2, sampling=sampling)
+                engine.sleep()
+                engine.wake()
+                engine.update_weights(adapter_tensors)
+            engine.generate([[1, 2]], n=1, sampling=sampling)
+            engine.close()
+            calls += recorder.calls
     return calls
 
 
@@ -149,7 +165,8 @@ def test_engine_is_constructed_with_server_args_fields_only(sglang_dir, recorded
     server_args = _class(_parse(sglang_dir / "srt" / "server_args.py"), "ServerArgs")
     fields = {node.target.id for node in server_args.body if isinstance(node, ast.AnnAssign)}
     constructions = [kwargs for method, _, kwargs in recorded_calls if method == "__init__"]
-    assert len(constructions) == len(adapter.PLACEMENTS)
+    assert len(constructions) == 2 * len(adapter.PLACEMENTS)  # full fine-tuning and LoRA
+    assert any(kwargs.get("enable_lora") for kwargs in constructions)
     for kwargs in constructions:
         assert set(kwargs) <= fields, f"not ServerArgs fields in sglang {PIN}: {sorted(set(kwargs) - fields)}"
     # `dtype` is checked against the CLI's choices, the only place the release lists them.
@@ -190,6 +207,7 @@ def test_the_recorder_saw_every_engine_method_the_adapter_names():
     assert named == {
         "generate", "update_weights_from_tensor", "update_weights_from_distributed", "init_weights_update_group",
         "destroy_weights_update_group", "release_memory_occupation", "resume_memory_occupation", "shutdown",
+        "load_lora_adapter_from_tensors", "unload_lora_adapter",
     }
 
 
@@ -197,7 +215,27 @@ def test_recorded_calls_cover_every_method_named(recorded_calls):
     assert {method for method, _, _ in recorded_calls} - {"__init__"} == {
         "generate", "update_weights_from_tensor", "update_weights_from_distributed", "init_weights_update_group",
         "destroy_weights_update_group", "release_memory_occupation", "resume_memory_occupation", "shutdown",
+        "load_lora_adapter_from_tensors", "unload_lora_adapter",
     }
+
+
+def test_lora_adapter_config_has_every_key_sglang_reads(sglang_dir, recorded_calls):
+    """`LoRAConfig(config_dict=...)` reads `hf_config[<key>]`; our dict has each key, and generate names the
+    loaded adapter."""
+    tree = _parse(sglang_dir / "srt" / "lora" / "lora_config.py")
+    read = {node.slice.value for node in ast.walk(tree) if isinstance(node, ast.Subscript)
+            and isinstance(node.value, ast.Attribute) and node.value.attr == "hf_config"
+            and isinstance(node.slice, ast.Constant)}
+    assert {"r", "lora_alpha", "target_modules"} <= read
+    loads = [kwargs for method, _, kwargs in recorded_calls if method == "load_lora_adapter_from_tensors"]
+    assert loads and all(read <= set(kwargs["config_dict"]) for kwargs in loads)
+    unloads = [kwargs for method, _, kwargs in recorded_calls if method == "unload_lora_adapter"]
+    assert len(unloads) == len(loads) - len(adapter.PLACEMENTS)  # each sync after the first replaces the adapter
+    named = [kwargs["lora_path"] for method, _, kwargs in recorded_calls if method == "generate" and "lora_path" in kwargs]
+    assert named and all(set(paths) == {adapter.ADAPTER_NAME} for paths in named)
+    # The LoRA calls answer a LoRAUpdateOutput, whose fields `_check_result` reads.
+    output = _class(_parse(sglang_dir / "srt" / "managers" / "io_struct.py"), "LoRAUpdateOutput")
+    assert {"success", "error_message"} <= {node.target.id for node in output.body if isinstance(node, ast.AnnAssign)}
 
 
 def test_memory_tags_are_the_pinned_ones(sglang_dir, recorded_calls):

@@ -327,3 +327,55 @@ def test_missing_sglang_gives_install_hint(monkeypatch, tmp_path):
 def test_bad_placement_fails_before_launch():
     with pytest.raises(ValueError, match="rollout.placement \\('nearby'\\) must be one of"):
         SGLangRolloutEngine("unused", placement="nearby")
+
+
+def test_lora_sync_replaces_the_adapter_by_tensors_and_keeps_the_base_resident(rollout_and_actor):
+    """LoRA, colocated: sleep releases the KV cache and CUDA graphs only (the base is never re-sent); each sync
+    replaces the adapter under one name; generate asks for it once loaded."""
+    from pcsd_core.config.loader import config_from_dict
+    from pcsd_core.rollout.sglang import ADAPTER_NAME
+
+    rollout_weights, _ = rollout_and_actor
+    fake = FakeSGLangEngine(rollout_weights, eos_token_id=EOS, lora_enabled=True)
+    lora = config_from_dict({"model": {"lora_rank": 2, "lora_alpha": 4.0}}).model
+    engine = _colocated(fake, lora=lora)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8)
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    outputs = [engine.generate(PROMPTS, n=1, sampling=sampling)]
+    for value in (1.0, 2.0):
+        engine.sleep()
+        with pytest.raises(RuntimeError, match="without update_weights"):
+            engine.generate(PROMPTS, n=1, sampling=sampling)  # the cache is gone until the sync
+        engine.wake()
+        engine.update_weights([(name, torch.full((16, 2), value))])
+        outputs.append(engine.generate(PROMPTS, n=1, sampling=sampling))
+    engine.close()
+
+    assert [(method, kwargs.get("tags"), kwargs.get("lora_name")) for method, kwargs in fake.calls] == [
+        ("generate", None, None),
+        ("release_memory_occupation", ["kv_cache", "cuda_graph"], None),
+        ("load_lora_adapter_from_tensors", None, ADAPTER_NAME),
+        ("resume_memory_occupation", ["kv_cache", "cuda_graph"], None),
+        ("generate", None, None),
+        ("release_memory_occupation", ["kv_cache", "cuda_graph"], None),
+        ("unload_lora_adapter", None, ADAPTER_NAME),
+        ("load_lora_adapter_from_tensors", None, ADAPTER_NAME),
+        ("resume_memory_occupation", ["kv_cache", "cuda_graph"], None),
+        ("generate", None, None),
+        ("shutdown", None, None),
+    ]
+    generates = [kwargs for method, kwargs in fake.calls if method == "generate"]
+    assert "lora_path" not in generates[0] and all(g["lora_path"] == [ADAPTER_NAME] * len(PROMPTS) for g in generates[1:])
+    assert torch.equal(fake.adapters[ADAPTER_NAME][0][name], torch.full((16, 2), 2.0))
+    assert fake.adapters[ADAPTER_NAME][1]["r"] == 2 and fake.adapters[ADAPTER_NAME][1]["lora_alpha"] == 4.0
+    _assert_engine_holds(fake, rollout_weights)  # the base was never released nor re-sent
+    assert len({tuple(tuple(g.response_ids) for g in out) for out in outputs}) == 3  # each adapter changes the samples
+
+
+def test_lora_calls_fail_loudly_when_sglang_refuses(rollout_and_actor):
+    from pcsd_core.config.loader import config_from_dict
+
+    fake = FakeSGLangEngine(rollout_and_actor[0], eos_token_id=EOS, lora_enabled=False)
+    engine = _colocated(fake, lora=config_from_dict({"model": {"lora_rank": 2}}).model)
+    with pytest.raises(RuntimeError, match="load_lora_adapter_from_tensors failed: LoRA is not enabled"):
+        engine.update_weights([("x.lora_A.weight", torch.zeros(2, 2))])
