@@ -75,7 +75,8 @@ def test_7b_on_this_cpu_machine_stops_at_once_with_the_way_out():
         assert time.perf_counter() - started < 1.0
         message = str(caught.value)
         assert "'deepseek-math-7b-base' needs 8 CUDA GPU(s) with >= 40 GB each" in message
-        assert "python flows/pcsd_flow.py run   (no --model" in message
+        # The library names the way out as presets; the flow's start step adds the commands (tests/steps/test_plan.py).
+        assert "the embedded CPU default (model smollm2-135m, preset configs/cpu_smollm2.yaml)" in message
         assert "configs/gpu_gsm8k_7b.yaml" in message
     check_hardware(load_config(REPO_ROOT / "configs" / "cpu_smollm2.yaml"))  # the CPU default passes
 

@@ -155,7 +155,7 @@ def test_setup_errors_are_clear_and_early(tiny_model_dir, train_parquet, tmp_pat
         tiny_config(tiny_model_dir, tmp_path, **{"rollout.placement": "split"})
     on_storage = tiny_config(tiny_model_dir, tmp_path, **{"train.output_dir": "s3://bucket/run"})
     with pytest.raises(ValueError, match=r"train.output_dir \('s3://bucket/run'\) is a URI; the engine writes to a "
-                                         r"local folder\. The flow .* stages a URI"):
+                                         r"local folder\. A caller with a storage URI stages it"):
         Distiller(on_storage, train_parquet)  # refused before anything is loaded
 
 
