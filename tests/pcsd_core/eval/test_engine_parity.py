@@ -80,7 +80,7 @@ class ScriptedSGLang(FakeSGLangEngine):
         super().__init__(state_dict, eos_token_id=eos_id)
         self.tokenizer = tokenizer
 
-    def _respond(self, ids, params):
+    def _respond(self, ids, params, lora_path=None):
         tokens = script_ids(self.tokenizer, ids, self.eos_token_id)[: params["max_new_tokens"]]
         if self.eos_token_id in tokens:
             tokens = tokens[: tokens.index(self.eos_token_id) + 1]
