@@ -54,6 +54,13 @@ HEADLINE_METRIC = eval_metric("", "gsm8k_accuracy_strict")  # what the registry 
 # A distilled model against the base model on the same questions (paired): `eval/vs_base/<mode>/<statistic>`,
 # statistics `difference` (+ interval), `mcnemar_p`, `only_a` (right only after training), `only_b` (only before).
 PAIRED_PREFIX = "eval/vs_base/"
+def examples_table(phase: str) -> str:
+    """The per-question table of an evaluated model on its run: 'eval/after_examples.json'."""
+    if phase not in EVAL_PHASES:
+        raise ValueError(f"evaluation phase ({phase!r}) must be one of {EVAL_PHASES}.")
+    return f"eval/{phase}_examples.json"
+
+
 PAIRED_TESTS_ARTIFACT = "eval/paired_tests.json"  # on the parent run: every pair of branches, same statistics
 BEST_BRANCH_RULE = "highest strict accuracy after training, then flexible accuracy, then branch label (A-Z)"
 

@@ -21,7 +21,7 @@ from pcsd_core.config.schema import PCSDConfig
 from pcsd_core.eval.evaluation import TABLE_COLUMNS, Evaluation, evaluate_model
 from pcsd_core.eval.metrics import compare_paired
 from pcsd_core.rollout.base import RolloutEngine
-from steps.contract import ACCURACY_METRICS, PAIRED_PREFIX, eval_metric
+from steps.contract import ACCURACY_METRICS, PAIRED_PREFIX, eval_metric, examples_table
 from steps import storage, tracking
 from steps.plan import Branch
 
@@ -62,7 +62,7 @@ def log_evaluation(run_id: str, result: EvalResult, phase: str) -> None:
     mlflow.set_tracking_uri(tracking.tracking_uri())
     tracking.log_metrics(run_id, result.metrics(phase))
     table = {column: [row[column] for row in result.examples] for column in TABLE_COLUMNS}
-    mlflow.log_table(data=table, artifact_file=f"eval/{phase}_examples.json", run_id=run_id)
+    mlflow.log_table(data=table, artifact_file=examples_table(phase), run_id=run_id)
 
 
 @dataclass(frozen=True)

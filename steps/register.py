@@ -32,7 +32,7 @@ from pathlib import Path
 from pcsd_core.errors import InputNotFoundError
 from pcsd_core.eval.metrics import ResponseScore, compare_paired
 from steps.contract import (HEADLINE_METRIC, PAIRED_PREFIX, TAG_BRANCH, TAG_EVAL_METRIC, TAG_EVAL_VALUE,
-                            TAG_FLOW_RUN_ID, TAG_PROMOTION)
+                            TAG_FLOW_RUN_ID, TAG_PROMOTION, examples_table)
 from steps import storage, tracking
 from steps.join import BranchOutcome
 from steps.plan import slug
@@ -303,7 +303,7 @@ def _held_out_scores(run_id: str) -> HeldOutScores | None:
     import mlflow
 
     try:
-        table = mlflow.load_table("eval/after_examples.json", run_ids=[run_id])
+        table = mlflow.load_table(examples_table("after"), run_ids=[run_id])
     except Exception:  # an older version, or a run from elsewhere: no paired test possible
         return None
     rows = table.to_dict("records")

@@ -26,8 +26,8 @@ from typing import Any, Literal, get_args, get_type_hints
 
 import yaml
 
-from pcsd_core.config.schema import PCSDConfig, _require
-from pcsd_core.errors import ConfigError, InputNotFoundError
+from pcsd_core.config.schema import PCSDConfig
+from pcsd_core.errors import ConfigError, InputNotFoundError, require
 
 def read_preset_yaml(path: str | Path) -> dict[str, Any]:
     """The sections of a YAML preset file as plain dicts (see `read_preset_text`); the file must be UTF-8."""
@@ -57,11 +57,11 @@ def read_preset_text(text: str, where: str = "config preset") -> dict[str, Any]:
                          "a missing ':').") from None
     if raw is None:
         return {}
-    _require(isinstance(raw, dict), f"{where}: the top level must be a mapping of sections (model:, train:, ...), "
+    require(isinstance(raw, dict), f"{where}: the top level must be a mapping of sections (model:, train:, ...), "
              f"got a {type(raw).__name__}.")
     sections = {}
     for name, values in raw.items():
-        _require(
+        require(
             values is None or isinstance(values, dict),
             f"{where}: section {name!r} must be a mapping of 'key: value' lines, got a {type(values).__name__} "
             f"({repr(values)[:60]}); indent its keys under '{name}:'.",
@@ -106,7 +106,7 @@ def load_preset(source: str | Path | Any, overrides: dict[str, Any] | None = Non
         raw = read_preset_yaml(source)
     else:
         raw = _plain(source)
-        _require(isinstance(raw, dict), f"config preset: the top level must be a mapping of sections, got "
+        require(isinstance(raw, dict), f"config preset: the top level must be a mapping of sections, got "
                  f"{type(raw).__name__}.")
     sections = {key: value for key, value in raw.items() if key not in (SWEEP_KEY, RESOURCES_KEY)}
     sweep, resources = parse_sweep(raw.get(SWEEP_KEY)), parse_resources(raw.get(RESOURCES_KEY))
@@ -118,16 +118,16 @@ def parse_resources(spec: Mapping[str, Any] | None) -> dict[str, dict[str, int]]
     if spec is None:
         return {}
     example = "resources: {distill: {cpu: 32, memory: 240000, gpu: 8}, evaluate: {gpu: 4}}"
-    _require(isinstance(spec, Mapping), f"resources must map steps to sizes, e.g. {example}; got {spec!r}.")
+    require(isinstance(spec, Mapping), f"resources must map steps to sizes, e.g. {example}; got {spec!r}.")
     resources: dict[str, dict[str, int]] = {}
     for step, sizes in spec.items():
-        _require(step in RESOURCE_STEPS, f"resources.{step}: unknown step; sized steps are {list(RESOURCE_STEPS)}.")
-        _require(isinstance(sizes, Mapping), f"resources.{step} must map {list(RESOURCE_FIELDS)} to whole numbers, "
+        require(step in RESOURCE_STEPS, f"resources.{step}: unknown step; sized steps are {list(RESOURCE_STEPS)}.")
+        require(isinstance(sizes, Mapping), f"resources.{step} must map {list(RESOURCE_FIELDS)} to whole numbers, "
                  f"got {sizes!r}.")
         for name, value in sizes.items():
-            _require(name in RESOURCE_FIELDS, f"resources.{step}.{name}: unknown field; use {list(RESOURCE_FIELDS)} "
+            require(name in RESOURCE_FIELDS, f"resources.{step}.{name}: unknown field; use {list(RESOURCE_FIELDS)} "
                      "(memory in MB).")
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= (0 if name == "gpu" else 1),
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= (0 if name == "gpu" else 1),
                      f"resources.{step}.{name} ({value!r}) must be a whole number >= {0 if name == 'gpu' else 1}.")
         resources[step] = dict(sizes)
     return resources
@@ -145,12 +145,12 @@ def parse_sweep(spec: str | Mapping[str, Any] | None) -> dict[str, list[Any]]:
                 f"--sweep {spec!r} is not valid JSON ({error.msg}); write e.g. "
                 '\'{"train.lr": [1e-5, 3e-5], "loss.divergence": ["forward_kl", "jsd"]}\'.'
             ) from None
-    _require(isinstance(spec, Mapping), f"sweep must map config keys to lists of values, got {type(spec).__name__}: {spec!r}.")
+    require(isinstance(spec, Mapping), f"sweep must map config keys to lists of values, got {type(spec).__name__}: {spec!r}.")
     grid: dict[str, list[Any]] = {}
     for key, values in spec.items():
-        _require(isinstance(key, str) and key.count(".") == 1,
+        require(isinstance(key, str) and key.count(".") == 1,
                  f"sweep key {key!r} must look like 'section.field', e.g. 'train.lr'.")
-        _require(isinstance(values, list) and bool(values),
+        require(isinstance(values, list) and bool(values),
                  f"sweep values for {key!r} must be a non-empty list, got {values!r}; write [{values!r}].")
         grid[key] = list(values)
     return grid
@@ -167,7 +167,7 @@ def parse_overrides(items: str | list[str]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        _require(bool(sep) and key.count(".") == 1,
+        require(bool(sep) and key.count(".") == 1,
                  f"override {item!r} must look like section.field=value, e.g. train.lr=1e-5.")
         overrides[key.strip()] = _scalar(value)
     return overrides
@@ -200,11 +200,11 @@ def config_from_dict(raw: dict[str, Any] | None, overrides: dict[str, Any] | Non
     raw = {section: dict(values or {}) for section, values in (raw or {}).items()}
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
-        _require(bool(key), f"override key {dotted!r} must look like 'section.field', e.g. 'train.lr'.")
+        require(bool(key), f"override key {dotted!r} must look like 'section.field', e.g. 'train.lr'.")
         raw.setdefault(section, {})[key] = value
     sections = {f.name: f for f in dataclasses.fields(PCSDConfig)}
     unknown = sorted(set(raw) - set(sections))
-    _require(not unknown, f"unknown config section(s) {unknown}; valid sections: {sorted(sections)}.")
+    require(not unknown, f"unknown config section(s) {unknown}; valid sections: {sorted(sections)}.")
     hints = get_type_hints(PCSDConfig)
     built = {name: _build_section(hints[name], name, raw.get(name, {})) for name in sections}
     return PCSDConfig(**built)
@@ -216,12 +216,12 @@ def replace_fields(config: PCSDConfig, values: Mapping[str, Any]) -> PCSDConfig:
     by_section: dict[str, dict[str, Any]] = {}
     for dotted, value in values.items():
         section, _, key = dotted.partition(".")
-        _require(bool(key), f"override key {dotted!r} must look like 'section.field', e.g. 'train.lr'.")
+        require(bool(key), f"override key {dotted!r} must look like 'section.field', e.g. 'train.lr'.")
         section_cls = type(getattr(config, section, None))
-        _require(dataclasses.is_dataclass(section_cls), f"unknown config section {section!r} in {dotted!r}; valid "
+        require(dataclasses.is_dataclass(section_cls), f"unknown config section {section!r} in {dotted!r}; valid "
                  f"sections: {sorted(f.name for f in dataclasses.fields(PCSDConfig))}.")
         hints = get_type_hints(section_cls)
-        _require(key in hints, f"unknown key {key!r} in config section '{section}'; valid keys: {sorted(hints)}.")
+        require(key in hints, f"unknown key {key!r} in config section '{section}'; valid keys: {sorted(hints)}.")
         by_section.setdefault(section, {})[key] = _coerce(dotted, hints[key], value)
     return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)
                                           for section, changes in by_section.items()})
@@ -230,7 +230,7 @@ def replace_fields(config: PCSDConfig, values: Mapping[str, Any]) -> PCSDConfig:
 def _build_section(section_cls: type, section_name: str, values: dict[str, Any]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(section_cls)}
     unknown = sorted(set(values) - set(fields))
-    _require(not unknown, f"unknown key(s) {unknown} in config section '{section_name}'; valid keys: {sorted(fields)}.")
+    require(not unknown, f"unknown key(s) {unknown} in config section '{section_name}'; valid keys: {sorted(fields)}.")
     hints = get_type_hints(section_cls)
     coerced = {key: _coerce(f"{section_name}.{key}", hints[key], value) for key, value in values.items()}
     return section_cls(**coerced)
@@ -245,19 +245,19 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
     """
     choices = get_args(annotation) if getattr(annotation, "__origin__", None) is Literal else None
     if choices:
-        _require(value in choices, f"{name} ({value!r}) must be one of {list(choices)}.")
+        require(value in choices, f"{name} ({value!r}) must be one of {list(choices)}.")
         return value
     if annotation is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
             return value.lower() in ("true", "1")
-        _require(isinstance(value, bool), f"{name} ({value!r}) must be true or false.")
+        require(isinstance(value, bool), f"{name} ({value!r}) must be true or false.")
         return value
     if annotation is int:
         return _coerce_int(name, value)
     if annotation is float:
         return _coerce_float(name, value)
     if annotation is str:
-        _require(isinstance(value, str), f"{name} ({value!r}) must be a string.")
+        require(isinstance(value, str), f"{name} ({value!r}) must be a string.")
     return value
 
 
@@ -285,6 +285,6 @@ def _coerce_float(name: str, value: Any) -> float:
             value = float(value)
         except ValueError:
             raise ConfigError(f"{name} ({value!r}) must be a number.") from None
-    _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name} ({value!r}) must be a number.")
-    _require(math.isfinite(value), f"{name} ({value!r}) must be a finite number (inf and nan are not allowed).")
+    require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name} ({value!r}) must be a number.")
+    require(math.isfinite(value), f"{name} ({value!r}) must be a finite number (inf and nan are not allowed).")
     return float(value)

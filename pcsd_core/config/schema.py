@@ -23,7 +23,7 @@ import yaml
 from pcsd_core.data.privileged import parse_privileged_context
 from pcsd_core.data.prompts import DEFAULT_TEACHER_TEMPLATE_NAME, resolve_teacher_template
 from pcsd_core.data.synthetic import MAX_DIFFICULTY, TASKS as SYNTHETIC_TASKS
-from pcsd_core.errors import ConfigError
+from pcsd_core.errors import require
 from pcsd_core.loss.spec import LossSpec
 
 GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
@@ -38,12 +38,6 @@ DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 LORA_UNTARGETABLE = ("lm_head", "embed_tokens")
 
 
-def _require(condition: bool, message: str) -> None:
-    """Raise ConfigError(message); its field is the `section.field` the message starts with."""
-    if not condition:
-        raise ConfigError(message)
-
-
 def _check_field_types(section: Any, section_name: str) -> None:
     """A section built directly in Python holds values of its fields' types (the loader already made them so).
 
@@ -56,26 +50,26 @@ def _check_field_types(section: Any, section_name: str) -> None:
         name = f"{section_name}.{item.name}"
         choices = get_args(annotation) if getattr(annotation, "__origin__", None) is Literal else None
         if choices:
-            _require(value in choices, f"{name} ({value!r}) must be one of {list(choices)}.")
+            require(value in choices, f"{name} ({value!r}) must be one of {list(choices)}.")
         elif annotation is bool:
-            _require(isinstance(value, bool), f"{name} ({value!r}) must be true or false.")
+            require(isinstance(value, bool), f"{name} ({value!r}) must be true or false.")
         elif annotation is int:
-            _require(isinstance(value, int) and not isinstance(value, bool), f"{name} ({value!r}) must be a whole number.")
+            require(isinstance(value, int) and not isinstance(value, bool), f"{name} ({value!r}) must be a whole number.")
         elif annotation is float:
-            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+            require(isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
                      and abs(value) != float("inf"), f"{name} ({value!r}) must be a finite number (inf and nan are "
                      "not allowed).")
             object.__setattr__(section, item.name, float(value))
         elif annotation is str:
-            _require(isinstance(value, str), f"{name} ({value!r}) must be a string.")
+            require(isinstance(value, str), f"{name} ({value!r}) must be a string.")
 
 
 def _require_text(name: str, value: str, *, allow_empty: bool = False) -> None:
     """A path, id or column name: not blank (unless empty is allowed), no surrounding spaces, no NUL byte."""
     if allow_empty and value == "":
         return
-    _require(value.strip() != "", f"{name} ({value!r}) must not be empty.")
-    _require(
+    require(value.strip() != "", f"{name} ({value!r}) must not be empty.")
+    require(
         value == value.strip() and "\x00" not in value,
         f"{name} ({value!r}) has surrounding whitespace or a NUL byte; remove it (a stray space from copy-paste?).",
     )
@@ -111,20 +105,20 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_field_types(self, "model")
         _require_text("model.name", self.name)
-        _require(self.lora_rank >= 0, f"model.lora_rank ({self.lora_rank}) must be >= 0 (0 = full fine-tuning, "
+        require(self.lora_rank >= 0, f"model.lora_rank ({self.lora_rank}) must be >= 0 (0 = full fine-tuning, "
                  "e.g. 16 for a rank-16 LoRA adapter).")
-        _require(self.lora_alpha > 0, f"model.lora_alpha ({self.lora_alpha}) must be > 0 (e.g. 2 * lora_rank).")
-        _require(0 <= self.lora_dropout < 1, f"model.lora_dropout ({self.lora_dropout}) must be in [0, 1).")
+        require(self.lora_alpha > 0, f"model.lora_alpha ({self.lora_alpha}) must be > 0 (e.g. 2 * lora_rank).")
+        require(0 <= self.lora_dropout < 1, f"model.lora_dropout ({self.lora_dropout}) must be in [0, 1).")
         targets = self.lora_targets
-        _require(bool(targets) and all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) for name in targets),
+        require(bool(targets) and all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) for name in targets),
                  f"model.lora_target_modules ({self.lora_target_modules!r}) must be comma-separated module names, "
                  f"e.g. {DEFAULT_LORA_TARGETS!r}.")
         bad = [name for name in targets if name in LORA_UNTARGETABLE]
-        _require(not bad, f"model.lora_target_modules ({self.lora_target_modules!r}) names {bad}: the loss reads "
+        require(not bad, f"model.lora_target_modules ({self.lora_target_modules!r}) names {bad}: the loss reads "
                  "the lm_head weight directly, so an adapter there (or on the tied embeddings) would be bypassed; "
                  f"target the decoder's linear layers, e.g. {DEFAULT_LORA_TARGETS!r}.")
         attn = self.attn_implementation
-        _require(
+        require(
             attn in ATTN_IMPLEMENTATIONS or (attn.count("/") == 1 and all(attn.split("/"))),
             f"model.attn_implementation ({attn!r}) must be one of {list(ATTN_IMPLEMENTATIONS)} (or a kernels-hub "
             "repository 'owner/name'); 'sdpa' works everywhere.",
@@ -190,19 +184,19 @@ class DataConfig:
         _require_text("data.id_column", self.id_column, allow_empty=True)
         _require_text("data.data_source", self.data_source)
         parse_privileged_context(self.privileged_context)
-        _require(1 <= self.synthetic_difficulty <= MAX_DIFFICULTY,
+        require(1 <= self.synthetic_difficulty <= MAX_DIFFICULTY,
                  f"data.synthetic_difficulty ({self.synthetic_difficulty}) must be in 1..{MAX_DIFFICULTY}.")
-        _require(self.synthetic_seed >= 0, f"data.synthetic_seed ({self.synthetic_seed}) must be >= 0.")
-        _require(not (self.synthetic and self.path),
+        require(self.synthetic_seed >= 0, f"data.synthetic_seed ({self.synthetic_seed}) must be >= 0.")
+        require(not (self.synthetic and self.path),
                  f"data.synthetic ({self.synthetic!r}) generates the data, so data.path ({self.path!r}) must be empty; "
                  "set one of them.")
-        _require(
+        require(
             isinstance(self.shuffle_seed, int) and self.shuffle_seed >= 0,
             f"data.shuffle_seed ({self.shuffle_seed!r}) must be a whole number >= 0; for example 0.",
         )
         resolve_teacher_template(self.teacher_template)  # raises ValueError naming the field and the names
-        _require(self.max_train_rows >= 0, f"data.max_train_rows ({self.max_train_rows}) must be >= 0.")
-        _require(self.max_test_rows >= 0, f"data.max_test_rows ({self.max_test_rows}) must be >= 0.")
+        require(self.max_train_rows >= 0, f"data.max_train_rows ({self.max_train_rows}) must be >= 0.")
+        require(self.max_test_rows >= 0, f"data.max_test_rows ({self.max_test_rows}) must be >= 0.")
 
 
 @dataclass(frozen=True)
@@ -228,17 +222,17 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         _check_field_types(self, "rollout")  # also refuses inf/nan, e.g. temperature .inf
-        _require(self.n >= 1, f"rollout.n ({self.n}) must be >= 1.")
-        _require(self.temperature > 0, f"rollout.temperature ({self.temperature}) must be > 0.")
-        _require(0 < self.top_p <= 1, f"rollout.top_p ({self.top_p}) must be in (0, 1].")
-        _require(self.max_response_tokens >= 1, f"rollout.max_response_tokens ({self.max_response_tokens}) must be >= 1.")
-        _require(self.batch_size >= 1, f"rollout.batch_size ({self.batch_size}) must be >= 1.")
-        _require(
+        require(self.n >= 1, f"rollout.n ({self.n}) must be >= 1.")
+        require(self.temperature > 0, f"rollout.temperature ({self.temperature}) must be > 0.")
+        require(0 < self.top_p <= 1, f"rollout.top_p ({self.top_p}) must be in (0, 1].")
+        require(self.max_response_tokens >= 1, f"rollout.max_response_tokens ({self.max_response_tokens}) must be >= 1.")
+        require(self.batch_size >= 1, f"rollout.batch_size ({self.batch_size}) must be >= 1.")
+        require(
             0 < self.gpu_memory_utilization < 1,
             f"rollout.gpu_memory_utilization ({self.gpu_memory_utilization}) must be in (0, 1).",
         )
-        _require(self.num_gpus >= 0, f"rollout.num_gpus ({self.num_gpus}) must be >= 0 (0 = share the actor's devices).")
-        _require(
+        require(self.num_gpus >= 0, f"rollout.num_gpus ({self.num_gpus}) must be >= 0 (0 = share the actor's devices).")
+        require(
             self.placement == "colocated" or self.num_gpus >= 1,
             f"rollout.placement 'split' needs rollout.num_gpus >= 1 (got {self.num_gpus}); "
             "give it GPUs of its own or use placement 'colocated'.",
@@ -306,55 +300,55 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_field_types(self, "train")  # also refuses inf/nan, e.g. lr inf
-        _require(self.total_training_steps >= 1, f"train.total_training_steps ({self.total_training_steps}) must be >= 1.")
-        _require(self.prompts_per_step >= 1, f"train.prompts_per_step ({self.prompts_per_step}) must be >= 1.")
-        _require(self.ppo_epochs >= 1, f"train.ppo_epochs ({self.ppo_epochs}) must be >= 1.")
-        _require(self.mini_batch_size >= 1, f"train.mini_batch_size ({self.mini_batch_size}) must be >= 1.")
-        _require(self.micro_batch_size >= 1, f"train.micro_batch_size ({self.micro_batch_size}) must be >= 1.")
-        _require(self.lr > 0, f"train.lr ({self.lr}) must be > 0.")
+        require(self.total_training_steps >= 1, f"train.total_training_steps ({self.total_training_steps}) must be >= 1.")
+        require(self.prompts_per_step >= 1, f"train.prompts_per_step ({self.prompts_per_step}) must be >= 1.")
+        require(self.ppo_epochs >= 1, f"train.ppo_epochs ({self.ppo_epochs}) must be >= 1.")
+        require(self.mini_batch_size >= 1, f"train.mini_batch_size ({self.mini_batch_size}) must be >= 1.")
+        require(self.micro_batch_size >= 1, f"train.micro_batch_size ({self.micro_batch_size}) must be >= 1.")
+        require(self.lr > 0, f"train.lr ({self.lr}) must be > 0.")
         if self.lr > LARGE_LR:
             warnings.warn(
                 f"train.lr ({self.lr}) is above {LARGE_LR}; fine-tuning a pretrained model at this rate usually "
                 "diverges (the presets use 1e-6 to 1e-5). Check the exponent.",
                 stacklevel=2,
             )
-        _require(self.warmup_steps >= 0, f"train.warmup_steps ({self.warmup_steps}) must be >= 0.")
-        _require(self.weight_decay >= 0, f"train.weight_decay ({self.weight_decay}) must be >= 0 (0 disables it).")
-        _require(self.grad_clip >= 0, f"train.grad_clip ({self.grad_clip}) must be >= 0 (0 disables it).")
-        _require(0 <= self.seed <= MAX_SEED, f"train.seed ({self.seed}) must be in [0, {MAX_SEED}].")
-        _require(0 < self.ema_rate <= 1, f"train.ema_rate ({self.ema_rate}) must be in (0, 1].")
-        _require(self.num_workers >= 1, f"train.num_workers ({self.num_workers}) must be >= 1.")
-        _require(
+        require(self.warmup_steps >= 0, f"train.warmup_steps ({self.warmup_steps}) must be >= 0.")
+        require(self.weight_decay >= 0, f"train.weight_decay ({self.weight_decay}) must be >= 0 (0 disables it).")
+        require(self.grad_clip >= 0, f"train.grad_clip ({self.grad_clip}) must be >= 0 (0 disables it).")
+        require(0 <= self.seed <= MAX_SEED, f"train.seed ({self.seed}) must be in [0, {MAX_SEED}].")
+        require(0 < self.ema_rate <= 1, f"train.ema_rate ({self.ema_rate}) must be in (0, 1].")
+        require(self.num_workers >= 1, f"train.num_workers ({self.num_workers}) must be >= 1.")
+        require(
             self.use_ray or self.num_workers == 1,
             f"train.num_workers ({self.num_workers}) > 1 needs train.use_ray: true.",
         )
-        _require(
+        require(
             self.mini_batch_size % self.micro_batch_size == 0,
             f"train.mini_batch_size ({self.mini_batch_size}) must be a multiple of train.micro_batch_size "
             f"({self.micro_batch_size}); change one of them.",
         )
-        _require(self.num_nodes >= 1, f"train.num_nodes ({self.num_nodes}) must be >= 1.")
-        _require(
+        require(self.num_nodes >= 1, f"train.num_nodes ({self.num_nodes}) must be >= 1.")
+        require(
             self.num_workers % self.num_nodes == 0,
             f"train.num_nodes ({self.num_nodes}) must divide train.num_workers ({self.num_workers}) evenly (the same "
             "number of workers on every node); change one of them.",
         )
         _require_text("train.ray_address", self.ray_address, allow_empty=True)
-        _require(
+        require(
             self.ray_address == "" or re.fullmatch(r"auto|(ray://)?[^\s:/]+:\d{1,5}", self.ray_address) is not None,
             f"train.ray_address ({self.ray_address!r}) must be 'host:port', 'ray://host:port' or 'auto' (or empty "
             "for RAY_ADDRESS / a local Ray).",
         )
-        _require(
+        require(
             self.use_ray or self.ray_address == "",
             f"train.ray_address ({self.ray_address!r}) needs train.use_ray: true (the in-process actor uses no Ray).",
         )
-        _require(
+        require(
             self.weight_sync_bucket_mb >= 1,
             f"train.weight_sync_bucket_mb ({self.weight_sync_bucket_mb}) must be >= 1 (MiB per weight-sync bucket).",
         )
-        _require(self.device in ("auto", "cpu", "cuda"), f"train.device ({self.device!r}) must be auto, cpu or cuda.")
-        _require(
+        require(self.device in ("auto", "cpu", "cuda"), f"train.device ({self.device!r}) must be auto, cpu or cuda.")
+        require(
             self.checkpoint_every >= 0,
             f"train.checkpoint_every ({self.checkpoint_every}) must be >= 0 (0 = only at the end).",
         )
@@ -382,11 +376,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_field_types(self, "eval")
-        _require(self.heldout_kl_questions >= 0,
+        require(self.heldout_kl_questions >= 0,
                  f"eval.heldout_kl_questions ({self.heldout_kl_questions}) must be >= 0 (0 = every scored question).")
-        _require(self.num_examples >= 0, f"eval.num_examples ({self.num_examples}) must be >= 0.")
-        _require(self.max_new_tokens >= 1, f"eval.max_new_tokens ({self.max_new_tokens}) must be >= 1.")
-        _require(self.batch_size >= 1, f"eval.batch_size ({self.batch_size}) must be >= 1.")
+        require(self.num_examples >= 0, f"eval.num_examples ({self.num_examples}) must be >= 0.")
+        require(self.max_new_tokens >= 1, f"eval.max_new_tokens ({self.max_new_tokens}) must be >= 1.")
+        require(self.batch_size >= 1, f"eval.batch_size ({self.batch_size}) must be >= 1.")
 
 
 PROMOTION_RULES = ("significant_gain", "better", "never")
@@ -411,7 +405,7 @@ class RegisterConfig:
 
     def __post_init__(self) -> None:
         _check_field_types(self, "register")
-        _require(0 < self.alpha < 1, f"register.alpha ({self.alpha}) must be in (0, 1); 0.05 is the usual level.")
+        require(0 < self.alpha < 1, f"register.alpha ({self.alpha}) must be in (0, 1); 0.05 is the usual level.")
 
 
 @dataclass(frozen=True)
@@ -425,39 +419,39 @@ class PCSDConfig:
     register: RegisterConfig = field(default_factory=RegisterConfig)
 
     def __post_init__(self) -> None:
-        _require(self.model.uses_lora or not self.register.merge_adapter,
+        require(self.model.uses_lora or not self.register.merge_adapter,
                  "register.merge_adapter (true) needs model.lora_rank >= 1: full fine-tuning has no adapter to merge; "
                  "set it false.")
         responses_per_step = self.train.prompts_per_step * self.rollout.n
-        _require(
+        require(
             responses_per_step % self.train.mini_batch_size == 0,
             f"train.prompts_per_step * rollout.n ({self.train.prompts_per_step} * {self.rollout.n} = "
             f"{responses_per_step}) must be divisible by train.mini_batch_size ({self.train.mini_batch_size}); "
             "change one of them.",
         )
         per_worker = self.train.mini_batch_size // self.train.num_workers
-        _require(
+        require(
             self.train.mini_batch_size % self.train.num_workers == 0 and per_worker % self.train.micro_batch_size == 0,
             f"train.mini_batch_size ({self.train.mini_batch_size}) must split evenly over train.num_workers "
             f"({self.train.num_workers}) into whole micro-batches of train.micro_batch_size "
             f"({self.train.micro_batch_size}); change one of them.",
         )
-        _require(
+        require(
             not self.train.share_prompt_prefix or self.model.attn_implementation in ("sdpa", "eager"),
             f"train.share_prompt_prefix packs responses with a 4D attention mask, which "
             f"model.attn_implementation {self.model.attn_implementation!r} does not take; use 'sdpa' or 'eager', "
             "or set train.share_prompt_prefix: false.",
         )
-        _require(
+        require(
             self.rollout.engine != "sglang" or self.train.device != "cpu",
             "rollout.engine 'sglang' needs a GPU; use rollout.engine 'hf' with train.device 'cpu'.",
         )
-        _require(
+        require(
             self.train.master_dtype in ("float32", self.model.dtype),
             f"train.master_dtype ({self.train.master_dtype!r}) must be 'float32' or model.dtype "
             f"({self.model.dtype!r}): masters narrower than the compute dtype lose the updates; use 'float32'.",
         )
-        _require(
+        require(
             self.rollout.engine != "sglang" or self.model.dtype != "float32",
             "rollout.engine 'sglang' with model.dtype 'float32' is refused: SGLang's GPU attention backends run "
             "bfloat16/float16 only; set model.dtype: bfloat16 (or use rollout.engine 'hf').",
