@@ -19,6 +19,9 @@ TIME_TEACHER_S = "time/teacher_s"
 TIME_UPDATE_S = "time/update_s"
 TIME_WEIGHT_SYNC_S = "time/weight_sync_s"
 TIME_STEP_S = "time/step_s"
+# Validation during training (`pcsd_core.eval.validation`): the held-out metrics below (`summarize_scores`
+# names) under this prefix, at the step they were measured after, e.g. `val/accuracy_strict`.
+VALIDATION_PREFIX = "val/"
 # Evaluation progress, per batch of questions.
 EVAL_PROGRESS_QUESTIONS = "eval/progress/questions_done"
 EVAL_PROGRESS_TOKENS_PER_S = "eval/progress/tokens_per_s"

@@ -36,6 +36,7 @@ class DistillResult:
     curves_png: bytes  # training-curve plot (also an MLflow artifact; b"" without a plotter); bytes: no shared disk
     wall_s: float = 0.0  # the whole training, model loading included
     resumed_from_step: int = 0  # > 0 when a retried task continued from its own last checkpoint
+    stopped_because: str = ""  # why training ended before its last step (`train.stop_if_repetition_above`), or ""
 
 
 def distill(branch: Branch, *, parent_run_id: str, flow_run_id: str, pathspec: str,
@@ -82,6 +83,9 @@ def distill(branch: Branch, *, parent_run_id: str, flow_run_id: str, pathspec: s
             distiller.close()  # shuts Ray down even when training raised
             log_metrics.flush()
         wall_s = time.perf_counter() - started
+        # Which checkpoint the branch keeps (the evaluation and the registry take it), and why it ended early.
+        mlflow.set_tags({"pcsd.kept_checkpoint": result.checkpoint_dir.name,
+                         "pcsd.stopped_because": result.stopped_because or "ran every step"})
         history = [_plain_metrics(row) for row in result.history]
         if logged_before and distiller.start_step and history:
             # A retry: the steps up to its checkpoint were trained, and logged, by the failed attempt.
@@ -104,6 +108,7 @@ def distill(branch: Branch, *, parent_run_id: str, flow_run_id: str, pathspec: s
         curves_png=curves_png,
         wall_s=wall_s,
         resumed_from_step=distiller.start_step,
+        stopped_because=result.stopped_because,
     )
 
 

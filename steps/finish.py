@@ -56,6 +56,8 @@ def results_summary(summary: SweepSummary, registration: RegisterResult | None) 
         star = "  <- best" if summary.best is not None and outcome.label == summary.best.label else ""
         lines.append(f"  {outcome.label}: {', '.join(cells)}; {outcome.steps} steps in {outcome.train_s:.0f} s, "
                      f"final train KL {outcome.final_kl:.4f}{star}")
+        if outcome.stopped_because:
+            lines.append(f"      stopped early: {outcome.stopped_because}")
         vs_base = contract.PAIRED_PREFIX + "strict/"
         if vs_base + "difference" in metrics:
             lines.append(f"      strict vs base {metrics[vs_base + 'difference']:+.1%} "

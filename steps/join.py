@@ -39,6 +39,7 @@ class BranchOutcome:
     train_s: float = 0.0  # wall time of the training
     final_kl: float = float("nan")  # train/kl of the last step
     overrides: dict[str, Any] = field(default_factory=dict)  # the branch's sweep point
+    stopped_because: str = ""  # why training ended early (a collapse stop), or ""
 
     @property
     def succeeded(self) -> bool:
@@ -141,6 +142,7 @@ def outcome_of(branch: Branch | None, trained: DistillResult | None, evaluation:
     if trained is not None:
         outcome.run_id, outcome.curves_png = trained.run_id, trained.curves_png
         outcome.steps, outcome.train_s = trained.steps, trained.wall_s
+        outcome.stopped_because = trained.stopped_because
         if trained.history:
             outcome.final_kl = trained.history[-1].get(TRAIN_KL, float("nan"))
     return outcome

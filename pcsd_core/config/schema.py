@@ -164,11 +164,11 @@ class DataConfig:
     teacher_template: str = DEFAULT_TEACHER_TEMPLATE_NAME
     # `data_source` written into the parquet (verl uses it to pick a reward function).
     data_source: str = "openai/gsm8k"
-    # A generated task instead of a dataset: "" (none) or "arithmetic", the shipped positive control
-    # (`pcsd_core.data.synthetic`: seeded multi-step arithmetic word problems in GSM8K's answer format). Rows per
+    # A generated task instead of a dataset: "" (none), "arithmetic" or "lookup", the shipped positive controls
+    # (`pcsd_core.data.synthetic`: seeded word problems in GSM8K's answer format). Rows per
     # split come from max_train_rows / max_test_rows (0 = SYNTHETIC_DEFAULT_ROWS); `path` must then be empty.
     synthetic: Literal[("",) + SYNTHETIC_TASKS] = ""
-    # Operations chained per generated question (1 to MAX_DIFFICULTY); calibrated in
+    # Operations chained (arithmetic) or distractor people (lookup) per question, 1 to MAX_DIFFICULTY; calibrated in
     # benchmarks/synthetic_calibration.py and fixed in configs/positive_control_cpu_smollm2.yaml.
     synthetic_difficulty: int = 2
     # Seed of the generated questions (>= 0): the same seed, difficulty and sizes give the same rows.
@@ -243,6 +243,10 @@ class RolloutConfig:
 LossConfig = LossSpec
 
 
+# What train.keep_best_by may rank validations by ("" keeps the last checkpoint): `summarize_scores` names.
+KEEP_BEST_METRICS = ("", "accuracy_strict", "accuracy_flexible")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     total_training_steps: int = 4
@@ -293,6 +297,17 @@ class TrainConfig:
     device: str = "auto"
     # Save a checkpoint every K steps (0 = only at the end).
     checkpoint_every: int = 0
+    # Validation during training (`pcsd_core.eval.validation`), every K steps, before the first and after the last
+    # (0 = off): greedy answers to eval.validation_questions held-out questions, taken off the END of the train
+    # split and never trained on, scored like the final evaluation and logged under `val/`.
+    validate_every: int = 0
+    # Keep the checkpoint of the best validation instead of the last: "" (the last), "accuracy_strict" or
+    # "accuracy_flexible"; ties go to the higher answer-format rate, then the lower repetition rate, then the earlier
+    # step. The final evaluation and the registry then use that checkpoint. Needs validate_every.
+    keep_best_by: Literal[KEEP_BEST_METRICS] = ""
+    # End the branch when a validation's repetition rate (share of degenerate answers) is above this (0 = never).
+    # Needs validate_every.
+    stop_if_repetition_above: float = 0.0
     # A local folder, or (flow only) a storage URI that every step's machine reaches: s3://, gs://, file://
     output_dir: str = "outputs/run"
     # Checkpoint folder to continue from (same step, same data order).
@@ -352,6 +367,14 @@ class TrainConfig:
             self.checkpoint_every >= 0,
             f"train.checkpoint_every ({self.checkpoint_every}) must be >= 0 (0 = only at the end).",
         )
+        require(self.validate_every >= 0, f"train.validate_every ({self.validate_every}) must be >= 0 (0 = off).")
+        require(0 <= self.stop_if_repetition_above < 1,
+                f"train.stop_if_repetition_above ({self.stop_if_repetition_above}) must be in [0, 1): a share of "
+                "answers (0 = never stop).")
+        for name, value in (("keep_best_by", self.keep_best_by), ("stop_if_repetition_above", self.stop_if_repetition_above)):
+            require(not value or self.validate_every > 0,
+                    f"train.{name} ({value!r}) acts on validations, which train.validate_every: 0 turns off; set "
+                    f"train.validate_every (e.g. 4) or unset train.{name}.")
         _require_text("train.output_dir", self.output_dir)
         # Whether resume_from holds a complete checkpoint is checked at setup (pcsd_core.engine.checkpoint), not here.
         _require_text("train.resume_from", self.resume_from, allow_empty=True)
@@ -373,9 +396,12 @@ class EvalConfig:
     # It costs a teacher and a student forward pass over prompt + answer per question: on 2 CPU cores about
     # 1.7 s a question for SmolLM2-135M (measured: 5m36s for 200 questions, i.e. ~6 minutes per evaluated model).
     heldout_kl_questions: int = 64
+    # Questions of each validation during training (train.validate_every), held out from the train split.
+    validation_questions: int = 16
 
     def __post_init__(self) -> None:
         _check_field_types(self, "eval")
+        require(self.validation_questions >= 1, f"eval.validation_questions ({self.validation_questions}) must be >= 1.")
         require(self.heldout_kl_questions >= 0,
                  f"eval.heldout_kl_questions ({self.heldout_kl_questions}) must be >= 0 (0 = every scored question).")
         require(self.num_examples >= 0, f"eval.num_examples ({self.num_examples}) must be >= 0.")

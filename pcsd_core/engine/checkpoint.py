@@ -114,7 +114,7 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model_source: str, mod
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _point_final_at(Path(output_dir), target)
+    point_final_at(Path(output_dir), target)
     return target
 
 
@@ -141,7 +141,8 @@ def base_model_reference(name: str, source: str) -> dict[str, Any]:
     return {"name": name, "source": source, "sha256": files}
 
 
-def _point_final_at(output_dir: Path, target: Path) -> None:
+def point_final_at(output_dir: Path, target: Path) -> None:
+    """Swap `output_dir/final` to link to the checkpoint `target` (the last saved, or the one a run keeps)."""
     final = output_dir / "final"
     temporary = output_dir / f".final-{os.getpid()}"
     if temporary.is_symlink() or temporary.exists():

@@ -12,7 +12,10 @@ One training step, top to bottom (`_train_step`):
   4. student pass + update: `update_policy_with_distillation` (ppo_epochs x mini-batches x micro-batches);
   5. weight sync: the actor's full weights (with LoRA, the adapter alone) stream into the rollout engine bucket by
      bucket (step 2 stays on-policy);
-  6. metrics through `log_metrics(metrics, step)`, a few per-token samples, a checkpoint every K steps.
+  6. metrics through `log_metrics(metrics, step)`, a few per-token samples, a checkpoint every K steps;
+  7. every `train.validate_every` steps, a validation (`pcsd_core.eval.validation`): greedy answers to held-out
+     questions through the engine, logged under `val/`; it may keep this checkpoint as the best
+     (`train.keep_best_by`) or end the branch when its answers degenerate (`train.stop_if_repetition_above`).
 
 The actor sits behind `workers.TrainWorkers`: with `train.use_ray` N Ray workers holding FSDP2 shards
 (`RayWorkers`, whose Ray calls are written out there), without it the same `Actor` in this process
@@ -44,6 +47,7 @@ from pcsd_core.rollout import create_rollout_engine
 from pcsd_core.rollout.base import SamplingParams
 from pcsd_core.distributed.weight_sync import drain
 from pcsd_core.distributed.workers import TrainWorkers, build_train_workers, peak_memory_mb
+from pcsd_core.eval.validation import Validation, best_validation, split_validation_records, validate
 
 SAMPLES_PER_STEP = 4  # responses written to samples/step_*.jsonl
 
@@ -54,9 +58,11 @@ def no_op(metrics: dict[str, float], step: int) -> None:
 
 @dataclass
 class TrainResult:
-    checkpoint_dir: Path
-    steps: int
+    checkpoint_dir: Path  # the kept checkpoint: the last, or the best validation's (`train.keep_best_by`)
+    steps: int  # steps trained (fewer than total_training_steps when a collapse stop ended the branch)
     history: list[dict[str, float]] = field(default_factory=list)
+    validations: list[Validation] = field(default_factory=list)
+    stopped_because: str = ""  # why training ended early ("" when it ran every step)
 
 
 def prompt_indices_for_step(step: int, prompts_per_step: int, num_records: int, seed: int) -> list[int]:
@@ -107,6 +113,10 @@ class Distiller:
         self.records = load_prompt_records(self.train_parquet)
         if not self.records:
             raise DataValidationError(f"train parquet {str(self.train_parquet)!r} holds no prompts.")
+        self.validation_records: list[Any] = []
+        self.validations: list[Validation] = []
+        if cfg.train.validate_every:
+            self.records, self.validation_records = split_validation_records(self.records, cfg.eval.validation_questions)
         self._prompt_pairs: dict[int, Any] = {}
         self._check_lengths_fit_the_model()
         # LoRA: the base is loaded, and a resumed adapter is loaded onto it (`_resume`).
@@ -144,6 +154,8 @@ class Distiller:
             training_state = {**training_state, "adapter": state.adapter_state}
         self.workers.load_training_state(training_state, state.teacher_state)
         self.start_step = state.step
+        self.validations = [Validation(step=row["step"], summary=row["summary"])
+                            for row in state.trainer_state.get("validations", [])]
         if self.cfg.model.uses_lora:
             self._sync_weights()  # the engine holds the base and a fresh adapter: give it the resumed one
 
@@ -161,19 +173,76 @@ class Distiller:
         total = self.cfg.train.total_training_steps
         end = total if stop_after_step is None else min(total, stop_after_step)
         history: list[dict[str, float]] = []
-        last_checkpoint = None
+        last_checkpoint, stopped_because = None, ""
         started = time.perf_counter()
+        if self._validation_due(self.start_step) and self.start_step == 0:
+            self._validate(0)  # the initial model: where the val/ curves start
         for step in range(self.start_step, end):
             metrics = self._train_step(step)
             history.append(metrics)
             self.log_metrics(metrics, step + 1)
             self._print_progress(step, metrics, started)
+            validation = self._validate(step + 1) if self._validation_due(step + 1) else None
+            stopped_because = self._collapse(validation)
             every = self.cfg.train.checkpoint_every
-            if (every and (step + 1) % every == 0) or step + 1 == end:
+            if (every and (step + 1) % every == 0) or step + 1 == end or stopped_because or self._is_best(validation):
                 last_checkpoint = self.save_checkpoint(step + 1)
+            if stopped_because:
+                print(f"[pcsd] stopping after step {step + 1}: {stopped_because}", flush=True)
+                end = step + 1
+                break
         if last_checkpoint is None:  # resumed at the last step: nothing left to train
             last_checkpoint = self.save_checkpoint(end)
-        return TrainResult(checkpoint_dir=last_checkpoint, steps=end, history=history)
+        return TrainResult(checkpoint_dir=self._kept_checkpoint(last_checkpoint), steps=end, history=history,
+                           validations=list(self.validations), stopped_because=stopped_because)
+
+    # ---- validation, keep-best and the collapse stop -----------------------------------------------
+
+    def _validation_due(self, steps_done: int) -> bool:
+        every, total = self.cfg.train.validate_every, self.cfg.train.total_training_steps
+        return bool(every) and (steps_done % every == 0 or steps_done == total)
+
+    def _validate(self, steps_done: int) -> Validation:
+        self.engine.wake()
+        validation = validate(self.engine, self.tokenizer, self.validation_records, self.cfg.eval, step=steps_done,
+                              seed=self.cfg.train.seed)
+        self.engine.sleep()
+        self.validations.append(validation)
+        self.log_metrics(validation.metrics(), steps_done)
+        summary = validation.summary
+        print(f"[pcsd] validation after step {steps_done}: strict {summary['accuracy_strict']:.3f} "
+              f"[{summary['accuracy_strict_low']:.3f}, {summary['accuracy_strict_high']:.3f}] flexible "
+              f"{summary['accuracy_flexible']:.3f} format {summary[names.ANSWER_FORMAT_RATE]:.3f} repetition "
+              f"{summary[names.REPETITION_RATE]:.3f} ({len(self.validation_records)} questions)", flush=True)
+        return validation
+
+    def _is_best(self, validation: Validation | None) -> bool:
+        """Whether `validation` is the best so far among trained checkpoints (the initial model is not one)."""
+        if validation is None or not self.cfg.train.keep_best_by:
+            return False
+        trained = [v for v in self.validations if v.step > 0]
+        return best_validation(trained, self.cfg.train.keep_best_by) is validation
+
+    def _collapse(self, validation: Validation | None) -> str:
+        bound = self.cfg.train.stop_if_repetition_above
+        if validation is None or not bound or validation.summary[names.REPETITION_RATE] <= bound:
+            return ""
+        return (f"validation repetition rate {validation.summary[names.REPETITION_RATE]:.3f} is above "
+                f"train.stop_if_repetition_above ({bound})")
+
+    def _kept_checkpoint(self, last_checkpoint: Path) -> Path:
+        """The last checkpoint, or with keep_best_by the best validation's (`final` is pointed at it)."""
+        trained = [v for v in self.validations if v.step > 0]
+        if not self.cfg.train.keep_best_by or not trained:
+            return last_checkpoint
+        best = best_validation(trained, self.cfg.train.keep_best_by)
+        kept = self.output_dir / "checkpoints" / ckpt.checkpoint_name(best.step)
+        ckpt.point_final_at(self.output_dir, kept)
+        if kept != last_checkpoint:
+            print(f"[pcsd] keeping the checkpoint of step {best.step} (best validation "
+                  f"{self.cfg.train.keep_best_by} {best.summary[self.cfg.train.keep_best_by]:.3f}), not the last one "
+                  f"({last_checkpoint.name})", flush=True)
+        return kept
 
     def _train_step(self, step: int) -> dict[str, float]:
         timings: dict[str, float] = {}
@@ -294,7 +363,8 @@ class Distiller:
         training_state = self.workers.training_state()
         teacher_state = self.workers.full_state_dict("teacher") if self.cfg.train.teacher_mode == "ema" else None
         trainer_state = {"seed": self.cfg.train.seed, "num_records": len(self.records),
-                         "prompts_per_step": self.cfg.train.prompts_per_step, "base_model": self.base_model_path}
+                         "prompts_per_step": self.cfg.train.prompts_per_step, "base_model": self.base_model_path,
+                         "validations": [{"step": v.step, "summary": v.summary} for v in self.validations]}
         lora_files = {}
         if self.cfg.model.uses_lora:  # the adapter alone, in peft's format, and the base it adapts
             lora_files = {"adapter_config": lora_config(self.cfg.model, self.base_model_path),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pcsd_core import metric_names as names
-from pcsd_core.config.schema import PCSDConfig
+from pcsd_core.config.schema import EvalConfig, PCSDConfig
 from pcsd_core.data.prepare import load_prompt_records, load_solutions
 from pcsd_core.data.prompts import render_prompt_ids
 from pcsd_core.errors import DataValidationError
@@ -64,25 +64,18 @@ def evaluate_model(model_path: str, test_path: str | Path, cfg: PCSDConfig, engi
         raise DataValidationError(f"evaluation: {test_path} holds no test questions; check data.max_test_rows and data.path.")
     source = resolve_model(model_path)
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
-    prompt_ids = [render_prompt_ids(tokenizer, record.student_messages) for record in records]
-    sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens,
-                              stop_at_answer=cfg.eval.stop_at_answer)
     own_engine = engine is None
     engine = engine or _make_engine(cfg, source)
     try:
-        generations = _generate_with_progress(engine, prompt_ids, sampling, cfg.eval.batch_size, progress,
-                                              label or Path(str(model_path)).name)
-        response_ids = [list(g.response_ids) for g in generations]
+        answers = answer_greedily(engine, tokenizer, records, cfg.eval, progress, label or Path(str(model_path)).name)
         # The teacher sees each question's TRUE solution, whatever context this run trained with (control arms).
         kl_rows = min(cfg.eval.heldout_kl_questions or len(records), len(records))
         kl = _heldout_kl(source, tokenizer, records[:kl_rows], load_solutions(test_path)[:kl_rows],
-                         response_ids[:kl_rows], cfg)
+                         answers.response_ids[:kl_rows], cfg)
     finally:
         if own_engine:
             engine.close()
-    responses = [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids]
-    scores = score_responses(responses, response_ids, [r.ground_truth for r in records],
-                             max_new_tokens=cfg.eval.max_new_tokens, finished=[g.finished for g in generations])
+    responses, scores = answers.responses, answers.scores
     row_kls = kl.per_response + [float("nan")] * (len(records) - len(kl.per_response))  # NaN: not computed
     examples = [{**_example_row(record, response), **asdict(score), "heldout_kl": row_kl}
                 for record, response, score, row_kl in zip(records, responses, scores, row_kls)]  # fmt: skip
@@ -95,6 +88,28 @@ def evaluate_model(model_path: str, test_path: str | Path, cfg: PCSDConfig, engi
         summary={**summarize_scores(scores, seed=cfg.train.seed), "heldout_kl": kl.mean_per_token,
                  "heldout_kl_questions": float(len(kl.per_response))},
     )
+
+
+@dataclass
+class GreedyAnswers:
+    response_ids: list[list[int]]
+    responses: list[str]  # decoded, special tokens skipped
+    scores: list[ResponseScore]  # one per question, in question order
+
+
+def answer_greedily(engine: RolloutEngine, tokenizer, records, eval_cfg: EvalConfig,
+                    progress: Callable[[dict[str, float], int], None] | None = None, label: str = "") -> GreedyAnswers:
+    """Greedy answers of the engine's current weights to `records`' student prompts, scored; the final evaluation
+    and the validation during training (`pcsd_core.eval.validation`) both answer through this."""
+    prompt_ids = [render_prompt_ids(tokenizer, record.student_messages) for record in records]
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=eval_cfg.max_new_tokens,
+                              stop_at_answer=eval_cfg.stop_at_answer)
+    generations = _generate_with_progress(engine, prompt_ids, sampling, eval_cfg.batch_size, progress, label)
+    response_ids = [list(g.response_ids) for g in generations]
+    responses = [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids]
+    scores = score_responses(responses, response_ids, [r.ground_truth for r in records],
+                             max_new_tokens=eval_cfg.max_new_tokens, finished=[g.finished for g in generations])
+    return GreedyAnswers(response_ids=response_ids, responses=responses, scores=scores)
 
 
 def _generate_with_progress(engine: RolloutEngine, prompt_ids: list[list[int]], sampling: SamplingParams,

@@ -31,10 +31,25 @@ def test_every_worked_solution_is_arithmetic_that_checks_and_scores_right(diffic
         assert truth == str(value) and is_correct(row["answer"], truth, "strict")
 
 
-def test_generation_is_a_function_of_seed_and_difficulty_and_the_splits_are_disjoint():
-    first, again = generate_splits(500, 200, seed=0, difficulty=2), generate_splits(500, 200, seed=0, difficulty=2)
-    assert first == again
-    assert generate_splits(500, 200, seed=1, difficulty=2)["test"] != first["test"]
+@pytest.mark.parametrize("difficulty", range(1, MAX_DIFFICULTY + 1))
+def test_every_lookup_solution_names_the_asked_persons_number_among_the_distractors(difficulty):
+    splits = generate_splits(300, 100, seed=3, difficulty=difficulty, task="lookup")
+    for row in splits["train"] + splits["test"]:
+        # Read the story back independently of the generator: "<Name> has <n> <item>." per person, then the question.
+        counts = dict(re.findall(r"(\w+) has (\d+) \w+\.", row["question"]))
+        asked = re.search(r"does (\w+) have\?$", row["question"]).group(1)
+        assert len(counts) == difficulty + 1 and asked in counts
+        truth = parse_final_answer(row["answer"])
+        assert truth == counts[asked] and is_correct(row["answer"], truth, "strict")
+        assert row["answer"].startswith(f"{asked} has {counts[asked]} ")
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "lookup"])
+def test_generation_is_a_function_of_seed_and_difficulty_and_the_splits_are_disjoint(task):
+    first = generate_splits(500, 200, seed=0, difficulty=2, task=task)
+    assert first == generate_splits(500, 200, seed=0, difficulty=2, task=task)
+    assert generate_splits(500, 200, seed=1, difficulty=2, task=task)["test"] != first["test"]
+    assert generate_splits(500, 200, seed=0, difficulty=3, task=task)["test"] != first["test"]
     train_questions = {row["question"] for row in first["train"]}
     test_questions = [row["question"] for row in first["test"]]
     assert len(train_questions) == 500 and len(set(test_questions)) == 200
