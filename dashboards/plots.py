@@ -39,6 +39,10 @@ CURVE_PANELS = (
     ("Mean response length", "tokens", [(names.TRAIN_RESPONSE_LEN, "", "-")]),
     ("Rollout accuracy (training prompts)", "strict accuracy", [(names.ROLLOUT_ACCURACY, "", "-")]),
     ("Training throughput", "tokens / s", [(names.PERF_TOKENS_PER_S, "", "-")]),
+    # Collapse diagnostics beside the length and entropy panels above (`pcsd_core.eval.collapse`).
+    ("Looping rollouts (training prompts)", "share of responses", [(names.ROLLOUT_REPETITION_RATE, "", "-")]),
+    ("Loss share of the top 10% of tokens", "share of the step's loss",
+     [(names.TRAIN_LOSS_SHARE_TOP10PCT_TOKENS, "", "-")]),
 )
 EVAL_SERIES = (
     (eval_metric("before", "gsm8k_accuracy_strict"), "strict, before", "#9ecae1", ""),

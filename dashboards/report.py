@@ -1,10 +1,12 @@
 """Build one self-contained HTML report comparing the branches of a PCSD flow run, from MLflow.
 
 The page holds: a table of branches (best one marked) with each held-out metric's 95% interval and the paired
-test against the base model, the paired tests between every two branches (control arms), GSM8K accuracy before
-vs after per branch against the swept hyperparameters, training curves overlaid across branches, and a per-token view of one example coloured
-by the KL of each response token. Plots are inline SVG; the file has no external links, so it can be mailed,
-logged as an MLflow artifact or shown in a Metaflow card as is.
+test against the base model, the paired tests between every two branches (control arms), each arm's mean over
+seeds with its Student-t interval (when the sweep has a `train.seed` axis), GSM8K accuracy before vs after per
+branch against the swept hyperparameters, training curves overlaid across branches, the collapse diagnostics per
+branch (first -> last step), and a per-token view of one example coloured by the KL of each response token.
+Plots are inline SVG; the file has no external links, so it can be mailed, logged as an MLflow artifact or shown
+in a Metaflow card as is.
 
     python -m dashboards.report --latest                      # latest flow run in sqlite:///mlflow.db
     python -m dashboards.report --flow-run-id 1718 --tracking-uri http://127.0.0.1:5000 --output r.html
@@ -21,8 +23,10 @@ from mlflow.tracking import MlflowClient
 
 from dashboards import plots
 from dashboards.runs import BranchRun, Sweep, load_latest_samples, load_sweep
-from pcsd_core.metric_names import TRAIN_KL
+from pcsd_core import metric_names as names
+from pcsd_core.eval.stats import Interval
 from steps import contract
+from steps.join import SEED_KEY, SeedGroup, group_by_arm
 
 _STRICT, _FLEXIBLE = contract.ACCURACY_METRICS
 TABLE_METRICS = (
@@ -37,10 +41,18 @@ TABLE_METRICS = (
     (contract.eval_metric("after", "answer_format_rate"), "#### format after"),
     (contract.eval_metric("after", "repetition_rate"), "repetition after"),
     (contract.eval_metric("after", "heldout_kl"), "held-out KL after"),
-    (TRAIN_KL, "final train KL"),
+    (names.TRAIN_KL, "final train KL"),
 )
 PAIRED_COLUMNS = (("strict/difference", "strict A − B (95% CI)"), ("strict/mcnemar_p", "McNemar p (strict)"),
                   ("flexible/difference", "flexible A − B (95% CI)"), ("flexible/mcnemar_p", "McNemar p (flexible)"))
+_COLLAPSE_LABELS = {
+    names.ROLLOUT_REPETITION_RATE: "looping rollouts",
+    names.TRAIN_RESPONSE_LEN: "response length (tokens)",
+    names.TRAIN_STUDENT_ENTROPY: "student entropy",
+    names.TRAIN_TEACHER_ENTROPY: "teacher entropy",
+    names.TRAIN_LOSS_SHARE_TOP10PCT_TOKENS: "loss share of top 10% tokens",
+}
+COLLAPSE_COLUMNS = tuple((name, _COLLAPSE_LABELS[name]) for name in names.COLLAPSE_METRICS)  # a label for each
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1300px; }
 h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.6em; }
@@ -126,10 +138,13 @@ def render_page(sweep: Sweep, example_branch: BranchRun | None, example: dict | 
         render_branch_table(sweep),
         '<h2 id="paired">Paired tests between branches (same test questions)</h2>',
         render_paired_tests(paired_tests or []),
+        *render_seed_section(sweep),
         '<h2 id="eval">Evaluation: GSM8K accuracy before vs after</h2>',
         f'<figure id="eval-accuracy">{plots.plot_eval_accuracy(sweep.branches, sweep.varying_params)}</figure>',
         '<h2 id="curves">Training curves</h2>',
         f'<div class="grid">{curve_html}</div>',
+        '<h2 id="collapse">Collapse diagnostics: first → last training step</h2>',
+        render_collapse_table(sweep.branches),
         '<h2 id="tokens">Per-token view: where teacher and student disagree</h2>',
         render_token_section(example_branch, example),
     ]
@@ -182,6 +197,61 @@ def render_paired_tests(rows: list[dict]) -> str:
     note = ('<p class="meta">A − B &gt; 0 means A answered more questions right. An interval that holds 0, or '
             "p &ge; 0.05, is no evidence of a difference.</p>")
     return f'<div class="table-wrap"><table id="paired-tests">{"".join(lines)}</table></div>{note}'
+
+
+def seed_groups(sweep: Sweep) -> list[SeedGroup]:
+    """The evaluated branches grouped by arm over seeds, by the join's rule (`steps.join.group_by_arm`)."""
+    strict = contract.ACCURACY_METRICS[0]
+    needed = (contract.eval_metric("after", strict), contract.eval_metric("delta", strict))
+    evaluated = [branch for branch in sweep.branches if all(name in branch.metrics for name in needed)]
+    return group_by_arm([(sweep.sweep_point(branch), branch.metrics) for branch in evaluated])
+
+
+def render_seed_section(sweep: Sweep) -> list[str]:
+    """The "Arms over seeds" heading and table; nothing when the sweep has no `train.seed` axis."""
+    if SEED_KEY not in sweep.swept_keys:
+        return []
+    heading = '<h2 id="seeds">Arms over seeds</h2>'
+    groups = seed_groups(sweep)
+    if not groups:
+        return [heading, "<p>No branch of this seed sweep has been evaluated yet.</p>"]
+    header = ["arm", "seeds", "strict after: mean over seeds [95% CI]", "strict Δ vs base: mean over seeds [95% CI]"]
+    lines = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for group in groups:
+        cells = [html.escape(group.arm), ", ".join(str(seed) for seed in group.seeds),
+                 _format_interval(group.strict_after), _format_interval(group.strict_delta)]
+        lines.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    note = ('<p class="meta">Each arm is a sweep point without its seed. [low, high] = Student-t 95% interval over '
+            "the seeds (n − 1 degrees of freedom): it measures the spread between reruns, which the per-question "
+            "tests above do not see. Two seeds give a wide interval (t = 12.7); one gives none.</p>")
+    return [heading, f'<div class="table-wrap"><table id="seed-groups">{"".join(lines)}</table></div>{note}']
+
+
+def _format_interval(interval: Interval) -> str:
+    if interval.low != interval.low:  # NaN: one seed, no spread known
+        return f'{_format(interval.estimate)} <span class="ci">[one seed]</span>'
+    return f'{_format(interval.estimate)} <span class="ci">[{interval.low:.3g}, {interval.high:.3g}]</span>'
+
+
+def render_collapse_table(branches: list[BranchRun]) -> str:
+    """Per branch, each collapse diagnostic at its first and its last logged step."""
+    logged = [branch for branch in branches if any(name in branch.curves for name, _ in COLLAPSE_COLUMNS)]
+    if not logged:
+        return "<p>No collapse diagnostics were logged in these runs.</p>"
+    header = ["branch", *(label for _, label in COLLAPSE_COLUMNS)]
+    lines = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for branch in logged:
+        cells = [html.escape(branch.name)]
+        for name, _ in COLLAPSE_COLUMNS:
+            points = branch.curves.get(name)
+            cells.append(f"{_format(points[0][1])} → {_format(points[-1][1])}" if points else "–")
+        lines.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    note = ('<p class="meta">A collapsing run shows more looping rollouts (the share of each step’s sampled '
+            "responses that repeat, by the held-out repetition detector), responses shrinking or running to the "
+            "length cap, student entropy falling toward 0, and the loss piling onto a few tokens (uniform loss gives "
+            "a top-10% share of about 0.1, one token carrying it all gives 1). The curves are in the panels "
+            "above.</p>")
+    return f'<div class="table-wrap"><table id="collapse-table">{"".join(lines)}</table></div>{note}'
 
 
 def render_token_section(branch: BranchRun | None, example: dict | None) -> str:

@@ -19,8 +19,8 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from steps.contract import (CURVE_METRICS, DEFAULT_EXPERIMENT, TAG_BRANCH, TAG_FLOW_RUN_ID,
-                                         TAG_PARENT_RUN)
+from steps.contract import (CURVE_METRICS, DEFAULT_EXPERIMENT, PARAM_SWEEP, TAG_BRANCH, TAG_FLOW_RUN_ID,
+                            TAG_PARENT_RUN)
 
 # Params that differ between branches without being hyperparameters (each branch writes its own folder).
 NON_HYPERPARAMETERS = frozenset({"train.output_dir", "train.resume_from"})
@@ -49,6 +49,11 @@ class Sweep:
     flow_run_id: str
     branches: list[BranchRun]
     varying_params: list[str] = field(default_factory=list)
+    swept_keys: list[str] = field(default_factory=list)  # the sweep grid's keys, in grid order
+
+    def sweep_point(self, branch: BranchRun) -> dict[str, str]:
+        """The branch's values of the swept keys (param strings): the overrides its label was built from."""
+        return {key: branch.params[key] for key in self.swept_keys if key in branch.params}
 
 
 def load_sweep(
@@ -70,6 +75,7 @@ def load_sweep(
     # A flow run without a sweep may log straight into the parent run; it is then the only branch.
     branch_runs = sorted(children, key=lambda run: run.info.start_time) or [parent]
     branches = [_load_branch(client, run) for run in branch_runs]
+    varying_params = find_varying_params(branches)
     return Sweep(
         experiment_name=exp.name,
         experiment_id=exp.experiment_id,
@@ -77,7 +83,8 @@ def load_sweep(
         parent_name=parent.info.run_name or parent.info.run_id,
         flow_run_id=parent.data.tags.get(TAG_FLOW_RUN_ID, ""),
         branches=branches,
-        varying_params=find_varying_params(branches),
+        varying_params=varying_params,
+        swept_keys=find_swept_keys(parent.data.params, varying_params),
     )
 
 
@@ -127,6 +134,16 @@ def find_varying_params(branches: list[BranchRun]) -> list[str]:
     """Param names whose values differ across branches: the sweep's hyperparameters."""
     keys = sorted({key for branch in branches for key in branch.params} - NON_HYPERPARAMETERS)
     return [key for key in keys if len({branch.params.get(key) for branch in branches}) > 1]
+
+
+def find_swept_keys(parent_params: dict[str, str], varying_params: list[str]) -> list[str]:
+    """The sweep grid's keys in grid order (the order of the branch labels), from the parent run's sweep param;
+    the params that vary across branches when that param is missing or was cut to MLflow's length limit."""
+    try:
+        grid = json.loads(parent_params.get(PARAM_SWEEP) or "{}")
+    except json.JSONDecodeError:
+        grid = {}
+    return list(grid) if isinstance(grid, dict) and grid else list(varying_params)
 
 
 def load_latest_samples(client: MlflowClient, run_id: str) -> list[dict]:

@@ -8,17 +8,33 @@ from __future__ import annotations
 
 from metaflow.cards import Image, Markdown, Table
 
+from pcsd_core.metric_names import COLLAPSE_METRICS
+
 
 def training_card(trained) -> list:
-    """The distill card: the branch label, its training curves and the last step's metrics."""
+    """The distill card: the branch label, its training curves, its collapse diagnostics and the last step's
+    metrics."""
     last = trained.history[-1] if trained.history else {}
     rows = [[name, f"{value:.4g}"] for name, value in sorted(last.items())]
     return [
         Markdown(f"## Branch `{trained.label}`: {trained.steps} steps\nMLflow run `{trained.run_id}`"),
         Image(trained.curves_png, label="training curves"),
+        Markdown("### Collapse diagnostics"),
+        Table(collapse_rows(trained.history), headers=["metric", "first step", "last step"]),
         Markdown("### Last step"),
         Table(rows, headers=["metric", "value"]),
     ]
+
+
+def collapse_rows(history: list[dict[str, float]]) -> list[list[str]]:
+    """Each collapse diagnostic the history holds, at its first and its last step: a run that collapses shows
+    more looping rollouts, shorter responses, lower entropy, loss on fewer tokens."""
+    rows = []
+    for name in COLLAPSE_METRICS:
+        values = [row[name] for row in history if name in row]
+        if values:
+            rows.append([name, f"{values[0]:.4g}", f"{values[-1]:.4g}"])
+    return rows
 
 
 def sweep_card(summary, headers: list[str], registration=None, report_path: str = "") -> list:

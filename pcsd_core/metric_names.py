@@ -11,6 +11,10 @@ TRAIN_TRUNCATED_FRAC = "train/truncated_frac"
 TRAIN_GRAD_NORM = "train/grad_norm"
 TRAIN_LR = "train/lr"
 ROLLOUT_ACCURACY = "rollout/accuracy"
+# Collapse diagnostics (`pcsd_core.eval.collapse`): the share of the step's sampled responses that loop, and the
+# share of the step's summed per-token loss carried by its top 10% of tokens by loss.
+ROLLOUT_REPETITION_RATE = "rollout/repetition_rate"
+TRAIN_LOSS_SHARE_TOP10PCT_TOKENS = "train/loss_share_top10pct_tokens"
 PERF_TOKENS_PER_S = "perf/tokens_per_s"  # response tokens sampled and trained on per second of the whole step
 PERF_PEAK_MEM_MB = "perf/peak_mem_mb"
 # Seconds of each phase of a step, and of the whole step.
@@ -26,9 +30,13 @@ VALIDATION_PREFIX = "val/"
 EVAL_PROGRESS_QUESTIONS = "eval/progress/questions_done"
 EVAL_PROGRESS_TOKENS_PER_S = "eval/progress/tokens_per_s"
 
-# The training curves the card, the plots and the report draw.
+# The signs of a collapsing run, per step: responses that loop or shrink, entropies falling toward 0, the loss
+# concentrating on a few tokens. The card and the report tabulate them (first -> last step).
+COLLAPSE_METRICS = (ROLLOUT_REPETITION_RATE, TRAIN_RESPONSE_LEN, TRAIN_STUDENT_ENTROPY, TRAIN_TEACHER_ENTROPY,
+                    TRAIN_LOSS_SHARE_TOP10PCT_TOKENS)
+# The training curves the card, the plots and the report draw (the collapse diagnostics among them).
 CURVE_METRICS = (TRAIN_LOSS, TRAIN_KL, TRAIN_TEACHER_ENTROPY, TRAIN_STUDENT_ENTROPY, TRAIN_RESPONSE_LEN,
-                 ROLLOUT_ACCURACY, PERF_TOKENS_PER_S)
+                 ROLLOUT_ACCURACY, PERF_TOKENS_PER_S, ROLLOUT_REPETITION_RATE, TRAIN_LOSS_SHARE_TOP10PCT_TOKENS)
 
 # Held-out metrics of an evaluated model, beside the accuracies (`pcsd_core.eval.metrics`); a metric with a 95%
 # interval also has `<name>_low` and `<name>_high`.

@@ -39,6 +39,9 @@ TAG_EVAL_METRIC = "pcsd.eval_metric"  # on a registered model version: the metri
 TAG_EVAL_VALUE = "pcsd.eval_value"
 TAG_PROMOTION = "pcsd.promotion"  # on a registered model version: why the champion alias moved to it, or why not
 
+# ---- params -------------------------------------------------------------------------------------------
+PARAM_SWEEP = "sweep"  # on the parent run: the sweep grid as JSON, '{"train.lr": [1e-05, 3e-05]}'; "" without one
+
 # ---- metrics ------------------------------------------------------------------------------------------
 EVAL_PHASES = ("before", "after", "delta")
 

@@ -9,6 +9,7 @@ McNemar test): the treatment-vs-control answer of a sweep over control arms.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,23 +60,29 @@ class SeedGroup:
     strict_delta: Interval  # the same for after - before
 
 
-def arm_label(overrides: dict[str, Any]) -> str:
+def arm_label(overrides: Mapping[str, Any]) -> str:
     """The branch label without its seed: the arm a seed sweep repeats ('lr=1e-05,train.seed=1' -> 'lr=1e-05')."""
     return branch_label({key: value for key, value in overrides.items() if key != SEED_KEY})
 
 
 def seed_groups(outcomes: list[BranchOutcome]) -> list[SeedGroup]:
     """Group the evaluated branches by arm, when the sweep has a `train.seed` axis; arms in first-seen order."""
-    evaluated = [o for o in outcomes if o.succeeded and SEED_KEY in o.overrides]
-    arms: dict[str, list[BranchOutcome]] = {}
-    for outcome in evaluated:
-        arms.setdefault(arm_label(outcome.overrides), []).append(outcome)
+    return group_by_arm([(o.overrides, o.evaluation.metrics) for o in outcomes if o.succeeded])
+
+
+def group_by_arm(branches: Iterable[tuple[Mapping[str, Any], Mapping[str, float]]]) -> list[SeedGroup]:
+    """Evaluated branches, each as (sweep point, eval metrics), grouped by `arm_label`: those whose sweep point
+    has `train.seed`; arms in first-seen order. The one grouping rule of the join (its outcomes) and the report
+    (MLflow runs, whose seeds are param strings)."""
+    arms: dict[str, list[tuple[Mapping[str, Any], Mapping[str, float]]]] = {}
+    for overrides, metrics in branches:
+        if SEED_KEY in overrides:
+            arms.setdefault(arm_label(overrides), []).append((overrides, metrics))
     strict = contract.ACCURACY_METRICS[0]
-    return [SeedGroup(arm=arm, seeds=[int(o.overrides[SEED_KEY]) for o in members],
-                      strict_after=mean_over_seeds_interval([o.evaluation.metrics[contract.eval_metric("after", strict)]
-                                                             for o in members]),
-                      strict_delta=mean_over_seeds_interval([o.evaluation.metrics[contract.eval_metric("delta", strict)]
-                                                             for o in members]))
+    after, delta = contract.eval_metric("after", strict), contract.eval_metric("delta", strict)
+    return [SeedGroup(arm=arm, seeds=[int(overrides[SEED_KEY]) for overrides, _ in members],
+                      strict_after=mean_over_seeds_interval([metrics[after] for _, metrics in members]),
+                      strict_delta=mean_over_seeds_interval([metrics[delta] for _, metrics in members]))
             for arm, members in arms.items()]
 
 

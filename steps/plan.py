@@ -31,7 +31,7 @@ from pcsd_core.config.schema import PCSDConfig
 from pcsd_core.config.loader import (RESOURCES_KEY, SWEEP_KEY, Preset, load_preset, parse_overrides, parse_sweep, read_preset_text,
                                      replace_fields)
 from pcsd_core.data.privileged import TEACHER_ONLY_DATA_FIELDS
-from steps import storage
+from steps import contract, storage
 
 HUB_DATA = "hub"  # `--data-path hub` loads the hub dataset even when DATA_PATH is set
 # What a compute backend gives a distill or evaluate task when the preset's `resources:` does not say.
@@ -115,7 +115,7 @@ class RunPlan:
     def flat_params(self) -> dict[str, Any]:
         """The parent run's params: the base config plus the sweep grid."""
         params = self.base_config.to_flat_dict()
-        params["sweep"] = json.dumps(self.sweep) if self.sweep else ""
+        params[contract.PARAM_SWEEP] = json.dumps(self.sweep) if self.sweep else ""
         params["sweep.num_branches"] = len(self.branches)
         return params
 

@@ -301,14 +301,17 @@ class Distiller:
     # ---- metrics and samples -----------------------------------------------------------------------
 
     def _step_metrics(self, step: int, batch: RolloutBatch, stats: UpdateStats, timings: dict) -> dict[str, float]:
+        from pcsd_core.eval.collapse import rollout_repetition_rate, top_token_loss_share
         from pcsd_core.eval.scoring import is_correct
 
         cfg = self.cfg
         lengths = batch.response_lengths
         optimizer_steps = cfg.train.ppo_epochs * (len(batch) // cfg.train.mini_batch_size)
         tokens = max(stats.num_tokens, 1)
-        correct = [is_correct(self._decode(ids), self.records[index].ground_truth)
-                   for ids, index in zip(batch.response_ids, batch.record_indices)]
+        texts = [self._decode(ids) for ids in batch.response_ids]
+        correct = [is_correct(text, self.records[index].ground_truth)
+                   for text, index in zip(texts, batch.record_indices)]
+        token_losses = [value for row_losses in stats.token_kl.values() for value in row_losses]  # every response token
         return {
             names.TRAIN_LOSS: stats.loss_sum / optimizer_steps,
             names.TRAIN_KL: stats.kl_sum / tokens,
@@ -319,6 +322,8 @@ class Distiller:
             names.TRAIN_GRAD_NORM: float(np.mean(stats.grad_norms)),
             names.TRAIN_LR: stats.lr,
             names.ROLLOUT_ACCURACY: float(np.mean(correct)),
+            names.ROLLOUT_REPETITION_RATE: rollout_repetition_rate(texts, batch.response_ids),
+            names.TRAIN_LOSS_SHARE_TOP10PCT_TOKENS: top_token_loss_share(token_losses),
             # Response tokens sampled and trained on per second of the whole step.
             names.PERF_TOKENS_PER_S: sum(lengths) / timings[names.TIME_STEP_S],
             names.PERF_PEAK_MEM_MB: self._peak_memory_mb(),

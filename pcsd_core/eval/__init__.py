@@ -1,1 +1,2 @@
-"""Evaluation: GSM8K answer scoring, held-out metrics, statistics (intervals and paired tests)."""
+"""Evaluation: GSM8K answer scoring, held-out metrics, per-step collapse diagnostics, statistics (intervals and
+paired tests)."""

@@ -65,6 +65,8 @@ def _train_metrics(branch_index: int, step: int) -> list[Metric]:
         "train/response_len": 20.0 + step * scale,
         "perf/tokens_per_s": 100.0 * scale,
         "rollout/accuracy": 0.1 * step,
+        "rollout/repetition_rate": 0.125 * step * scale,
+        "train/loss_share_top10pct_tokens": 0.1 + 0.2 * step / scale,
     }
     return [Metric(key, value, now, step) for key, value in named.items()]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -30,6 +31,8 @@ class ReportParser(HTMLParser):
         self.figures: dict[str, list[str]] = {}
         self.tokens: list[tuple[str, float, str]] = []  # (text, data-kl, background colour)
         self.rows: list[tuple[str, list[str]]] = []  # (row class, cell texts)
+        self.tables: dict[str, list[list[str]]] = {}  # table id -> its rows' cell texts, header first
+        self._table: str | None = None
         self._figure: str | None = None
         self._token: dict | None = None
         self._row: tuple[str, list[str]] | None = None
@@ -44,6 +47,9 @@ class ReportParser(HTMLParser):
         elif tag == "span" and "tok" in (attrs.get("class") or "").split():
             background = attrs["style"].split("background:")[1].split(";")[0]
             self._token = {"text": "", "kl": float(attrs["data-kl"]), "background": background}
+        elif tag == "table":
+            self._table = attrs.get("id") or f"table{len(self.tables)}"
+            self.tables[self._table] = []
         elif tag == "tr" and self._row is None and self._figure is None:
             self._row = (attrs.get("class") or "", [])
         elif tag in ("td", "th") and self._row is not None:
@@ -62,7 +68,11 @@ class ReportParser(HTMLParser):
             self._cell = None
         elif tag == "tr" and self._row is not None:
             self.rows.append(self._row)
+            if self._table is not None:
+                self.tables[self._table].append(self._row[1])
             self._row = None
+        elif tag == "table":
+            self._table = None
 
     def handle_data(self, data):
         if self._figure is not None and data.strip():
@@ -116,6 +126,8 @@ def test_eval_plot_has_title_axes_legend_and_swept_params(report):
         ("Teacher vs student entropy", "entropy (nats)", [" teacher", " student"]),
         ("Mean response length", "tokens", [""]),
         ("Training throughput", "tokens / s", [""]),
+        ("Looping rollouts (training prompts)", "share of responses", [""]),
+        ("Loss share of the top 10% of tokens", "share of the step's loss", [""]),
     ],
 )
 def test_training_curves_overlay_every_branch(report, title, ylabel, suffixes):
@@ -224,3 +236,72 @@ def test_unevaluated_branch_without_samples_still_reports(tmp_path):
     assert "No samples/step_*.jsonl artifact was found" in page
     assert "lr=1e-05" in _figure_with_title(parser, "Training loss")
     assert [title for title in ("Training loss", "Mean response length") if title in page] == ["Training loss"]
+
+
+def _numbers(cell: str) -> list[float]:
+    return [float(text) for text in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", cell)]
+
+
+def test_collapse_table_shows_each_diagnostic_at_the_first_and_last_step(report):
+    from dashboard_store import _train_metrics
+    from dashboards.report import COLLAPSE_COLUMNS
+    from pcsd_core.metric_names import COLLAPSE_METRICS
+
+    _, parser = report
+    table = parser.tables["collapse-table"]
+    assert table[0] == ["branch", *(label for _, label in COLLAPSE_COLUMNS)]
+    assert [name for name, _ in COLLAPSE_COLUMNS] == list(COLLAPSE_METRICS)
+    assert [row[0] for row in table[1:]] == BRANCH_NAMES
+    for index, row in enumerate(table[1:]):
+        first = {m.key: m.value for m in _train_metrics(index, 1)}
+        last = {m.key: m.value for m in _train_metrics(index, 3)}  # the store logs steps 1, 2, 3
+        for cell, name in zip(row[1:], COLLAPSE_METRICS):
+            assert "→" in cell and _numbers(cell) == pytest.approx([first[name], last[name]], rel=1e-3), (name, cell)
+    # No train.seed axis in this sweep: no "Arms over seeds" section.
+    assert "seed-groups" not in parser.tables
+
+
+def test_arms_over_seeds_table_gives_each_arms_mean_and_t_interval(tmp_path):
+    """A sweep over privileged context x seed: one row per arm, in first-seen order, beside the paired tests; the
+    mean and Student-t 95% interval over seeds from a t table (df = 1: 12.706, df = 2: 4.303)."""
+    import json
+
+    t_table = {1: 12.706, 2: 4.303}
+
+    def t_interval(values: list[float]) -> list[float]:
+        n, mean = len(values), sum(values) / len(values)
+        half = t_table[n - 1] * (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 / n**0.5
+        return [mean, mean - half, mean + half]
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("pcsd", artifact_location=(tmp_path / "artifacts").as_uri())
+    grid = {"data.privileged_context": ["solution", "shuffled"], "train.seed": [0, 1, 2]}
+    parent = client.create_run(experiment_id, run_name="pcsd-8", tags={"pcsd.flow_run_id": "8"})
+    client.log_param(parent.info.run_id, "sweep", json.dumps(grid))
+    before = 0.25
+    after = {("solution", 0): 0.30, ("shuffled", 0): 0.20, ("solution", 1): 0.45, ("shuffled", 1): 0.25,
+             ("solution", 2): 0.36, ("shuffled", 2): None}  # the last branch failed before its evaluation
+    for (context, seed), value in after.items():
+        label = f"privileged_context={context},seed={seed}"
+        run = client.create_run(experiment_id, run_name=label,
+                                tags={"mlflow.parentRunId": parent.info.run_id, "pcsd.branch": label})
+        client.log_param(run.info.run_id, "data.privileged_context", context)
+        client.log_param(run.info.run_id, "train.seed", str(seed))
+        client.log_param(run.info.run_id, "train.output_dir", f"outputs/{context}-{seed}")
+        if value is not None:
+            client.log_metric(run.info.run_id, "eval/before/gsm8k_accuracy_strict", before)
+            client.log_metric(run.info.run_id, "eval/after/gsm8k_accuracy_strict", value)
+            client.log_metric(run.info.run_id, "eval/delta/gsm8k_accuracy_strict", value - before)
+        client.set_terminated(run.info.run_id, "FINISHED" if value is not None else "FAILED")
+    page = build_report(uri, flow_run_id="8", output_path=tmp_path / "r.html").read_text(encoding="utf-8")
+    parser = ReportParser()
+    parser.feed(page)
+    header, *rows = parser.tables["seed-groups"]
+    assert header[:2] == ["arm", "seeds"]
+    assert [row[:2] for row in rows] == [["privileged_context=solution", "0, 1, 2"], ["privileged_context=shuffled", "0, 1"]]
+    for row, values in zip(rows, ([0.30, 0.45, 0.36], [0.20, 0.25])):
+        assert _numbers(row[2]) == pytest.approx(t_interval(values), rel=2e-3, abs=1e-3)
+        assert _numbers(row[3]) == pytest.approx(t_interval([v - before for v in values]), rel=2e-3, abs=1e-3)
+    # Placed right after the paired tests between branches.
+    assert page.index('id="paired"') < page.index('id="seeds"') < page.index('id="eval"')

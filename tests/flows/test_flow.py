@@ -71,7 +71,8 @@ def test_flow_runs_end_to_end_and_is_tracked(flow_run):
         assert child.data.tags["pcsd.flow_run_id"] == run.id
         loss_history = client.get_metric_history(child.info.run_id, "train/loss")
         assert [metric.step for metric in loss_history] == list(range(1, STEPS + 1))
-        for name in ("train/kl", "rollout/accuracy", "perf/tokens_per_s", "time/step_s"):
+        for name in ("train/kl", "rollout/accuracy", "perf/tokens_per_s", "time/step_s", "rollout/repetition_rate",
+                     "train/loss_share_top10pct_tokens"):
             assert len(client.get_metric_history(child.info.run_id, name)) == STEPS, name
         metrics = child.data.metrics
         for phase in ("before", "after", "delta"):

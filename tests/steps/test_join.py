@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import random
+
+import pytest
 
 from dashboards.report import best_branch as report_best_branch
 from dashboards.runs import BranchRun
@@ -121,3 +124,38 @@ def test_branches_are_grouped_by_arm_over_seeds_with_a_student_t_interval():
     assert "arm privileged_context=solution over seeds [0, 1, 2]: strict after 35.0% [" in text
     # No seed axis, no groups.
     assert summarize_sweep([_outcome("a", 0.2), _outcome("b", 0.3)]).seed_groups == []
+
+
+# Student-t 0.975 quantiles from a printed table (df = 1, 2): the 95% interval's multiplier over seeds.
+T_TABLE_975 = {1: 12.706, 2: 4.303}
+
+
+def _t_interval(values: list[float]) -> tuple[float, float, float]:
+    """mean -+ t(0.975, n - 1) * s / sqrt(n), s the sample standard deviation, from the table value."""
+    n = len(values)
+    mean = sum(values) / n
+    s = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    half = T_TABLE_975[n - 1] * s / n**0.5
+    return mean, mean - half, mean + half
+
+
+def test_group_by_arm_takes_sweep_points_as_mlflow_params_and_matches_a_t_table():
+    """The report's input: param strings (seed '0'), arms in first-seen order, a branch without a seed left out."""
+    from steps.join import group_by_arm
+
+    def point(context: str, seed: str | None, after: float, before: float = 0.25):
+        overrides = {"data.privileged_context": context, **({"train.seed": seed} if seed is not None else {})}
+        return overrides, {"eval/after/gsm8k_accuracy_strict": after, "eval/delta/gsm8k_accuracy_strict": after - before}
+
+    groups = group_by_arm([point("shuffled", "0", 0.20), point("solution", "0", 0.30), point("solution", "1", 0.45),
+                           point("shuffled", "1", 0.25), point("solution", "2", 0.36), point("none", None, 0.9)])
+    assert [(g.arm, g.seeds) for g in groups] == [("privileged_context=shuffled", [0, 1]),
+                                                  ("privileged_context=solution", [0, 1, 2])]
+    for group, after in zip(groups, ([0.20, 0.25], [0.30, 0.45, 0.36])):
+        interval = group.strict_after
+        assert (interval.estimate, interval.low, interval.high) == pytest.approx(_t_interval(after), abs=2e-4)
+        delta = group.strict_delta
+        assert (delta.estimate, delta.low, delta.high) == pytest.approx(_t_interval([a - 0.25 for a in after]), abs=2e-4)
+    # One seed: the mean, and no interval (no spread is known).
+    (single,) = group_by_arm([point("solution", "3", 0.5)])
+    assert single.strict_after.estimate == 0.5 and math.isnan(single.strict_after.low)

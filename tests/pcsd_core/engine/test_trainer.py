@@ -19,6 +19,7 @@ CONTRACT_METRICS = {
     "train/loss", "train/kl", "train/teacher_entropy", "train/student_entropy", "train/response_len",
     "train/truncated_frac", "train/grad_norm", "train/lr", "rollout/accuracy", "perf/tokens_per_s",
     "perf/peak_mem_mb", "time/rollout_s", "time/teacher_s", "time/update_s", "time/weight_sync_s", "time/step_s",
+    "rollout/repetition_rate", "train/loss_share_top10pct_tokens",
 }
 
 
@@ -77,6 +78,15 @@ def test_training_writes_checkpoint_metrics_and_samples(tiny_model_dir, train_pa
     for sample in samples:
         assert set(sample) == {"step", "question", "response", "tokens", "token_kl", "correct"}
         assert len(sample["tokens"]) == len(sample["token_kl"]) >= 1 and sample["step"] == 2
+    # Collapse diagnostics: the 4 samples are the whole step (2 prompts x 2 responses), so their per-token losses
+    # give the step's top-10% loss share by sort and sum; the repetition rate is a share of the 4 responses.
+    last = logged[-1][1]
+    losses = sorted((abs(value) for sample in samples for value in sample["token_kl"]), reverse=True)
+    top = max(1, -(-len(losses) // 10))
+    assert last["train/loss_share_top10pct_tokens"] == pytest.approx(sum(losses[:top]) / sum(losses), rel=1e-6)
+    for _, metrics in logged:
+        assert 0.1 <= metrics["train/loss_share_top10pct_tokens"] <= 1
+        assert metrics["rollout/repetition_rate"] in (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def test_resume_continues_with_same_weights_and_data_order(tiny_model_dir, train_parquet, tmp_path):
