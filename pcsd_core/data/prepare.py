@@ -47,8 +47,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pcsd_core.config.schema import DataConfig
-from pcsd_core.data.privileged import (GIVEN_CONTEXT_COLUMN, assign_split_contexts, context_for_row,
-                                       parse_privileged_context)
+from pcsd_core.data.privileged import (GIVEN_CONTEXT_COLUMN, PrivilegedContext, assign_split_contexts,
+                                       context_for_row, parse_privileged_context)
 from pcsd_core.data.prompts import build_prompt_pair, build_student_messages
 from pcsd_core.data.sources import SPLITS, RawSplit, load_raw_splits, parse_final_answer, read_parquet
 from pcsd_core.data.verl import flatten_verl_splits
@@ -101,8 +101,9 @@ def build_rows(raw: RawSplit, split: str, data_cfg: DataConfig, max_rows: int = 
         raise DataValidationError(f"{raw.source}: the {split} split is empty (0 rows); it needs at least one question.")
     kept = raw.rows[:max_rows] if max_rows else raw.rows
     rows, first_row_of_id = [], {}
+    context = parse_privileged_context(data_cfg.privileged_context)  # once, not per row
     for index, raw_row in enumerate(kept):
-        row = _build_row(raw_row, index, raw.source, split, data_cfg)
+        row = _build_row(raw_row, index, raw.source, split, data_cfg, context)
         row_id = row["extra_info"]["id"]
         if row_id in first_row_of_id:
             raise DataValidationError(
@@ -111,11 +112,10 @@ def build_rows(raw: RawSplit, split: str, data_cfg: DataConfig, max_rows: int = 
             )
         first_row_of_id[row_id] = index
         rows.append(row)
-    contexts = assign_split_contexts(parse_privileged_context(data_cfg.privileged_context),
-                                     [row["extra_info"]["privileged_context"] for row in rows], raw.source,
+    contexts = assign_split_contexts(context, [row["extra_info"]["privileged_context"] for row in rows], raw.source,
                                      data_cfg.shuffle_seed)
-    for row, context in zip(rows, contexts):
-        row["extra_info"]["privileged_context"] = context
+    for row, assigned in zip(rows, contexts):
+        row["extra_info"]["privileged_context"] = assigned
     _warn_about_duplicate_questions(rows, raw.source, split)
     return rows
 
@@ -135,7 +135,8 @@ def _warn_about_duplicate_questions(rows: list[dict[str, Any]], source: str, spl
         )
 
 
-def _build_row(raw_row: dict[str, Any], index: int, source: str, split: str, cfg: DataConfig) -> dict[str, Any]:
+def _build_row(raw_row: dict[str, Any], index: int, source: str, split: str, cfg: DataConfig,
+               context: PrivilegedContext) -> dict[str, Any]:
     where = f"{source}: row {index}"
     question = _text_field(raw_row, cfg.question_column, where, "data.question_column")
     if not question:
@@ -163,7 +164,7 @@ def _build_row(raw_row: dict[str, Any], index: int, source: str, split: str, cfg
             "id": row_id,
             "answer": answer,
             "question": question,
-            "privileged_context": _privileged_context(raw_row, answer, ground_truth, where, cfg),
+            "privileged_context": _privileged_context(raw_row, answer, ground_truth, where, cfg, context),
         },
     }
 
@@ -186,8 +187,8 @@ def _text_field(raw_row: dict[str, Any], column: str, where: str, config_key: st
     return "" if value is None else str(value).strip()
 
 
-def _privileged_context(raw_row: dict[str, Any], answer: str, ground_truth: str, where: str, cfg: DataConfig) -> str:
-    context = parse_privileged_context(cfg.privileged_context)
+def _privileged_context(raw_row: dict[str, Any], answer: str, ground_truth: str, where: str, cfg: DataConfig,
+                        context: PrivilegedContext) -> str:
 
     def read_column(column: str) -> str:
         if column == GIVEN_CONTEXT_COLUMN and column not in raw_row:

@@ -6,19 +6,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow.tracking import MlflowClient
 
 from steps import tracking
 from steps.register import CHAMPION_ALIAS, register, registered_model_name
-
-
-@pytest.fixture()
-def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp_path / "artifacts"))
-    tracking.setup_tracking("register-test")
-    return MlflowClient(tracking_uri=uri)
 
 
 def _source_run() -> str:

@@ -16,15 +16,6 @@ PROMPT = torch.tensor([[1, 400, 500, 600, 700, 42]])
 
 
 @pytest.fixture()
-def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp_path / "artifacts"))
-    tracking.setup_tracking("register-test")
-    return uri
-
-
-@pytest.fixture()
 def adapter_checkpoint(tmp_path, tiny_model_dir, smollm2_tokenizer):
     """A LoRA checkpoint as the trainer writes it, with a non-zero adapter, and that adapter's logits."""
     from pcsd_core.config.loader import config_from_dict
