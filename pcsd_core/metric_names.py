@@ -6,6 +6,7 @@ TRAIN_LOSS = "train/loss"
 TRAIN_KL = "train/kl"  # exact KL(teacher || student) per counted response token
 TRAIN_TEACHER_ENTROPY = "train/teacher_entropy"
 TRAIN_STUDENT_ENTROPY = "train/student_entropy"
+TRAIN_REF_KL = "train/ref_kl"  # exact KL(student || initial model) per counted response token (loss.ref_kl_coef > 0)
 TRAIN_RESPONSE_LEN = "train/response_len"
 TRAIN_TRUNCATED_FRAC = "train/truncated_frac"
 TRAIN_GRAD_NORM = "train/grad_norm"

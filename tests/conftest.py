@@ -69,6 +69,24 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def moved_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with every weight moved (noise 0.02, seeded): a student that already differs from its initial
+    model, as after a resume, for tests that need KL(student || initial) > 0 on the first step."""
+    import torch
+
+    from pcsd_core.models import load_model
+
+    model = load_model(str(tiny_model_dir))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    path = tmp_path_factory.mktemp("moved_tiny_llama")
+    model.save_pretrained(path)
+    return path
+
+
 # ---- one real tiny flow run, shared by tests/flows and tests/dashboards -----------------------------------
 
 FLOW_STEPS = 2

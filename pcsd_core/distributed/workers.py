@@ -282,7 +282,10 @@ class RayWorkers:
 
         batch_ref = ray.put(batch)
         parts = self._get([w.compute_distributions.remote(batch_ref) for w in self.workers], "compute_distributions")
-        return TeacherOutputs(hidden=[hidden for part in parts for hidden in part.hidden])  # rank order = row order
+        # Each rank scored its own rows: rank order = row order. Every rank has the reference states, or none does.
+        reference = None if parts[0].reference_hidden is None else \
+            [hidden for part in parts for hidden in part.reference_hidden]
+        return TeacherOutputs(hidden=[hidden for part in parts for hidden in part.hidden], reference_hidden=reference)
 
     def update(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats:
         import ray

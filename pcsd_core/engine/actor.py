@@ -2,7 +2,9 @@
 
 - `compute_distributions(batch)`: the teacher pass. Teacher prompt + response ids through the teacher model
   (the live policy, a frozen copy of the initial weights, or an EMA copy) under `no_grad`; returns the final
-  hidden states at the response positions, not logits, so (T, V) teacher logits are never stored.
+  hidden states at the response positions, not logits, so (T, V) teacher logits are never stored. With the
+  reference anchor (`loss.ref_kl_coef` > 0) also the reference pass: student prompt + response ids through the
+  initial model (`Actor.reference`), for the loss's KL(P_student || P_reference) term.
 - `update_policy_with_distillation(batch, teacher_outputs)`: the student pass and the update. For each of
   `ppo_epochs` passes, for each mini-batch: micro-batches of student prompt + response ids, the divergence
   from `losses.hidden_state_distillation_loss` (which builds logits chunk by chunk from hidden states and the
@@ -57,7 +59,7 @@ class DistillationModule(nn.Module):
         return self.lm.get_output_embeddings().weight  # (V, H); tied to the input embeddings in SmolLM2
 
     def forward(self, input_ids, attention_mask, position_ids, response_positions, teacher_hidden=None, weights=None,
-                response_tokens=None, teacher_weight=None):
+                response_tokens=None, teacher_weight=None, reference_hidden=None, reference_weight=None):
         if attention_mask.dim() == 4 and self.lm.config._attn_implementation == "eager":
             # Eager attention adds the mask to the scores; sdpa takes the boolean mask as is.
             blocked = torch.finfo(self.compute_dtype).min
@@ -71,6 +73,7 @@ class DistillationModule(nn.Module):
         output = losses.hidden_state_distillation_loss(
             response_hidden, teacher_hidden, self.lm_head_weight(), weights,
             teacher_weight=teacher_weight, response_ids=response_tokens, spec=self.loss_spec,
+            reference_hidden=reference_hidden, reference_weight=reference_weight,
         )
         # A tuple, not the dataclass: FSDP finds the tensors of a forward's output to hook its backward.
         return output.loss, output.per_token, output.metrics
@@ -113,6 +116,8 @@ class Actor:
         self._student_copy = ComputeCopy(self.student, compute) if mixed else None
         self._teacher_copy = ComputeCopy(self.teacher, compute) if mixed and self.teacher is not None \
             and cfg.train.teacher_mode == "ema" else None
+        self.reference = self._reference_module(teacher_path or model_path, mesh)
+        self._reference_weight: torch.Tensor | None = None
         trainable = [parameter for parameter in self.student.parameters() if parameter.requires_grad]  # LoRA: the adapter
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
@@ -154,6 +159,20 @@ class Actor:
             fully_shard(module, mesh=mesh, mp_policy=policy)  # root: embeddings, final norm, (tied) lm_head
         return module
 
+    def _reference_module(self, initial_path: str, mesh) -> DistillationModule | None:
+        """The anchor's initial model (None when loss.ref_kl_coef is 0), whose forward never changes.
+
+        The LoRA base (the student's forward module with its adapters off) or the frozen teacher when there is
+        one; else one more frozen module of the initial weights in the compute dtype, sharded as the teacher is.
+        """
+        if self.cfg.loss.ref_kl_coef == 0:
+            return None
+        if self.cfg.model.uses_lora:
+            return self.forward_module("student")
+        if self.cfg.train.teacher_mode == "frozen":
+            return self.teacher
+        return self._build_module(initial_path, mesh, trainable=False, dtype=self.cfg.model.dtype)
+
     def forward_module(self, which: str = "student") -> DistillationModule | None:
         """The module whose forward runs: the compute-dtype copy in this process, else the (FSDP) module itself."""
         if which == "student":
@@ -164,17 +183,28 @@ class Actor:
 
     @torch.no_grad()
     def compute_distributions(self, batch: RolloutBatch) -> TeacherOutputs:
-        """Teacher hidden states at response positions for this rank's share of `batch` (no gradient)."""
+        """Teacher (and, with the anchor, reference) hidden states at response positions for this rank's share of
+        `batch` (no gradient)."""
         teacher = self.forward_module("teacher" if self.teacher is not None else "student")
         hidden: list[torch.Tensor] = []
+        reference_hidden: list[torch.Tensor] | None = None if self.reference is None else []
         for rows in micro_batches(worker_rows(0, len(batch), self.rank, self.world_size), self.cfg.train.micro_batch_size):
             part = batch.select(rows)
-            inputs = self.build_inputs(part.teacher_prompt_ids, part.response_ids, self.pad_id)
-            with self._teacher_view():
-                states = teacher(*self._forward_args(inputs))
-            hidden.extend(states.detach().cpu().split(part.response_lengths))
+            hidden.extend(self._response_states(teacher, self._teacher_view(), part.teacher_prompt_ids, part))
+            if reference_hidden is not None:  # the same responses after the student prompt
+                reference_hidden.extend(self._response_states(self.reference, self._reference_view(),
+                                                              part.student_prompt_ids, part))
         self._teacher_weight = self._snapshot_teacher_weight()
-        return TeacherOutputs(hidden=hidden)
+        self._reference_weight = self._reference_lm_head()
+        return TeacherOutputs(hidden=hidden, reference_hidden=reference_hidden)
+
+    def _response_states(self, module: DistillationModule, view, prompts: list[list[int]],
+                         part: RolloutBatch) -> list[torch.Tensor]:
+        """One (L_i, H) tensor of final hidden states per response of `part`, each after its row's prompt."""
+        inputs = self.build_inputs(prompts, part.response_ids, self.pad_id)
+        with view:
+            states = module(*self._forward_args(inputs))
+        return list(states.detach().cpu().split(part.response_lengths))
 
     def _teacher_view(self):
         """LoRA: the frozen teacher is the base (adapter off), the EMA teacher its adapter; else nothing to switch."""
@@ -182,6 +212,22 @@ class Actor:
             return contextlib.nullcontext()
         adapter = lora.EMA if self.cfg.train.teacher_mode == "ema" else None
         return lora.adapter_view(self.student.lm, adapter)
+
+    def _reference_view(self):
+        """LoRA: the reference is the base, so the adapters are off (on the module the forward runs on)."""
+        return lora.adapter_view(self.reference.lm, None) if self.cfg.model.uses_lora else contextlib.nullcontext()
+
+    def _reference_lm_head(self) -> torch.Tensor | None:
+        """The reference's lm_head (compute dtype) for the anchor's logits; None = the student's, detached: with
+        LoRA the lm_head never trains, so it is the initial one."""
+        if self.reference is None or self.cfg.model.uses_lora:
+            return None
+        if self.reference is self.teacher:  # the frozen teacher's, snapshotted for this step: no second copy
+            return self._teacher_weight
+        if self._reference_weight is None:  # it never changes: gathered once (collective: every rank is here)
+            self._reference_weight = full_tensor(self.reference.lm_head_weight().detach()).to(
+                DTYPES[self.cfg.model.dtype])
+        return self._reference_weight
 
     def _snapshot_teacher_weight(self) -> torch.Tensor | None:
         """The teacher lm_head as it was when the hidden states were computed.
@@ -238,10 +284,13 @@ class Actor:
         local = minibatch_weights[rows.start - minibatch_start: rows.stop - minibatch_start]
         weights = flat_response_weights(local, part.response_lengths)  # (N,), the order of the response states
         teacher_hidden = torch.cat([teacher_outputs.hidden[i] for i in rows]).to(self.device)
+        reference_hidden = None if teacher_outputs.reference_hidden is None else \
+            torch.cat([teacher_outputs.reference_hidden[i] for i in rows]).to(self.device)
         # float32 token weights whatever the compute dtype: 1/num_tokens in bf16 is off by up to 0.4%.
         loss, per_token, metrics = self.forward_module()(
             *self._forward_args(inputs), teacher_hidden=teacher_hidden, weights=weights.to(self.device, torch.float32),
-            response_tokens=inputs.response_tokens.to(self.device), teacher_weight=self._teacher_weight)
+            response_tokens=inputs.response_tokens.to(self.device), teacher_weight=self._teacher_weight,
+            reference_hidden=reference_hidden, reference_weight=self._reference_weight)
         # FSDP averages gradients over ranks; each rank's loss is already its share of the sum, so undo the mean.
         (loss * self.world_size).backward()
         if self._student_copy is not None:
@@ -252,6 +301,7 @@ class Actor:
         stats.kl_sum += metrics["kl"] * count
         stats.teacher_entropy_sum += metrics["teacher_entropy"] * count
         stats.student_entropy_sum += metrics["student_entropy"] * count
+        stats.ref_kl_sum += metrics.get("ref_kl", 0.0) * count  # reported only with the anchor on
         stats.num_tokens += count
         if record_tokens:
             for row, values in zip(rows, per_token.detach().float().cpu().split(part.response_lengths)):

@@ -63,6 +63,8 @@ class TeacherOutputs:
     """Teacher final hidden states at the response positions, one (L_i, H) tensor per row (no grad)."""
 
     hidden: list[torch.Tensor]
+    # The initial model's, same responses after the student prompt (loss.ref_kl_coef > 0); None when off.
+    reference_hidden: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -168,6 +170,7 @@ class UpdateStats:
     kl_sum: float = 0.0  # sum over counted tokens of the exact forward KL (all epochs)
     teacher_entropy_sum: float = 0.0
     student_entropy_sum: float = 0.0
+    ref_kl_sum: float = 0.0  # sum over counted tokens of KL(student || reference) (0 without the anchor)
     num_tokens: int = 0  # response tokens scored (all epochs)
     grad_norms: list[float] = field(default_factory=list)  # one per optimizer step (identical on all ranks)
     lr: float = 0.0  # the optimizer's learning rate during this update (identical on all ranks)
@@ -182,6 +185,7 @@ class UpdateStats:
             merged.kl_sum += part.kl_sum
             merged.teacher_entropy_sum += part.teacher_entropy_sum
             merged.student_entropy_sum += part.student_entropy_sum
+            merged.ref_kl_sum += part.ref_kl_sum
             merged.num_tokens += part.num_tokens
             merged.token_kl.update(part.token_kl)
         return merged

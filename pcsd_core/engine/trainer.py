@@ -317,6 +317,7 @@ class Distiller:
             names.TRAIN_KL: stats.kl_sum / tokens,
             names.TRAIN_TEACHER_ENTROPY: stats.teacher_entropy_sum / tokens,
             names.TRAIN_STUDENT_ENTROPY: stats.student_entropy_sum / tokens,
+            **({names.TRAIN_REF_KL: stats.ref_kl_sum / tokens} if cfg.loss.ref_kl_coef > 0 else {}),
             names.TRAIN_RESPONSE_LEN: float(np.mean(lengths)),
             names.TRAIN_TRUNCATED_FRAC: float(np.mean([not finished for finished in batch.finished])),
             names.TRAIN_GRAD_NORM: float(np.mean(stats.grad_norms)),

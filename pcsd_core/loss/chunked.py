@@ -10,6 +10,10 @@ chunks of `chunk_tokens` rows and, for each chunk (Liger-kernel style):
      grad_h[chunk] = g @ W_s and grad_W += g^T @ h_s[chunk]                              # exact gradients
   4. no-grad metrics on the same chunk; the chunk's tensors are then freed.
 
+With a reference anchor (`LossSpec.ref_kl_coef` > 0 and reference hidden states), step 1 also builds
+reference_logits = h_ref[chunk] @ W_ref^T, and `_reference_kl_step` adds ref_kl_coef * KL(P_s || P_ref) to each
+token's loss and its analytic gradient to g, before step 2 overwrites the student logits.
+
 So at most one chunk's (c, V) tensors are alive, and backward only rescales the stored (N, H) and (V, H)
 gradients by the incoming scalar gradient. Double backward is not supported (not needed for a loss).
 """
@@ -146,6 +150,27 @@ def _fused_forward_kl_step(student_logits, teacher_logits, chunk_weights, spec: 
     return per_token, grad_logits, sums
 
 
+@torch.no_grad()
+def _reference_kl_step(student_logits, reference_logits, coefficient, want_grad: bool):
+    """Per-token KL(P_s || P_ref) (c,) over the whole vocabulary and its gradient w.r.t. the student logits, times
+    `coefficient` (c,) (the token weights times ref_kl_coef); None when no gradient is wanted.
+
+    At temperature 1 whatever `loss.temperature`: the anchor keeps the student's own sampling distribution near the
+    initial model's, while the temperature only softens the distillation target. With p = softmax(z_s),
+    d = log p - log p_ref and KL = sum_x p(x) d(x): dKL/dz_s = p * (d - KL). Both log-probs come from finite logits,
+    so no log-prob floor is needed. The student logits are read, not changed (the distillation step overwrites
+    them next); the reference logits are this chunk's, overwritten in place. Two more (c, V) buffers.
+    """
+    student_logprobs = torch.log_softmax(student_logits, dim=-1)
+    reference_logprobs = reference_logits.sub_(torch.logsumexp(reference_logits, dim=-1, keepdim=True))
+    log_ratio = reference_logprobs.neg_().add_(student_logprobs)  # log p - log p_ref, in the reference's buffer
+    student_probs = student_logprobs.exp_()
+    per_token = _row_dot(student_probs, log_ratio)
+    if not want_grad:
+        return per_token, None
+    return per_token, log_ratio.sub_(per_token.unsqueeze(-1)).mul_(student_probs).mul_(coefficient.unsqueeze(-1))
+
+
 def _add_sums(total: dict[str, float], part: dict[str, float]) -> None:
     for name, value in part.items():
         total[name] = total.get(name, 0.0) + value
@@ -158,10 +183,11 @@ def _pick_gap_rows(num_tokens: int, num_samples: int, device: torch.device) -> t
     return rows.sort().values.to(device)
 
 
-def _finalise_metrics(sums: dict[str, float], num_tokens: int) -> dict[str, float]:
+def _finalise_metrics(sums: dict[str, float], num_tokens: int, anchored: bool) -> dict[str, float]:
     """Turn summed chunk metrics into per-token means; all zeros when no token was counted."""
     denominator = max(num_tokens, 1)
-    metrics = {name: sums.get(name, 0.0) / denominator for name in ("kl", "teacher_entropy", "student_entropy")}
+    names = ("kl", "teacher_entropy", "student_entropy") + (("ref_kl",) if anchored else ())
+    metrics = {name: sums.get(name, 0.0) / denominator for name in names}
     metrics["topk_mass"] = sums.get("topk_mass", 0.0) / denominator
     if "gap_tokens" in sums:  # the opt-in top-k diagnostic ran
         metrics["topk_gap"] = sums["topk_gap"] / max(sums["gap_tokens"], 1.0)
@@ -170,12 +196,28 @@ def _finalise_metrics(sums: dict[str, float], num_tokens: int) -> dict[str, floa
     return metrics
 
 
+def _in_loss_dtype(loss_dtype: torch.dtype, *weights: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Each (V, H) weight in loss_dtype; a tensor passed twice (the student's lm_head as teacher or reference) is
+    converted once, so it costs one float32 copy, not one per role."""
+    converted: dict[tuple, torch.Tensor] = {}
+    result = []
+    for weight in weights:
+        if weight is not None:
+            key = (weight.data_ptr(), weight.dtype, tuple(weight.shape))
+            weight = converted.setdefault(key, weight.to(loss_dtype))
+        result.append(weight)
+    return result
+
+
 class ChunkedDistillation(torch.autograd.Function):
-    """loss = sum_i weights_i * per_token_i over compacted response rows, gradients computed in forward."""
+    """loss = sum_i weights_i * per_token_i over compacted response rows, gradients computed in forward.
+
+    per_token_i = clip(divergence_i) + ref_kl_coef * KL(P_s || P_ref)_i, the second term only with reference inputs.
+    """
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, weights, response_ids, spec,
-                metrics_out):
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, reference_hidden,
+                reference_weight, weights, response_ids, spec, metrics_out):
         want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         num_tokens = student_hidden.shape[0]
         # bf16/fp16 inputs: logits, their gradient and grad_weight in float32. A bf16 matmul rounds each logit to
@@ -184,37 +226,29 @@ class ChunkedDistillation(torch.autograd.Function):
         # at 7B: V 102400, H 4096), once per call; for float32 inputs `.to` returns the tensors themselves.
         loss_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
         student_weight_in = student_weight
-        student_weight = student_weight.to(loss_dtype)
-        teacher_weight = student_weight if teacher_weight.data_ptr() == student_weight_in.data_ptr() and \
-            teacher_weight.dtype == student_weight_in.dtype else teacher_weight.to(loss_dtype)
+        student_weight, teacher_weight, reference_weight = _in_loss_dtype(
+            loss_dtype, student_weight, teacher_weight, reference_weight)
         grad_hidden = torch.zeros_like(student_hidden) if want_hidden_grad else None  # each row written once
         grad_weight = torch.zeros_like(student_weight) if want_weight_grad else None  # (V, H) in loss_dtype
         per_token = torch.zeros(num_tokens, dtype=loss_dtype, device=student_hidden.device)
         gap_rows = _pick_gap_rows(num_tokens, spec.metric_sample_tokens, student_hidden.device)
         sums: dict[str, float] = {}
         want_grad = want_hidden_grad or want_weight_grad
-        fused = spec.estimator == "full" and (spec.divergence == "forward_kl" or
-                                              (spec.divergence == "jsd" and spec.beta == 0.0))
         for start in range(0, num_tokens, spec.chunk_tokens):
             rows = slice(start, min(start + spec.chunk_tokens, num_tokens))
-            chunk_hidden = student_hidden[rows]
-            chunk_hidden = chunk_hidden.to(loss_dtype)
+            chunk_hidden = student_hidden[rows].to(loss_dtype)
             student_logits = chunk_hidden @ student_weight.T  # (c, V)
             teacher_logits = teacher_hidden[rows].to(loss_dtype) @ teacher_weight.T  # (c, V)
             if spec.metric_sample_tokens:
                 in_chunk = gap_rows[(gap_rows >= rows.start) & (gap_rows < rows.stop)] - rows.start
                 _add_sums(sums, _gap_sums(student_logits[in_chunk], teacher_logits[in_chunk], spec))
             chunk_weights = weights[rows].to(loss_dtype)
-            if fused:
-                chunk_per_token, grad_logits, chunk_sums = _fused_forward_kl_step(
-                    student_logits, teacher_logits, chunk_weights, spec, want_grad)
-            else:
-                chunk_ids = None if response_ids is None else response_ids[rows]
-                chunk_per_token, grad_logits, chunk_sums = _generic_chunk_step(
-                    student_logits, teacher_logits, chunk_ids, chunk_weights, spec, want_grad)
-            del student_logits, teacher_logits
-            _add_sums(sums, chunk_sums)
-            per_token[rows] = chunk_per_token
+            reference_logits = None if reference_hidden is None else \
+                reference_hidden[rows].to(loss_dtype) @ reference_weight.T  # (c, V)
+            chunk_ids = None if response_ids is None else response_ids[rows]
+            per_token[rows], grad_logits = _chunk_step(student_logits, teacher_logits, reference_logits, chunk_ids,
+                                                       chunk_weights, spec, want_grad, sums)
+            del student_logits, teacher_logits, reference_logits
             if grad_logits is not None:
                 grad_logits = grad_logits.to(loss_dtype)
                 if want_hidden_grad:
@@ -222,7 +256,7 @@ class ChunkedDistillation(torch.autograd.Function):
                 if want_weight_grad:
                     grad_weight.addmm_(grad_logits.T, chunk_hidden)
                 del grad_logits
-        metrics_out.update(_finalise_metrics(sums, num_tokens))
+        metrics_out.update(_finalise_metrics(sums, num_tokens, anchored=reference_hidden is not None))
         # Plain attributes, not save_for_backward: backward hands these tensors to autograd as the only
         # reference, so AccumulateGrad can adopt them instead of copying a (V, H) gradient.
         # autograd wants the gradient in the parameter's dtype; the float32 sum is rounded once, here.
@@ -239,7 +273,29 @@ class ChunkedDistillation(torch.autograd.Function):
         if grad_loss.item() != 1.0:
             grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)
             grad_weight = None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+
+
+def _chunk_step(student_logits, teacher_logits, reference_logits, chunk_ids, chunk_weights, spec: LossSpec,
+                want_grad: bool, sums: dict[str, float]):
+    """One chunk's per-token loss (c,) and d loss / d student_logits (or None); adds its metric sums to `sums`."""
+    if reference_logits is not None:  # first: the distillation steps below overwrite the student logits
+        reference_kl, reference_grad = _reference_kl_step(student_logits, reference_logits,
+                                                          chunk_weights * spec.ref_kl_coef, want_grad)
+        _add_sums(sums, {"ref_kl": reference_kl.sum().item()})
+    forward_kl = spec.divergence == "forward_kl" or (spec.divergence == "jsd" and spec.beta == 0.0)
+    if spec.estimator == "full" and forward_kl:
+        per_token, grad_logits, chunk_sums = _fused_forward_kl_step(
+            student_logits, teacher_logits, chunk_weights, spec, want_grad)
+    else:
+        per_token, grad_logits, chunk_sums = _generic_chunk_step(
+            student_logits, teacher_logits, chunk_ids, chunk_weights, spec, want_grad)
+    _add_sums(sums, chunk_sums)
+    if reference_logits is None:
+        return per_token, grad_logits
+    # The anchor after the clip: `token_clip` bounds the distillation divergence only.
+    per_token = per_token + spec.ref_kl_coef * reference_kl
+    return per_token, None if grad_logits is None else grad_logits.add_(reference_grad)
 
 
 def chunked_distillation_loss(
@@ -250,16 +306,24 @@ def chunked_distillation_loss(
     weights: torch.Tensor,
     response_ids: torch.Tensor | None,
     spec: LossSpec,
+    reference_hidden: torch.Tensor | None = None,
+    reference_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """(loss, per_token (N,), metrics) computing only rows with weight != 0; other rows get per_token 0."""
+    """(loss, per_token (N,), metrics) computing only rows with weight != 0; other rows get per_token 0.
+
+    The anchor term is computed when `reference_hidden` is given and spec.ref_kl_coef > 0.
+    """
     counted = (weights != 0).nonzero().squeeze(-1)
     metrics: dict[str, float] = {}
     compact_ids = None if response_ids is None else response_ids[counted]
+    anchored = reference_hidden is not None and spec.ref_kl_coef > 0
     loss, compact_per_token = ChunkedDistillation.apply(
         student_hidden[counted],
         student_weight,
         teacher_hidden.detach()[counted],
         teacher_weight.detach(),
+        reference_hidden.detach()[counted] if anchored else None,
+        reference_weight.detach() if anchored else None,
         weights[counted].detach(),
         compact_ids,
         spec,

@@ -8,7 +8,8 @@ Public API (users put these into their own trainers):
   batch is split into micro-batches, so the micro-batch losses sum to the full-batch loss.
 - `hidden_state_distillation_loss(student_hidden, teacher_hidden, student_weight, weights, ...)`: the
   memory-bounded loss from final hidden states and the output projection, chunked over tokens so [N, V]
-  logits are never held for both models (see `pcsd_core.loss.chunked`), with exact gradients.
+  logits are never held for both models (see `pcsd_core.loss.chunked`), with exact gradients; with
+  `ref_kl_coef` > 0 and `reference_hidden`, each token's loss also holds ref_kl_coef * KL(P_student || P_reference).
 
 Divergences ("forward_kl" = KL(P_t || P_s), the default; "reverse_kl"; "jsd" with beta), temperature and the
 estimators ("full", "topk", "sampled") are defined once in `pcsd_core.loss.divergence`; read its docstring for
@@ -115,23 +116,29 @@ def token_weights(
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar, differentiable w.r.t. student inputs: sum(weights * per_token)
-    per_token: torch.Tensor  # (N,) detached per-token loss (after clipping); 0 where weights == 0 (not computed)
+    # (N,) detached per-token loss (after clipping, plus the anchor term); 0 where weights == 0 (not computed)
+    per_token: torch.Tensor
     # Means over the tokens with weight != 0: kl (exact forward KL), teacher_entropy, student_entropy,
     # topk_mass (teacher mass on the top-k support), tokens; and, only when `metric_sample_tokens` > 0, on a
     # fixed random subset of that many tokens: topk_gap (mean |topk estimate - exact|), topk_gap_rel
-    # (sum gap / sum exact).
+    # (sum gap / sum exact); and, only with the reference anchor on, ref_kl (exact KL(P_student || P_reference)).
     metrics: dict[str, float]
 
 
 def _check_loss_inputs(student_hidden, teacher_hidden, student_weight, teacher_weight, weights, response_ids,
-                       spec: LossSpec) -> None:
+                       spec: LossSpec, reference_hidden=None, reference_weight=None) -> None:
     """Shape and option checks, raised before any (N, V) work."""
-    if student_hidden.dim() != 2 or student_hidden.shape != teacher_hidden.shape:
-        raise ValueError(
-            f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} must "
-            "both be (N, H) over the same response tokens; flatten (B, T, H) with a response mask first."
-        )
-    for name, weight in (("student_weight", student_weight), ("teacher_weight", teacher_weight)):
+    for name, hidden in (("teacher_hidden", teacher_hidden), ("reference_hidden", reference_hidden)):
+        if hidden is not None and (student_hidden.dim() != 2 or student_hidden.shape != hidden.shape):
+            raise ValueError(
+                f"student_hidden {tuple(student_hidden.shape)} and {name} {tuple(hidden.shape)} must "
+                "both be (N, H) over the same response tokens; flatten (B, T, H) with a response mask first."
+            )
+    if spec.ref_kl_coef > 0 and reference_hidden is None:
+        raise ValueError(f"loss.ref_kl_coef ({spec.ref_kl_coef}) > 0 needs reference_hidden (N, H): the initial "
+                         "model's final hidden states at the same response tokens; or set ref_kl_coef to 0.")
+    for name, weight in (("student_weight", student_weight), ("teacher_weight", teacher_weight),
+                         ("reference_weight", reference_weight)):
         if weight.dim() != 2 or weight.shape[1] != student_hidden.shape[1] or weight.shape != student_weight.shape:
             raise ValueError(f"{name} {tuple(weight.shape)} must be (V, H) with H = {student_hidden.shape[1]}.")
     if weights.shape != student_hidden.shape[:1]:
@@ -148,6 +155,8 @@ def hidden_state_distillation_loss(
     *,
     teacher_weight: torch.Tensor | None = None,  # (V, H) teacher lm_head; default: student_weight, detached
     response_ids: torch.Tensor | None = None,  # (N,) sampled tokens, needed by the `sampled` estimator
+    reference_hidden: torch.Tensor | None = None,  # (N, H) initial model's states, used when ref_kl_coef > 0
+    reference_weight: torch.Tensor | None = None,  # (V, H) its lm_head; default: student_weight, detached
     spec: LossSpec | None = None,  # the loss options (the config's `loss` section); default LossSpec()
     **options,  # or single options over the spec: divergence="jsd", chunk_tokens=128, ...
 ) -> LossOutput:
@@ -159,11 +168,17 @@ def hidden_state_distillation_loss(
     log-ratio; gradient: stopgrad(log-ratio) * grad log P_s(y); `token_clip` clips the log-ratio to +-clip).
     `token_clip` > 0 caps each token's divergence (capped tokens get no gradient). Rows with weight 0 are
     skipped entirely. Peak extra memory is O(chunk_tokens * V); gradients are exact (computed per chunk).
+    With `ref_kl_coef` > 0 each token's loss adds ref_kl_coef * KL(P_student || P_reference), exact over V at
+    temperature 1 and not clipped, P_reference from `reference_hidden` and `reference_weight` (the reference
+    anchor, `LossSpec.ref_kl_coef`); with ref_kl_coef 0 the reference inputs are ignored and nothing is computed.
     """
     teacher_weight = student_weight if teacher_weight is None else teacher_weight
+    reference_weight = student_weight if reference_weight is None else reference_weight
     spec = dataclasses.replace(spec or LossSpec(), **options) if options else (spec or LossSpec())
-    _check_loss_inputs(student_hidden, teacher_hidden, student_weight, teacher_weight, weights, response_ids, spec)
+    _check_loss_inputs(student_hidden, teacher_hidden, student_weight, teacher_weight, weights, response_ids, spec,
+                       reference_hidden, reference_weight)
     loss, per_token, metrics = chunked_distillation_loss(
-        student_hidden, teacher_hidden, student_weight, teacher_weight, weights, response_ids, spec
+        student_hidden, teacher_hidden, student_weight, teacher_weight, weights, response_ids, spec,
+        reference_hidden=reference_hidden, reference_weight=reference_weight,
     )
     return LossOutput(loss=loss, per_token=per_token, metrics=metrics)

@@ -50,6 +50,14 @@ class LossSpec:
     # Tokens per call on which the top-k estimate is compared with the exact divergence (`topk_gap` metrics);
     # 0 = none. A diagnostic: it costs one extra exact and top-k pass over those tokens.
     metric_sample_tokens: int = 0
+    # Weight of the reference anchor (0 = off): adds ref_kl_coef * KL(P_student || P_reference) to every response
+    # token's loss, P_reference being the initial model (frozen) scoring the same response after the student
+    # prompt, at temperature 1 (verl's `use_kl_loss`, against collapse). Exact over the vocabulary whatever the
+    # estimator, never clipped by `token_clip`. Costs one more no-grad forward per response, and, with full
+    # fine-tuning and a live or EMA teacher, one more frozen copy of the model in model.dtype (2 bytes a parameter
+    # in bf16: 14 GB at 7B, sharded over the FSDP ranks) and its gathered lm_head (0.8 GB at 7B, plus a float32
+    # copy of 1.7 GB during each loss call); a frozen teacher or the LoRA base serves as is, with no copy.
+    ref_kl_coef: float = 0.0
 
     def __post_init__(self) -> None:
         check_divergence_options(self.divergence, self.beta, self.temperature)
@@ -57,7 +65,7 @@ class LossSpec:
                               ("aggregation", AGGREGATIONS)):
             check_choice(name, getattr(self, name), choices)
         for name, minimum in (("topk", 1), ("chunk_tokens", 1), ("metric_sample_tokens", 0), ("token_clip", 0),
-                              ("skip_first_tokens", 0)):
+                              ("skip_first_tokens", 0), ("ref_kl_coef", 0)):
             value = getattr(self, name)
             require(value >= minimum and math.isfinite(value), f"{_named(name)} ({value}) must be a finite number >= "
                     f"{minimum}.", field=_named(name))

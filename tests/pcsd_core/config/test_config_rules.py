@@ -69,6 +69,7 @@ BAD_VALUES: dict[str, list] = {
     "loss.aggregation": ["sum"],
     "loss.chunk_tokens": [0],
     "loss.metric_sample_tokens": [-1],
+    "loss.ref_kl_coef": [-0.1, INF, NAN],
     "train.total_training_steps": [0],
     "train.prompts_per_step": [0],
     "train.ppo_epochs": [0],

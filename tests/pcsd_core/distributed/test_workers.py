@@ -218,6 +218,36 @@ def test_two_fsdp_workers_train_float32_masters_in_bf16_and_resume_through_rank_
             assert torch.equal(reloaded["optimizer"]["state"][name][key], value), (name, key)
 
 
+def test_two_fsdp_workers_anchor_to_a_sharded_reference_as_one_actor(tiny_model_dir, moved_model_dir, ray_session):
+    """loss.ref_kl_coef > 0 with a live teacher: each rank holds an extra FSDP-sharded frozen reference (the initial
+    weights, teacher_path) and gathers its lm_head; the reference states arrive in row order, and loss and ref_kl
+    equal one in-process actor's."""
+    from pcsd_core.distributed.workers import launch_train_workers
+
+    def anchored(**train) -> PCSDConfig:  # config() with the anchor on: 2 mini-batches, 2 optimizer steps
+        return config_from_dict({**config(**train).to_dict(), "loss": {"ref_kl_coef": 0.5}})
+
+    batch = random_batch(8)
+    single = Actor(anchored(), str(moved_model_dir), teacher_path=str(tiny_model_dir))
+    single_outputs = single.compute_distributions(batch)
+    single_stats = single.update_policy_with_distillation(batch, single_outputs)
+
+    group = launch_train_workers(anchored(use_ray=True, num_workers=2), str(moved_model_dir), device_type="cpu",
+                                 teacher_path=str(tiny_model_dir))
+    try:
+        outputs = group.compute_distributions(batch)
+        stats = group.update(batch, outputs)
+    finally:
+        group.shutdown()
+
+    for got, want in zip(outputs.reference_hidden, single_outputs.reference_hidden, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert single_stats.ref_kl_sum > 1e-3 * single_stats.num_tokens  # the anchor is not trivially zero
+    assert stats.ref_kl_sum == pytest.approx(single_stats.ref_kl_sum, rel=1e-5)
+    assert stats.loss_sum == pytest.approx(single_stats.loss_sum, rel=1e-5)
+    assert stats.grad_norms == pytest.approx(single_stats.grad_norms, rel=1e-4)
+
+
 GRADIENT_SYNC_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
