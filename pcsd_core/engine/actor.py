@@ -211,7 +211,9 @@ class Actor:
         if not self.cfg.model.uses_lora or self.cfg.train.teacher_mode == "live":
             return contextlib.nullcontext()
         adapter = lora.EMA if self.cfg.train.teacher_mode == "ema" else None
-        return lora.adapter_view(self.student.lm, adapter)
+        # On the module the forward runs on: in this process with mixed precision that is the compute copy, whose
+        # adapter switches are its own (switching the masters' would leave the copy's student adapter on).
+        return lora.adapter_view(self.forward_module("student").lm, adapter)
 
     def _reference_view(self):
         """LoRA: the reference is the base, so the adapters are off (on the module the forward runs on)."""
@@ -316,12 +318,12 @@ class Actor:
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
         self.optimizer.step()
-        if self._student_copy is not None:
-            self._student_copy.copy_from_masters()
         if self.cfg.train.teacher_mode == "ema" and self.cfg.model.uses_lora:
             lora.ema_update(self.student.lm, self.cfg.train.ema_rate)
         elif self.cfg.train.teacher_mode == "ema":
             self._update_ema_teacher()
+        if self._student_copy is not None:  # after the EMA too: the copy holds the EMA adapter beside the student's
+            self._student_copy.copy_from_masters()
         return float(full_tensor(grad_norm))
 
     @torch.no_grad()

@@ -100,6 +100,36 @@ def test_ema_adapter_arithmetic_by_hand(tiny_model_dir):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("teacher_mode", ["frozen", "ema"])
+def test_in_process_bfloat16_teachers_switch_the_adapter_of_the_copy_the_forward_runs_on(tiny_model_dir, teacher_mode):
+    """LoRA + model.dtype bfloat16 in this process: forward passes run on a bf16 copy of the float32 masters, so
+    the teacher's adapter switch must act on that copy. Frozen: the teacher is the base (the adapter off), equal to a
+    plain bf16 model of the checkpoint; EMA: the copy's EMA adapter is the masters' after every step."""
+    def bf16(cfg):
+        return config_from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "dtype": "bfloat16"}})
+
+    actor = Actor(bf16(lora_config(teacher_mode)), str(tiny_model_dir))
+    assert actor._student_copy is not None  # masters float32, forward bf16
+    train_steps(actor, 2)
+    batch = random_batch(4, seed=7)
+    teacher = actor.compute_distributions(batch)
+    if teacher_mode == "frozen":
+        plain = Actor(config_from_dict({"model": {"dtype": "bfloat16"}, "train": {
+            "prompts_per_step": 2, "mini_batch_size": 4, "micro_batch_size": 2, "device": "cpu",
+            "master_dtype": "bfloat16"}, "rollout": {"n": 2}}), str(tiny_model_dir))
+        expected = plain.compute_distributions(batch).hidden
+    else:
+        copy_ema = dict(lora.adapter_items(actor.forward_module("student").lm, lora.EMA))
+        for name, master in actor.adapter_items("teacher"):
+            torch.testing.assert_close(copy_ema[name], master.to(torch.bfloat16), rtol=0, atol=0, msg=name)
+        student_view = Actor(bf16(lora_config()), str(tiny_model_dir))  # live: its teacher pass is its student
+        student_view._load_adapter(dict(actor.adapter_items("teacher")), lora.STUDENT)  # a student holding the EMA
+        student_view._student_copy.copy_from_masters()
+        expected = student_view.compute_distributions(batch).hidden
+    for got, want in zip(teacher.hidden, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("targets, message", [
     ("q_proj,qkv_proj", "has no ['qkv_proj']"),
     ("c_attn,c_fc", "has none of them"),
