@@ -29,15 +29,16 @@ import numpy as np
 import torch
 
 from pcsd_core.eval import stats
+from pcsd_core.engine.actor import DistillationModule
 from pcsd_core.engine.batch import pad_rows
-from pcsd_core.loss.distillation import token_divergence
+from pcsd_core.loss.distillation import hidden_state_distillation_loss
+from pcsd_core.loss.spec import LossSpec
 from pcsd_core.data.prompts import Messages, build_prompt_pair
 from pcsd_core.eval.scoring import extract_answer, is_correct
 
 # A response is degenerate when it repeats (see `is_degenerate`):
 MIN_REPEATED_LINES = 3  # the same non-blank line this many times in a row, or
 MIN_LOOP_TOKENS = 48  # a block of tokens copied back to back (>= 3 copies) over at least this many tokens
-KL_CHUNK_TOKENS = 512  # response tokens whose (chunk, V) logits are held at once in heldout_kl
 
 
 @dataclass(frozen=True)
@@ -178,9 +179,11 @@ def heldout_kl(
     questions), the teacher prompt carrying each question's TRUE solution (`solutions`, e.g.
     `data.load_solutions`), whatever privileged context the run trained with.
 
-    Both prompts score the same response token ids (`prompts.py`); logits come from the final hidden states
-    at the response positions only, in chunks of `KL_CHUNK_TOKENS`, so memory does not grow with (B, T, V).
-    `divergence` is any of `losses.token_divergence`'s (forward_kl = KL(P_teacher || P_student)).
+    Both prompts score the same response token ids (`prompts.py`) through the trainer's own passes: the actor's
+    `DistillationModule` gives the final hidden states at the response positions, and the trainer's chunked loss
+    (`hidden_state_distillation_loss`, every token weighted 1) turns them into per-token divergences, so memory
+    does not grow with (B, T, V) and the held-out number is the training objective's. `divergence` is any of
+    `pcsd_core.loss.spec.DIVERGENCES` (forward_kl = KL(P_teacher || P_student)).
     """
     if not len(student_messages) == len(solutions) == len(response_ids):
         raise ValueError(
@@ -189,15 +192,19 @@ def heldout_kl(
         )
     if batch_size < 1:
         raise ValueError(f"heldout_kl: batch_size ({batch_size}) must be >= 1.")
+    scorer = DistillationModule(model, LossSpec(divergence=divergence), compute_dtype=model.dtype)
     per_token: list[torch.Tensor] = []
     for start in range(0, len(response_ids), batch_size):
         stop = start + batch_size
         pairs = [build_prompt_pair(tokenizer, messages, solution, teacher_template)
                  for messages, solution in zip(student_messages[start:stop], solutions[start:stop])]  # fmt: skip
         responses = [list(ids) for ids in response_ids[start:stop]]
-        student_hidden = _response_hidden(model, [pair.student_ids for pair in pairs], responses, tokenizer.pad_token_id)
-        teacher_hidden = _response_hidden(model, [pair.teacher_ids for pair in pairs], responses, tokenizer.pad_token_id)
-        per_token.append(_chunked_divergence(model, student_hidden, teacher_hidden, divergence))
+        student_hidden = _response_hidden(scorer, [pair.student_ids for pair in pairs], responses, tokenizer.pad_token_id)
+        teacher_hidden = _response_hidden(scorer, [pair.teacher_ids for pair in pairs], responses, tokenizer.pad_token_id)
+        every_token = torch.ones(len(student_hidden), device=student_hidden.device)
+        divergences = hidden_state_distillation_loss(student_hidden, teacher_hidden, scorer.lm_head_weight(),
+                                                     every_token, spec=scorer.loss_spec).per_token
+        per_token.append(divergences.double().cpu())
     values = torch.cat(per_token).double()  # (N,) every response token, response after response
     lengths = [len(ids) for ids in response_ids]
     per_response = [piece.mean().item() if len(piece) else float("nan") for piece in torch.split(values, lengths)]
@@ -205,21 +212,10 @@ def heldout_kl(
     return HeldoutKL(mean_per_token=mean, per_response=per_response, num_tokens=len(values))
 
 
-def _response_hidden(model: Any, prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> torch.Tensor:
+def _response_hidden(scorer: DistillationModule, prompts: list[list[int]], responses: list[list[int]],
+                     pad_id: int) -> torch.Tensor:
     """Final hidden states at the positions that predict the response tokens: (N, H), row after row."""
-    device = next(model.parameters()).device
+    device = next(scorer.parameters()).device
     inputs = pad_rows(prompts, responses, pad_id)
-    hidden = model.base_model(input_ids=inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device),
-                              use_cache=False).last_hidden_state  # (B, T, H)
-    return hidden.reshape(-1, hidden.shape[-1])[inputs.response_positions.to(device)]
-
-
-def _chunked_divergence(model: Any, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, divergence: str) -> torch.Tensor:
-    lm_head = model.get_output_embeddings()
-    pieces = []
-    for start in range(0, len(student_hidden), KL_CHUNK_TOKENS):
-        chunk = slice(start, start + KL_CHUNK_TOKENS)
-        student_logits = lm_head(student_hidden[chunk]).float()  # (chunk, V)
-        teacher_logits = lm_head(teacher_hidden[chunk]).float()
-        pieces.append(token_divergence(student_logits, teacher_logits, divergence=divergence).cpu())
-    return torch.cat(pieces) if pieces else torch.zeros(0)
+    return scorer(inputs.input_ids.to(device), inputs.attention_mask.to(device), None,
+                  inputs.response_positions.to(device))
