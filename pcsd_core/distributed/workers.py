@@ -1,9 +1,10 @@
 """The train workers behind one interface: the actor in this process, or Ray workers holding FSDP2 shards.
 
-The trainer calls the same methods on either (`TrainWorkers`): `compute_distributions`, `update`,
-`full_state_dict`, `iter_state_dict_buckets`, `training_state`, `load_training_state`, `peak_memory_mb`,
-`local_gpu_ids`, `shutdown`. `build_train_workers(cfg, ...)` picks `InProcessWorkers` (one device, no Ray: tests,
-profiling, the CPU default) or, with `train.use_ray`, `RayWorkers` from `launch_train_workers`.
+The trainer calls the same methods on either (`TrainWorkers`), named as the actor's: `compute_distributions`,
+`update_policy_with_distillation`, `full_state_dict`, `iter_state_dict_buckets`, `training_state`,
+`load_training_state`, `peak_memory_mb`, `local_gpu_ids`, `shutdown`. `build_train_workers(cfg, ...)` picks
+`InProcessWorkers` (one device, no Ray: tests, profiling, the CPU default) or, with `train.use_ray`, `RayWorkers`
+from `launch_train_workers`.
 
 `launch_train_workers(cfg, model_path)` joins the Ray cluster at `train.ray_address` / RAY_ADDRESS (or starts a
 local Ray: `ray_cluster.ensure_ray`), reserves one placement-group bundle per node on `train.num_nodes` distinct
@@ -193,7 +194,7 @@ class TrainWorkers(Protocol):
 
     def compute_distributions(self, batch: RolloutBatch) -> TeacherOutputs: ...
 
-    def update(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats: ...
+    def update_policy_with_distillation(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats: ...
 
     def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]: ...
 
@@ -230,7 +231,7 @@ class InProcessWorkers:
     def compute_distributions(self, batch: RolloutBatch) -> TeacherOutputs:
         return self.actor.compute_distributions(batch)
 
-    def update(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats:
+    def update_policy_with_distillation(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats:
         return self.actor.update_policy_with_distillation(batch, teacher_outputs)
 
     def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]:
@@ -287,12 +288,12 @@ class RayWorkers:
             [hidden for part in parts for hidden in part.reference_hidden]
         return TeacherOutputs(hidden=[hidden for part in parts for hidden in part.hidden], reference_hidden=reference)
 
-    def update(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats:
+    def update_policy_with_distillation(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats:
         import ray
 
         batch_ref, teacher_ref = ray.put(batch), ray.put(teacher_outputs)
         parts = self._get([w.update_policy_with_distillation.remote(batch_ref, teacher_ref) for w in self.workers],
-                          "update")
+                          "update_policy_with_distillation")
         return UpdateStats.merged(parts)
 
     def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]:

@@ -255,7 +255,7 @@ class Distiller:
         timings[names.TIME_TEACHER_S] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        stats = self.workers.update(batch, teacher_outputs)
+        stats = self.workers.update_policy_with_distillation(batch, teacher_outputs)
         timings[names.TIME_UPDATE_S] = time.perf_counter() - tick
 
         tick = time.perf_counter()

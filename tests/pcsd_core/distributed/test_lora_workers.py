@@ -41,7 +41,7 @@ def test_two_fsdp_workers_give_one_process_adapter_gradients(tiny_model_dir, ray
 
     group = launch_train_workers(config(use_ray=True, num_workers=2), str(tiny_model_dir), device_type="cpu")
     try:
-        stats = group.update(batch, group.compute_distributions(batch))
+        stats = group.update_policy_with_distillation(batch, group.compute_distributions(batch))
         grads = ray.get([w.__ray_call__.remote(adapter_gradients) for w in group.workers])
         adapter = group.full_state_dict("student")
         ema = group.full_state_dict("teacher")

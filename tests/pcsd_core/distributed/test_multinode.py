@@ -69,7 +69,7 @@ def test_two_fsdp_workers_on_two_nodes_match_one_process(tiny_model_dir, two_nod
         teacher = group.compute_distributions(batch)
         for got, want in zip(teacher.hidden, single_teacher.hidden, strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-        stats = group.update(batch, teacher)
+        stats = group.update_policy_with_distillation(batch, teacher)
         streamed = dict(whole_tensors(drain(group.iter_state_dict_buckets("student", 2**18))))
 
         ray.kill(group.workers[1])  # a rank dies: the next call fails naming it and its node, without hanging

@@ -75,7 +75,7 @@ def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session
         teacher = group.compute_distributions(batch)  # the trainer's calls: rows gathered in rank order
         for got, want in zip(teacher.hidden, single_teacher.hidden, strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-        stats = group.update(batch, teacher)
+        stats = group.update_policy_with_distillation(batch, teacher)
         wires = ray.get([w.full_state_dict.remote() for w in group.workers])  # (name, numpy array, dtype) lists
         optimizer_states = ray.get([w.training_state.remote() for w in group.workers])
         bucket_bytes = 2**17  # 128 KiB: several buckets on the tiny model, the embedding cut into rows
@@ -189,7 +189,7 @@ def test_two_fsdp_workers_train_float32_masters_in_bf16_and_resume_through_rank_
 
     group = launch_train_workers(cfg, str(tiny_model_dir), device_type="cpu")
     try:
-        stats = group.update(batch, group.compute_distributions(batch))
+        stats = group.update_policy_with_distillation(batch, group.compute_distributions(batch))
         gathered = group.full_state_dict()
         pieces = [piece for bucket in group.iter_state_dict_buckets("student", 2**20) for piece in bucket]
         state = group.training_state()
@@ -236,7 +236,7 @@ def test_two_fsdp_workers_anchor_to_a_sharded_reference_as_one_actor(tiny_model_
                                  teacher_path=str(tiny_model_dir))
     try:
         outputs = group.compute_distributions(batch)
-        stats = group.update(batch, outputs)
+        stats = group.update_policy_with_distillation(batch, outputs)
     finally:
         group.shutdown()
 
