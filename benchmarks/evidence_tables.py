@@ -8,7 +8,9 @@ flow logged; a mismatch is printed and makes the exit status 1. Tables (markdown
 1. each model (the base, every branch): strict, flexible, `####` format, repetition, truncation (Wilson 95%),
    mean tokens (bootstrap 95%), held-out KL (the flow's metric: it is token-weighted, not a per-question mean);
 2. each branch against the base model on the same questions: paired-bootstrap difference and exact McNemar p;
-3. with a `train.seed` axis: each arm's mean over its seeds with a Student-t 95% interval over seeds.
+3. with a `train.seed` axis: each arm's mean over its seeds with a Student-t 95% interval over seeds (strict and
+   flexible), and the first arm of the grid (the treatment) against each other arm, seed by seed, on the same
+   questions (checked against the join's `eval/paired_tests.json`).
 
     python benchmarks/evidence_tables.py                      # the newest flow run in ./mlflow.db
     python benchmarks/evidence_tables.py --flow-run-id 1796680399117299
@@ -20,7 +22,9 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -60,7 +64,8 @@ def main() -> int:
     mismatches: list[str] = []
 
     def scores_of(run_id: str, phase: str) -> list[ResponseScore]:
-        rows = mlflow.load_table(examples_table(phase), run_ids=[run_id]).sort_values("index").to_dict("records")
+        table = client.load_table(sweep.experiment_id, examples_table(phase), run_ids=[run_id])
+        rows = table.sort_values("index").to_dict("records")
         return [ResponseScore(**{key: row[key] for key in ResponseScore.__dataclass_fields__}) for row in rows]
 
     def check(label: str, name: str, recomputed: float, logged: float | None) -> None:
@@ -98,7 +103,8 @@ def main() -> int:
 
     print("\n| branch − base (same questions) | strict [95% paired bootstrap] | McNemar p | flexible | McNemar p |")
     print("|---|---|---|---|---|")
-    deltas: dict[str, tuple[float, float]] = {}
+    deltas: dict[str, dict[str, float]] = {}
+    scores_by_branch = {branch.name: scores for _, scores, branch, _ in rows[1:]}
     for label, scores, branch, phase in rows[1:]:
         paired = compare_paired(scores, base, seed=int(branch.params.get(SEED_KEY, 0)))
         for key, value in paired.items():
@@ -107,24 +113,47 @@ def main() -> int:
                  f"{100 * paired[f'{m}/difference_high']:+.1f}] | {paired[f'{m}/mcnemar_p']:.3g}"
                  for m in ("strict", "flexible")]
         print(f"| {label} | {' | '.join(cells)} |")
-        after = sum(s.correct_strict for s in scores) / len(scores)
-        deltas[branch.name] = (after, after - sum(s.correct_strict for s in base) / len(base))
+        for mode in ("strict", "flexible"):
+            after = sum(getattr(s, f"correct_{mode}") for s in scores) / len(scores)
+            deltas.setdefault(branch.name, {})[f"{mode} after"] = after
+            deltas[branch.name][f"{mode} - base"] = after - sum(getattr(s, f"correct_{mode}") for s in base) / len(base)
 
-    arms: dict[str, list[tuple[int, float, float]]] = {}
-    for branch in rows[1:]:
-        point = sweep.sweep_point(branch[2])
+    arms: dict[str, list[tuple[int, Any]]] = {}
+    for _, _, branch, _ in rows[1:]:
+        point = sweep.sweep_point(branch)
         if SEED_KEY in point:
-            after, delta = deltas[branch[2].name]
-            arms.setdefault(arm_label(point), []).append((int(point[SEED_KEY]), after, delta))
+            arms.setdefault(arm_label(point), []).append((int(point[SEED_KEY]), branch))
     if arms:
-        print("\n| arm | seeds | strict after: mean over seeds [Student-t 95%] | strict − base: mean [95%] |")
-        print("|---|---|---|---|")
+        columns = ("strict after", "strict - base", "flexible after", "flexible - base")
+        print("\n| arm | seeds | " + " | ".join(f"{c}: mean over seeds [Student-t 95%]" for c in columns) + " |")
+        print("|---|---|" + "---|" * len(columns))
         for arm, members in arms.items():
-            after = mean_over_seeds_interval([m[1] for m in members])
-            delta = mean_over_seeds_interval([m[2] for m in members])
-            print(f"| {arm} | {sorted(m[0] for m in members)} | {percent(after.estimate)} [{100 * after.low:.1f}, "
-                  f"{100 * after.high:.1f}] | {100 * delta.estimate:+.1f}% [{100 * delta.low:+.1f}, "
-                  f"{100 * delta.high:+.1f}] |")
+            cells = []
+            for column in columns:
+                interval = mean_over_seeds_interval([deltas[branch.name][column] for _, branch in members])
+                sign = "+" if "base" in column else ""
+                cells.append(f"{100 * interval.estimate:{sign}.1f}% [{100 * interval.low:{sign}.1f}, "
+                             f"{100 * interval.high:{sign}.1f}]")
+            print(f"| {arm} | {sorted(seed for seed, _ in members)} | {' | '.join(cells)} |")
+        logged_pairs = {(row["a"], row["b"]): row for row in _paired_tests(client, sweep.parent_run_id)}
+        treatment, *controls = list(arms)
+        print(f"\n| {treatment} − control, same seed, same questions | seed | strict [95% paired bootstrap] | "
+              "McNemar p | flexible | McNemar p |")
+        print("|---|---|---|---|---|---|")
+        for control in controls:
+            for seed, treated in arms[treatment]:
+                other = next((branch for s, branch in arms[control] if s == seed), None)
+                if other is None:
+                    continue
+                paired = compare_paired(scores_by_branch[treated.name], scores_by_branch[other.name], seed=0)
+                logged = logged_pairs.get((treated.name, other.name))
+                for key, value in paired.items():
+                    check(f"{treated.name} vs {other.name}", key, float(value),
+                          None if logged is None else logged.get(key))
+                cells = [f"{100 * paired[f'{m}/difference']:+.1f}% [{100 * paired[f'{m}/difference_low']:+.1f}, "
+                         f"{100 * paired[f'{m}/difference_high']:+.1f}] | {paired[f'{m}/mcnemar_p']:.3g}"
+                         for m in ("strict", "flexible")]
+                print(f"| − {control} | {seed} | {' | '.join(cells)} |")
 
     if mismatches:
         print(f"\n{len(mismatches)} recomputed numbers differ from the logged ones:", *mismatches[:20], sep="\n  ")
@@ -132,6 +161,18 @@ def main() -> int:
     print(f"\nEvery rate, interval and paired test above was recomputed from the per-question tables and equals the "
           f"metric the flow logged (tolerance {TOLERANCE}).")
     return 0
+
+
+def _paired_tests(client, parent_run_id: str) -> list[dict[str, Any]]:
+    """The join's every-pair tests (`eval/paired_tests.json` on the parent run); [] when absent."""
+    from steps.contract import PAIRED_TESTS_ARTIFACT
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(parent_run_id, PAIRED_TESTS_ARTIFACT, folder)
+        except Exception:  # an older run without the artifact: the pairs are printed, not checked
+            return []
+        return json.loads(Path(path).read_text())
 
 
 if __name__ == "__main__":

@@ -348,7 +348,7 @@ def register_best(best: BranchOutcome | None, flow_run_id: str) -> RegisterResul
     return register(
         best.evaluation.checkpoint_dir,
         model=best.config.model.name,
-        dataset=data.path or data.hub_name,
+        dataset=data.source,
         metric_value=best.evaluation.metrics[HEADLINE_METRIC],
         flow_run_id=flow_run_id,
         source_run_id=best.run_id,

@@ -174,6 +174,14 @@ class DataConfig:
     # Seed of the generated questions (>= 0): the same seed, difficulty and sizes give the same rows.
     synthetic_seed: int = 0
 
+    @property
+    def source(self) -> str:
+        """Where the questions come from, for names and records: the data folder, the generated task
+        ("synthetic-lookup"), or the hub dataset."""
+        if self.path:
+            return self.path
+        return f"synthetic-{self.synthetic}" if self.synthetic else self.hub_name
+
     def __post_init__(self) -> None:
         _check_field_types(self, "data")
         _require_text("data.path", self.path, allow_empty=True)

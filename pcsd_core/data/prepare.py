@@ -283,7 +283,7 @@ def compute_stats(rows_by_split: dict[str, list[dict[str, Any]]], data_cfg: Data
     about). Whether prompt + response fit the model is checked at train time (models.check_context_length).
     """
     stats: dict[str, Any] = {
-        "source": data_cfg.path or f"{data_cfg.hub_name}:{data_cfg.hub_config}",
+        "source": data_cfg.source if data_cfg.path or data_cfg.synthetic else f"{data_cfg.hub_name}:{data_cfg.hub_config}",
         "privileged_context": data_cfg.privileged_context,
     }
     questions = {split: [row["extra_info"]["question"] for row in rows] for split, rows in rows_by_split.items()}

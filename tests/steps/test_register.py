@@ -21,6 +21,16 @@ def test_registered_model_name_is_a_slug_of_model_and_dataset():
     assert registered_model_name("/data/ckpt/DeepSeek_Math-7B/", "/data/gsm8k") == "pcsd-deepseek-math-7b-gsm8k"
 
 
+def test_a_generated_task_registers_under_its_own_name_not_the_hub_datasets():
+    """A positive-control run must not compete with (or replace) the GSM8K champion."""
+    from pcsd_core.config.schema import DataConfig
+
+    names = {registered_model_name("smollm2-135m", data.source) for data in (
+        DataConfig(synthetic="lookup", data_source="synthetic/lookup"), DataConfig(), DataConfig(path="/data/gsm8k"))}
+    assert names == {"pcsd-smollm2-135m-synthetic-lookup", "pcsd-smollm2-135m-gsm8k"}
+    assert DataConfig(synthetic="arithmetic").source == "synthetic-arithmetic"
+
+
 def test_register_is_idempotent_and_moves_champion_only_on_improvement(store, tiny_model_dir):
     common = dict(model="smollm2-135m", dataset="openai/gsm8k")
     first = register(tiny_model_dir, metric_value=0.25, flow_run_id="1", source_run_id=_source_run(), **common)
