@@ -174,9 +174,9 @@ class Distiller:
         end = total if stop_after_step is None else min(total, stop_after_step)
         history: list[dict[str, float]] = []
         last_checkpoint, stopped_because = None, ""
-        started = time.perf_counter()
         if self._validation_due(self.start_step) and self.start_step == 0:
             self._validate(0)  # the initial model: where the val/ curves start
+        started = time.perf_counter()  # the ETA's clock: the steps, with the validations that recur between them
         for step in range(self.start_step, end):
             metrics = self._train_step(step)
             history.append(metrics)
