@@ -82,7 +82,10 @@ def test_mlflow_ui_renders_the_sweep(mlflow_server, chromium, tmp_path):
     dom, _ = render(chromium, compare_url, tmp_path, "compare")
     text = VisibleText.of(dom)
     assert_no_error_banner(text, compare_url)
-    for expected in (*BRANCHES, "train.lr", "loss.divergence", *EXPECTED_METRICS):
+    # MLflow's compare table lists a limited number of metric rows, in name order (here up to rollout/*): the
+    # per-step train/* curves sit below its cut, and train/loss is named by the chart's metric picker instead.
+    for expected in (*BRANCHES, "train.lr", "loss.divergence", "train/loss", "eval/after/gsm8k_accuracy_strict",
+                     "perf/tokens_per_s", "rollout/repetition_rate"):
         assert expected in text, f"{expected!r} missing from the compare page: {text[:1500]}"
 
 
