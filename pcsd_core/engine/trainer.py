@@ -216,12 +216,16 @@ class Distiller:
               f"{summary[names.REPETITION_RATE]:.3f} ({len(self.validation_records)} questions)", flush=True)
         return validation
 
-    def _is_best(self, validation: Validation | None) -> bool:
-        """Whether `validation` is the best so far among trained checkpoints (the initial model is not one)."""
-        if validation is None or not self.cfg.train.keep_best_by:
-            return False
+    def _best_trained_validation(self) -> Validation | None:
+        """The best validation so far among trained checkpoints (the initial model is not one); None without
+        keep_best_by or before the first trained validation."""
         trained = [v for v in self.validations if v.step > 0]
-        return best_validation(trained, self.cfg.train.keep_best_by) is validation
+        if not self.cfg.train.keep_best_by or not trained:
+            return None
+        return best_validation(trained, self.cfg.train.keep_best_by)
+
+    def _is_best(self, validation: Validation | None) -> bool:
+        return validation is not None and self._best_trained_validation() is validation
 
     def _collapse(self, validation: Validation | None) -> str:
         bound = self.cfg.train.stop_if_repetition_above
@@ -232,10 +236,9 @@ class Distiller:
 
     def _kept_checkpoint(self, last_checkpoint: Path) -> Path:
         """The last checkpoint, or with keep_best_by the best validation's (`final` is pointed at it)."""
-        trained = [v for v in self.validations if v.step > 0]
-        if not self.cfg.train.keep_best_by or not trained:
+        best = self._best_trained_validation()
+        if best is None:
             return last_checkpoint
-        best = best_validation(trained, self.cfg.train.keep_best_by)
         kept = self.output_dir / "checkpoints" / ckpt.checkpoint_name(best.step)
         ckpt.point_final_at(self.output_dir, kept)
         if kept != last_checkpoint:
