@@ -38,6 +38,8 @@ TAG_REGISTERED_MODEL = "pcsd.registered_model"  # on the parent run: models:/<na
 TAG_EVAL_METRIC = "pcsd.eval_metric"  # on a registered model version: the metric that ranked it
 TAG_EVAL_VALUE = "pcsd.eval_value"
 TAG_PROMOTION = "pcsd.promotion"  # on a registered model version: why the champion alias moved to it, or why not
+TAG_KEPT_CHECKPOINT = "pcsd.kept_checkpoint"  # on a branch run: the checkpoint evaluated and registered
+TAG_STOPPED_BECAUSE = "pcsd.stopped_because"  # on a branch run: why training ended early, or "ran every step"
 
 # ---- params -------------------------------------------------------------------------------------------
 PARAM_SWEEP = "sweep"  # on the parent run: the sweep grid as JSON, '{"train.lr": [1e-05, 3e-05]}'; "" without one

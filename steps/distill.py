@@ -23,6 +23,7 @@ from pcsd_core.config.loader import replace_fields
 from pcsd_core.config.schema import PCSDConfig
 from pcsd_core.metric_names import TRAIN_LOSS
 from steps import storage, tracking
+from steps.contract import TAG_KEPT_CHECKPOINT, TAG_STOPPED_BECAUSE
 from steps.plan import Branch
 
 
@@ -84,8 +85,8 @@ def distill(branch: Branch, *, parent_run_id: str, flow_run_id: str, pathspec: s
             log_metrics.flush()
         wall_s = time.perf_counter() - started
         # Which checkpoint the branch keeps (the evaluation and the registry take it), and why it ended early.
-        mlflow.set_tags({"pcsd.kept_checkpoint": result.checkpoint_dir.name,
-                         "pcsd.stopped_because": result.stopped_because or "ran every step"})
+        mlflow.set_tags({TAG_KEPT_CHECKPOINT: result.checkpoint_dir.name,
+                         TAG_STOPPED_BECAUSE: result.stopped_because or "ran every step"})
         history = [_plain_metrics(row) for row in result.history]
         if logged_before and distiller.start_step and history:
             # A retry: the steps up to its checkpoint were trained, and logged, by the failed attempt.
