@@ -203,10 +203,9 @@ class Distiller:
         return bool(every) and (steps_done % every == 0 or steps_done == total)
 
     def _validate(self, steps_done: int) -> Validation:
-        self.engine.wake()
+        # The engine is awake here: validation runs before the first rollout, or after a weight sync.
         validation = validate(self.engine, self.tokenizer, self.validation_records, self.cfg.eval, step=steps_done,
                               seed=self.cfg.train.seed)
-        self.engine.sleep()
         self.validations.append(validation)
         self.log_metrics(validation.metrics(), steps_done)
         summary = validation.summary
@@ -276,9 +275,8 @@ class Distiller:
         pairs = [self._prompt_pair(index) for index in record_indices]
         sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                   max_new_tokens=cfg.rollout.max_response_tokens, seed=cfg.train.seed * 100_003 + step)
-        self.engine.wake()
         generations = self.engine.generate([pair.student_ids for pair in pairs], cfg.rollout.n, sampling)
-        self.engine.sleep()  # colocated: give the accelerator memory back to the actor while it trains
+        self.engine.sleep()  # the actor needs the accelerator until the weight sync, which wakes the engine
         return RolloutBatch(
             student_prompt_ids=[pairs[g.prompt_index].student_ids for g in generations],
             teacher_prompt_ids=[pairs[g.prompt_index].teacher_ids for g in generations],
@@ -296,8 +294,7 @@ class Distiller:
 
     def _sync_weights(self) -> None:
         """Stream the actor's weights (LoRA: the adapter) into the engine one bucket at a time (extra memory: about
-        one bucket)."""
-        self.engine.wake()
+        one bucket). The engine wakes itself for it."""
         buckets = self.workers.iter_state_dict_buckets("student", self.cfg.train.weight_sync_bucket_mb * 2**20)
         self.engine.update_weights(drain(buckets))
 

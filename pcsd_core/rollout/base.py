@@ -1,9 +1,10 @@
 """The interface every rollout engine implements, and the typed values that cross it.
 
 The trainer only talks to this interface: `generate` samples responses as token ids, `update_weights`
-pushes the actor's current weights into the engine, and `sleep` / `wake` free and restore accelerator
-memory when the engine shares devices with the actor (colocated placement). Engines without such memory
-(the CPU HF engine) implement them as no-ops.
+pushes the actor's current weights into the engine, and `sleep` says that the actor needs the accelerator now.
+What sleeping frees, and how the engine comes back, is the engine's own policy: a colocated engine releases
+its accelerator memory and restores it inside the next `update_weights` (which must come before `generate`);
+an engine with nothing to free (split placement, CPU) does nothing.
 
 Both engines stop a response at the same EOS set (`merge_eos_token_ids`), so `Generation.finished` means
 the same whichever engine sampled it.
@@ -63,11 +64,10 @@ class RolloutEngine(Protocol):
         ...
 
     def sleep(self) -> None:
-        """Release accelerator memory (weights and KV cache) while the actor trains."""
-        ...
+        """The actor needs the accelerator until the next `update_weights`: free what this engine holds there.
 
-    def wake(self) -> None:
-        """Restore what `sleep` released; call `update_weights` next (SGLang drops released weights)."""
+        `update_weights` brings the engine back (SGLang leaves released weights undefined, so it cannot come back
+        without them); `generate` before it raises."""
         ...
 
     def close(self) -> None: ...

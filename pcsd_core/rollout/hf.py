@@ -93,7 +93,8 @@ class HFRolloutEngine:
         """Sample `n` responses per prompt; prompt-major order: [p0 r0, p0 r1, ..., p1 r0, ...]."""
         _check_generate_args(prompt_ids, n)
         if self._asleep:
-            raise RuntimeError("HFRolloutEngine.generate called while asleep; call wake() first.")
+            raise RuntimeError("HFRolloutEngine.generate called after sleep(); update_weights() brings the engine "
+                               "back with the actor's weights.")
         # Sort by length so each chunk pads little; results are put back in the caller's order.
         order = sorted(range(len(prompt_ids)), key=lambda index: len(prompt_ids[index]))
         responses: dict[int, list[Generation]] = {}
@@ -189,8 +190,7 @@ class HFRolloutEngine:
         tied embeddings `lm_head.weight` is the same tensor as the input embedding, so it may be present or
         absent.
         """
-        if self._asleep:
-            raise RuntimeError("HFRolloutEngine.update_weights called while asleep; call wake() first.")
+        self._wake()
         targets = self._sync_targets()  # name -> tensor sharing storage with the live parameters
         spans: dict[str, list[tuple[int, int]]] = {}
         for piece in map(as_piece, named_tensors):
@@ -226,13 +226,14 @@ class HFRolloutEngine:
         return self.model.state_dict()
 
     def sleep(self) -> None:
-        """On CUDA move the weights to host memory and free the cache; on CPU there is nothing to free."""
+        """On CUDA move the weights to host memory and free the cache (the next `update_weights` moves them back);
+        on CPU there is nothing to free."""
         if self.device.type == "cuda" and not self._asleep:
             self.model.to("cpu")
             torch.cuda.empty_cache()
         self._asleep = self.device.type == "cuda"
 
-    def wake(self) -> None:
+    def _wake(self) -> None:
         """Move the weights back to the engine's device (no-op on CPU)."""
         if self._asleep:
             self.model.to(self.device)

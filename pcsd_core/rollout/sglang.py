@@ -10,16 +10,17 @@ test_sglang_contract.py checks what it sends against the installed package's sou
 Placement decides how weights move and whether the engine sleeps:
 
 - "colocated": actor and rollout share GPUs (`enable_memory_saver=True` at launch). `sleep()` releases
-  the KV cache and CUDA graphs, then the weights, measuring what each phase frees. `wake()` frees this
-  process's cached torch blocks and resumes the weights only; `update_weights` loads the actor's
-  tensors with `update_weights_from_tensor` and only then resumes the KV cache and CUDA graphs (verl's
-  order: the big KV pool comes back last, after the weight-update staging memory is gone). SGLang
-  leaves released weights undefined, so `generate` after `wake()` needs an `update_weights` first.
+  the KV cache and CUDA graphs, then the weights, measuring what each phase frees. The engine wakes inside
+  the next `update_weights`, in phases: it frees this process's cached torch blocks and resumes the weights
+  only, loads the actor's tensors with `update_weights_from_tensor`, and only then resumes the KV cache and
+  CUDA graphs (verl's order: the big KV pool comes back last, after the weight-update staging memory is
+  gone). SGLang leaves released weights undefined, so there is no waking without new weights: `generate`
+  after `sleep()` raises until `update_weights` has run.
   Before each resume the free GPU memory is compared with what that phase needs; a shortfall (the
   actor's optimizer state did not exist when `mem_fraction_static` was chosen) raises with the numbers
   instead of letting the resume kill the process tree. The first such check runs after the actor's
   first optimizer step, so it measures the real budget.
-- "split": the rollout owns its own GPUs (`base_gpu_id`, `tp_size`) and never sleeps. On the first
+- "split": the rollout owns its own GPUs (`base_gpu_id`, `tp_size`); `sleep()` frees nothing. On the first
   `update_weights` the engine's TP ranks (ranks 1..tp_size) and this process (rank 0) form an NCCL
   group (`init_weights_update_group`) under a name unique to this engine, so several engines can live
   in one process; `update_weights` then announces each bucket with `update_weights_from_distributed`
@@ -176,12 +177,11 @@ class SGLangRolloutEngine:
         """Sample `n` responses per prompt; prompt-major order: [p0 r0, p0 r1, ..., p1 r0, ...]."""
         if n < 1:
             raise ValueError(f"generate: n ({n}) must be >= 1 responses per prompt.")
-        if self._memory == "released":
-            raise RuntimeError("SGLangRolloutEngine.generate called after sleep(); call wake() first.")
-        if self._memory == "weights_only":
+        if self._memory != "resident":
             raise RuntimeError(
-                "SGLangRolloutEngine.generate called after wake() without update_weights(): SGLang leaves "
-                "released weights undefined; push the actor's weights with update_weights() first."
+                "SGLangRolloutEngine.generate called after sleep() without update_weights(): SGLang leaves "
+                "released weights undefined; push the actor's weights with update_weights() first, which wakes "
+                "the engine."
             )
         # Each prompt is repeated n times (prompt-major) rather than using SGLang's `n`, so the output
         # order is explicit; the radix cache shares the repeated prompt's KV anyway.
@@ -217,8 +217,7 @@ class SGLangRolloutEngine:
         Items are (name, tensor) pairs or `WeightPiece`s. SGLang loads whole tensors only, so a tensor sent as
         row pieces is assembled first (`whole_tensors`): the largest such tensor is this sync's extra memory.
         """
-        if self._memory == "released":
-            raise RuntimeError("SGLangRolloutEngine.update_weights called after sleep(); call wake() first.")
+        self._wake_weights()
         if self.lora is not None:
             self._load_adapter(named_tensors)
             return
@@ -260,8 +259,8 @@ class SGLangRolloutEngine:
             self._memory = "resident"
 
     def sleep(self) -> None:
-        """Colocated: free the KV cache and CUDA graphs, then the weights (not with LoRA: the base stays). Split:
-        nothing to free."""
+        """Colocated: free the KV cache and CUDA graphs, then the weights (not with LoRA: the base stays), until
+        the next `update_weights`. Split: nothing to free."""
         if self.placement != "colocated" or self._memory == "released":
             return
         if self.lora is not None:
@@ -274,8 +273,9 @@ class SGLangRolloutEngine:
         self._released_bytes["weights"] = self._release(WEIGHTS_TAGS)
         self._memory = "released"
 
-    def wake(self) -> None:
-        """Colocated: resume the weights (the KV cache follows in `update_weights`); call `update_weights` next."""
+    def _wake_weights(self) -> None:
+        """Colocated, asleep: resume the weights' memory, the first phase of `update_weights` (the KV cache comes
+        back after the new weights are in)."""
         if self.placement != "colocated" or self._memory != "released":
             return
         if torch.cuda.is_available():

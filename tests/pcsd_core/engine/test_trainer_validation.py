@@ -81,3 +81,42 @@ def test_the_collapse_stop_ends_the_branch_at_the_validation_that_crosses_the_bo
     assert "repetition rate 0.700" in result.stopped_because
     assert result.checkpoint_dir == tmp_path / "run" / "checkpoints" / "step_000002"
     assert "stopping after step 2" in capsys.readouterr().out
+
+
+def test_a_colocated_sglang_engine_sleeps_while_the_actor_trains_and_validates_between_syncs(
+        tiny_model_dir, monkeypatch, tmp_path):
+    """The engine owns its sleep/wake: the trainer says when the actor needs the accelerator (after each rollout),
+    and the weight sync wakes the engine. Validation runs before the first rollout and after syncs, with the
+    engine awake. The fake SGLang engine poisons released weights, as the real one leaves them undefined, so a
+    generate between a wake and a sync would fail the run."""
+    import sys
+    from pathlib import Path
+
+    from pcsd_core.distributed.weight_sync import unique_state_items
+    from pcsd_core.models import load_model
+    from pcsd_core.rollout.sglang import SGLangRolloutEngine
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rollout"))
+    from fake_sglang import FakeSGLangEngine
+
+    model = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    eos = model.config.eos_token_id
+    fake = FakeSGLangEngine(dict(unique_state_items(model)), eos_token_id=eos)  # tied lm_head: one tensor, as SGLang
+    colocated = SGLangRolloutEngine(str(tiny_model_dir), engine=fake, eos_token_ids=[eos],
+                                    gpu_memory_probe=fake.memory_probe)
+    monkeypatch.setattr(trainer_module, "create_rollout_engine", lambda *args, **kwargs: colocated)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", **{
+        "train.total_training_steps": 2, "train.validate_every": 1, "eval.validation_questions": 2,
+        "eval.max_new_tokens": 4})
+    distiller, result = run(cfg, lookup_parquet(tmp_path))
+    distiller.close()
+    assert [v.step for v in result.validations] == [0, 1, 2]
+    phases = []
+    for method, kwargs in fake.calls:
+        phase = {"generate": "generate", "release_memory_occupation": "sleep", "shutdown": "close",
+                 "resume_memory_occupation": f"resume {kwargs.get('tags')}"}.get(method, "sync")
+        if not phases or phases[-1] != phase:
+            phases.append(phase)
+    # Validation and the next rollout generate back to back; the actor's work comes between sleep and the sync.
+    after_rollout = ["sleep", "resume ['weights']", "sync", "resume ['kv_cache', 'cuda_graph']", "generate"]
+    assert phases == ["generate"] + after_rollout * 2 + ["close"]

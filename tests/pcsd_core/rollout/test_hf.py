@@ -205,12 +205,11 @@ def test_update_weights_rejects_rows_missing_twice_or_out_of_place(tiny_model_di
         engine.update_weights([WeightPiece(name, rows[:4, :32], 0, 128)])
 
 
-def test_sleep_wake_is_a_no_op_on_cpu_and_bad_arguments_fail_early(tiny_model_dir):
+def test_sleep_is_a_no_op_on_cpu_and_bad_arguments_fail_early(tiny_model_dir):
     engine = HFRolloutEngine(str(tiny_model_dir))
     sampling = SamplingParams(temperature=0.0, max_new_tokens=3)
     before = engine.generate([[1, 2]], n=1, sampling=sampling)
-    engine.sleep()
-    engine.wake()
+    engine.sleep()  # nothing to free on CPU: generating needs no weight sync first
     assert engine.generate([[1, 2]], n=1, sampling=sampling) == before
     with pytest.raises(ValueError, match="n \\(0\\) must be >= 1"):
         engine.generate([[1, 2]], n=0, sampling=sampling)
@@ -229,14 +228,14 @@ def test_create_rollout_engine_builds_hf_from_config(tiny_model_dir):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_sleep_frees_gpu_memory_and_wake_restores(tiny_model_dir):
+def test_sleep_frees_gpu_memory_and_the_weight_sync_restores_it(tiny_model_dir):
     engine = HFRolloutEngine(str(tiny_model_dir), device="cuda")
     sampling = SamplingParams(temperature=0.0, max_new_tokens=4)
     before = engine.generate([[1, 2, 3]], n=2, sampling=sampling)
     allocated_awake = torch.cuda.memory_allocated()
     engine.sleep()
     assert torch.cuda.memory_allocated() < allocated_awake
-    with pytest.raises(RuntimeError, match="wake\\(\\) first"):
+    with pytest.raises(RuntimeError, match="after sleep\\(\\); update_weights\\(\\) brings"):
         engine.generate([[1, 2, 3]], n=1, sampling=sampling)
-    engine.wake()
+    engine.update_weights(engine.model.state_dict().items())  # wakes the engine: the weights come back first
     assert engine.generate([[1, 2, 3]], n=2, sampling=sampling) == before

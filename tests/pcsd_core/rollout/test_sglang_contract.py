@@ -124,7 +124,6 @@ def recorded_calls(tmp_path_factory) -> list[tuple[str, tuple, dict]]:
             recorder = engine.engine
             engine.generate([[1, 2]], n=2, sampling=sampling)
             engine.sleep()
-            engine.wake()
             engine.update_weights(weights)
             engine.generate([[1, 2]], n=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=4))
             engine.close()
@@ -139,7 +138,6 @@ def recorded_calls(tmp_path_factory) -> list[tuple[str, tuple, dict]]:
             for _ in range(2):
                 engine.generate([[1, 2]], n=2, sampling=sampling)
                 engine.sleep()
-                engine.wake()
                 engine.update_weights(adapter_tensors)
             engine.generate([[1, 2]], n=1, sampling=sampling)
             engine.close()

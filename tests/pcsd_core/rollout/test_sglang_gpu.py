@@ -58,7 +58,7 @@ def _sglang(path, **options):
     return SGLangRolloutEngine(str(path), dtype="bfloat16", mem_fraction_static=0.2, **options)
 
 
-def test_greedy_matches_hf_then_sleep_wake_update_and_a_second_engine(tiny_llama_dir):
+def test_greedy_matches_hf_then_sleep_update_and_a_second_engine(tiny_llama_dir):
     from pcsd_core.rollout.hf import HFRolloutEngine
 
     path, state = tiny_llama_dir
@@ -72,7 +72,6 @@ def test_greedy_matches_hf_then_sleep_wake_update_and_a_second_engine(tiny_llama
     assert [g.finished for g in first[::2]] == [g.finished for g in expected]
 
     engine.sleep()
-    engine.wake()
     with pytest.raises(RuntimeError, match="without update_weights"):
         engine.generate(PROMPTS, n=1, sampling=GREEDY)
     torch.manual_seed(1)
@@ -82,7 +81,6 @@ def test_greedy_matches_hf_then_sleep_wake_update_and_a_second_engine(tiny_llama
     changed = engine.generate(PROMPTS, n=1, sampling=GREEDY)
     assert _ids(changed) != _ids(expected)
     engine.sleep()
-    engine.wake()
     engine.update_weights((name, tensor.cuda()) for name, tensor in state.items())
     assert _ids(engine.generate(PROMPTS, n=1, sampling=GREEDY)) == _ids(expected)  # the update loads what was sent
     engine.close()

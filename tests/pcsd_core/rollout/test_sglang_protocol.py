@@ -1,4 +1,5 @@
-"""SGLangRolloutEngine against a fake of `sglang.Engine` (fake_sglang.py): the phased sleep/wake and its
+"""SGLangRolloutEngine against a fake of `sglang.Engine` (fake_sglang.py): sleep and the phased wake inside the
+weight sync, with its
 memory budget, the lazy per-engine weight-sync group, sampling and finish-status translation, the EOS
 set shared with the HF engine, and the errors raised before any GPU work."""
 
@@ -59,6 +60,7 @@ def _assert_engine_holds(fake: FakeSGLangEngine, actor_state: dict[str, torch.Te
 
 
 def test_colocated_wake_is_phased_weights_then_update_then_cache(rollout_and_actor):
+    """The engine owns its sleep/wake: `sleep` releases, and the next `update_weights` wakes it in phases."""
     rollout_weights, actor = rollout_and_actor
     fake = FakeSGLangEngine(rollout_weights, eos_token_id=EOS)
     # A small bucket forces several update calls, so cache flushing per bucket is visible.
@@ -68,13 +70,7 @@ def test_colocated_wake_is_phased_weights_then_update_then_cache(rollout_and_act
     before = engine.generate(PROMPTS, n=1, sampling=sampling)
     engine.sleep()
     engine.sleep()  # idempotent: the engine must not release twice
-    for call in (lambda: engine.generate(PROMPTS, n=1, sampling=sampling),
-                 lambda: engine.update_weights(actor.state_dict().items())):
-        with pytest.raises(RuntimeError, match="after sleep\\(\\); call wake\\(\\) first"):
-            call()
-    engine.wake()
-    engine.wake()  # idempotent too
-    with pytest.raises(RuntimeError, match="without update_weights\\(\\).*undefined"):
+    with pytest.raises(RuntimeError, match="after sleep\\(\\) without update_weights\\(\\).*undefined"):
         engine.generate(PROMPTS, n=1, sampling=sampling)
     engine.update_weights(actor.state_dict().items())
     after = engine.generate(PROMPTS, n=1, sampling=sampling)
@@ -120,7 +116,7 @@ def test_row_pieces_from_two_ranks_reach_sglang_as_whole_tensors(rollout_and_act
 
 
 def test_fake_poisons_released_weights_until_they_are_resent(rollout_and_actor):
-    """Why the adapter refuses generate after wake(): SGLang's resumed weights are garbage."""
+    """Why the adapter wakes only inside update_weights: SGLang's resumed weights are garbage until re-sent."""
     fake = FakeSGLangEngine(rollout_and_actor[0], eos_token_id=EOS)
     fake.release_memory_occupation(tags=None)
     fake.resume_memory_occupation(tags=None)
@@ -132,7 +128,7 @@ def test_fake_poisons_released_weights_until_they_are_resent(rollout_and_actor):
         fake.resume_memory_occupation(tags=["kv_cache"])  # SGLang's offload_tags.remove raises
 
 
-def test_wake_refuses_a_resume_that_no_longer_fits_after_the_optimizer_step(rollout_and_actor):
+def test_the_sync_refuses_a_resume_that_no_longer_fits_after_the_optimizer_step(rollout_and_actor):
     rollout_weights, actor = rollout_and_actor
     fake = FakeSGLangEngine(rollout_weights, eos_token_id=EOS, gpu_total_bytes=100 * GIB,
                             tag_bytes={"weights": 10 * GIB, "kv_cache": 40 * GIB, "cuda_graph": 1 * GIB})
@@ -141,8 +137,7 @@ def test_wake_refuses_a_resume_that_no_longer_fits_after_the_optimizer_step(roll
     engine.generate(PROMPTS, n=1, sampling=SamplingParams(max_new_tokens=8))
     engine.sleep()
     fake.actor_bytes = 60 * GIB  # + gradients and Adam state after the first optimizer step
-    engine.wake()  # the weights (10 GiB) still fit in the 40 GiB free
-    # The KV cache and graphs (41 GiB) do not fit in 30 GiB: refused with the numbers, before the resume
+    # The sync's first phase resumes the weights (10 GiB, which fit in the 40 GiB free); the KV cache and graphs (41 GiB) do not fit in 30 GiB: refused with the numbers, before the resume
     # that would kill the engine. Suggested fraction: 0.5 - 11/100 = 0.39, rounded down to 0.35.
     with pytest.raises(RuntimeError, match="needs 41.00 GiB but only 30.00 GiB.*gpu_memory_utilization \\(0.5\\).*"
                                            "about 0.35"):
@@ -164,8 +159,7 @@ def test_split_group_is_lazy_unique_per_engine_and_destroyed_on_close(rollout_an
         fakes.append(fake), broadcasters.append(broadcaster)
     assert all(fake.calls == [] for fake in fakes)  # no group until the first weight sync
     for engine, fake, broadcaster in zip(engines, fakes, broadcasters):
-        engine.sleep()  # split rollout owns its GPUs: sleep/wake release nothing
-        engine.wake()
+        engine.sleep()  # split rollout owns its GPUs: sleep releases nothing
         engine.update_weights(actor_state.items())
         generations = engine.generate(PROMPTS, n=2, sampling=SamplingParams(temperature=0.0, max_new_tokens=8))
         assert len(generations) == 4 and broadcaster.tensors_sent == len(actor_state)
@@ -346,7 +340,6 @@ def test_lora_sync_replaces_the_adapter_by_tensors_and_keeps_the_base_resident(r
         engine.sleep()
         with pytest.raises(RuntimeError, match="without update_weights"):
             engine.generate(PROMPTS, n=1, sampling=sampling)  # the cache is gone until the sync
-        engine.wake()
         engine.update_weights([(name, torch.full((16, 2), value))])
         outputs.append(engine.generate(PROMPTS, n=1, sampling=sampling))
     engine.close()
