@@ -6,7 +6,7 @@ Cases, each in a fresh subprocess (one case's heap cannot hide another's): the a
 (`InProcessWorkers`) and 2 FSDP2 Ray workers (gloo, CPU), each with
 - full:  the old sync, `engine.update_weights(workers.full_state_dict("student").items())` (the whole model
          gathered to rank 0, shipped through the Ray object store at once);
-- bucket <N> MB: `engine.update_weights(drain(workers.iter_state_dict_buckets("student", N MiB)))`, each rank
+- bucket <N> MB: `engine.update_weights(drain(workers.iter_state_dict_buckets(N MiB)))`, each rank
          sending rows of its own shard (no gather);
 and one more Ray case, 16 MB buckets on a Ray started with Ray's default object freeing (in batches about once a
 second) instead of the trainer's (`ray_cluster.RAY_SYSTEM_CONFIG`, each object freed at once): what a joined cluster
@@ -111,14 +111,14 @@ def run_case(path: str, workers: str, bucket_mb: int) -> dict:
             ensure_ray()  # the Ray the trainer starts, with its object-freeing setting
     cfg = config_from_dict({"model": {"name": path}, "train": train, "rollout": {"n": 2}})
     if workers.startswith("ray"):
-        group = launch_train_workers(cfg, path, device_type="cpu")
+        group = launch_train_workers(cfg.model, cfg.train, cfg.loss, path, device_type="cpu")
         ranks = ray.get([w.pid.remote() for w in group.workers])
         names = {os.getpid(): "controller", **{pid: f"rank {r}" for r, pid in enumerate(ranks)},
                  **{pid: "raylet" for pid in raylet_pids()}}
     else:
         from pcsd_core.engine.actor import Actor
 
-        group, names = InProcessWorkers(Actor(cfg, path)), {os.getpid(): "controller"}
+        group, names = InProcessWorkers(Actor(cfg.model, cfg.train, cfg.loss, path)), {os.getpid(): "controller"}
     pids = list(names)
     engine = HFRolloutEngine(path)
     # Weights loaded from safetensors may be file-backed pages until first written; write them once now so that
@@ -138,7 +138,7 @@ def run_case(path: str, workers: str, bucket_mb: int) -> dict:
             if bucket_mb == 0:
                 engine.update_weights(group.full_state_dict("student").items())
             else:
-                engine.update_weights(drain(group.iter_state_dict_buckets("student", bucket_mb * 2**20)))
+                engine.update_weights(drain(group.iter_state_dict_buckets(bucket_mb * 2**20)))
             durations.append(time.perf_counter() - started)
     group.shutdown()
     by_process = {names[pid]: sampler.peak_by_pid[pid] - before_by_pid[pid] for pid in pids}

@@ -387,6 +387,10 @@ class TrainConfig:
         # Whether resume_from holds a complete checkpoint is checked at setup (pcsd_core.engine.checkpoint), not here.
         _require_text("train.resume_from", self.resume_from, allow_empty=True)
 
+    def optimizer_steps(self, responses: int) -> int:
+        """AdamW steps that one rollout batch of `responses` responses takes: ppo_epochs x its mini-batches."""
+        return self.ppo_epochs * (responses // self.mini_batch_size)
+
 
 @dataclass(frozen=True)
 class EvalConfig:

@@ -3,7 +3,7 @@
 A full gather of a 7B bf16 model is ~14 GB held at once (on rank 0, in the object store and in the controller).
 Instead, each train rank sends rows of its own FSDP shard, and nothing is ever all-gathered:
 
-- `local_shards(lm, rank)`: each tensor's rows this rank holds (FSDP2 shards dim 0 into contiguous chunks in
+- `local_shards(items, rank)`: each tensor's rows this rank holds (FSDP2 shards dim 0 into contiguous chunks in
   rank order; a tensor that is not sharded is sent by rank 0 alone);
 - `plan_row_buckets(layouts, bucket_bytes)`: the slices to send, tensor by tensor and rank by rank, each at most
   `bucket_bytes` (a tensor bigger than a bucket is cut by rows), grouped into buckets of at most `bucket_bytes`;
@@ -90,13 +90,9 @@ class LocalShard:
     element_bytes: int
 
 
-def local_shards(lm: torch.nn.Module, rank: int) -> dict[str, LocalShard]:
-    """Each unique state tensor of `lm` as `rank` holds it, in state-dict order (the same on every rank)."""
-    return local_shards_of(unique_state_items(lm), rank)
-
-
-def local_shards_of(items: Iterable[tuple[str, torch.Tensor]], rank: int) -> dict[str, LocalShard]:
-    """`local_shards` of given (name, tensor) items, e.g. a LoRA adapter's alone (the same order on every rank)."""
+def local_shards(items: Iterable[tuple[str, torch.Tensor]], rank: int) -> dict[str, LocalShard]:
+    """Each of the (name, tensor) items (a model's `unique_state_items`, or a LoRA adapter's) as `rank` holds it,
+    in the items' order (the same on every rank)."""
     shards = {}
     for name, tensor in items:
         placements = getattr(tensor, "placements", None)  # a DTensor (FSDP2) has them; a plain tensor does not

@@ -2,15 +2,15 @@
 
 The trainer calls the same methods on either (`TrainWorkers`), named as the actor's: `compute_distributions`,
 `update_policy_with_distillation`, `full_state_dict`, `iter_state_dict_buckets`, `training_state`,
-`load_training_state`, `peak_memory_mb`, `local_gpu_ids`, `shutdown`. `build_train_workers(cfg, ...)` picks
-`InProcessWorkers` (one device, no Ray: tests, profiling, the CPU default) or, with `train.use_ray`, `RayWorkers`
-from `launch_train_workers`.
+`load_training_state`, `peak_memory_mb`, `local_gpu_ids`, `shutdown`. `build_train_workers(model, train, loss, ...)`
+(the config sections the actor reads) picks `InProcessWorkers` (one device, no Ray: tests, profiling, the CPU
+default) or, with `train.use_ray`, `RayWorkers` from `launch_train_workers`.
 
-`launch_train_workers(cfg, model_path)` joins the Ray cluster at `train.ray_address` / RAY_ADDRESS (or starts a
-local Ray: `ray_cluster.ensure_ray`), reserves one placement-group bundle per node on `train.num_nodes` distinct
-nodes, starts one `TrainWorker` per rank in its node's bundle, and has them form a torch.distributed process group
-(gloo on CPU, NCCL on GPU) at rank 0's node IP and a port free there. Each worker builds an `Actor` whose model is
-`fully_shard`-ed over that group. The controller calls the workers explicitly:
+`launch_train_workers(model, train, loss, model_path)` joins the Ray cluster at `train.ray_address` / RAY_ADDRESS
+(or starts a local Ray: `ray_cluster.ensure_ray`), reserves one placement-group bundle per node on
+`train.num_nodes` distinct nodes, starts one `TrainWorker` per rank in its node's bundle, and has them form a
+torch.distributed process group (gloo on CPU, NCCL on GPU) at rank 0's node IP and a port free there. Each worker
+builds an `Actor` whose model is `fully_shard`-ed over that group. The controller calls the workers explicitly:
 
     parts = self._get([worker.compute_distributions.remote(batch_ref) for worker in self.workers], "...")
 
@@ -32,10 +32,12 @@ import torch
 
 from pcsd_core.engine.actor import Actor
 from pcsd_core.engine.batch import RolloutBatch, TeacherOutputs, UpdateStats
-from pcsd_core.config.schema import PCSDConfig
+from pcsd_core.loss.spec import LossSpec
+from pcsd_core.config.schema import ModelConfig, TrainConfig
 from pcsd_core.distributed.ray_cluster import ensure_ray, free_port, local_gpu_indexes, placement_bundles
-from pcsd_core.distributed.weight_sync import (RowSlice, WeightPiece, local_shards, local_shards_of, plan_row_buckets, read_rows,
-                                               shard_layout, tensor_to_wire, unique_state_items, wire_to_tensor)
+from pcsd_core.distributed.weight_sync import (RowSlice, WeightPiece, bucketed, local_shards, plan_row_buckets,
+                                               read_rows, shard_layout, tensor_bytes, tensor_to_wire,
+                                               unique_state_items, wire_to_tensor)
 
 # Bounds on waiting for Ray workers, so that nothing hangs until a job's wall-clock limit: a collective whose
 # peer died fails after COLLECTIVE_TIMEOUT_S; a call none of whose ranks died but that has not answered fails
@@ -76,8 +78,8 @@ class TrainWorker:
         """This node's IP as Ray reports it and a port free on this node: the process group's master address."""
         return self.node_ip(), free_port("")
 
-    def start(self, cfg: PCSDConfig, model_path: str, *, master_addr: str, master_port: int, device_type: str,
-              teacher_path: str | None = None) -> None:
+    def start(self, model: ModelConfig, train: TrainConfig, loss: LossSpec, model_path: str, *, master_addr: str,
+              master_port: int, device_type: str, teacher_path: str | None = None) -> None:
         import datetime
 
         import torch.distributed as dist
@@ -93,7 +95,7 @@ class TrainWorker:
         if device_type == "cuda":
             torch.cuda.set_device(0)
         mesh = init_device_mesh(device_type, (self.world_size,))
-        self.actor = Actor(cfg, model_path, device=device, rank=self.rank, world_size=self.world_size,
+        self.actor = Actor(model, train, loss, model_path, device=device, rank=self.rank, world_size=self.world_size,
                            teacher_path=teacher_path, mesh=mesh)
 
     def compute_distributions(self, batch: RolloutBatch) -> TeacherOutputs:
@@ -107,13 +109,13 @@ class TrainWorker:
         cross the object store without a copy or a pickle of torch storages."""
         return [tensor_to_wire(name, tensor) for name, tensor in self.actor.full_state_dict(which).items()]
 
-    def shard_layout(self, which: str) -> list[tuple[str, int, tuple[int, ...], int]]:
+    def shard_layout(self) -> list[tuple[str, int, tuple[int, ...], int]]:
         """(name, rows this rank sends, global shape, element bytes on the wire) per tensor, for `plan_row_buckets`."""
-        shards = local_shards_of(_sync_items(self.actor, which), self.rank)
+        shards = local_shards(_policy_items(self.actor), self.rank)
         return [(name, shard.rows_sent, shard.shape, _to_wire_dtype(shard.local.reshape(-1)[:1], self._wire_dtype())
                  .element_size()) for name, shard in shards.items()]
 
-    def read_rows(self, which: str, slices: list[RowSlice]) -> list[tuple[str, Any, str]]:
+    def read_rows(self, slices: list[RowSlice]) -> list[tuple[str, Any, str]]:
         """The rows `slices` (this rank's) name, from this rank's own shards: no collective.
 
         The shards hold the masters (train.master_dtype); the rows go out cast to the rollout engine's dtype
@@ -121,7 +123,7 @@ class TrainWorker:
         Numpy arrays, which the Ray object store hands to the controller without a copy (torch tensors would be
         pickled); `wire_to_tensor` turns them back.
         """
-        shards = local_shards_of(_sync_items(self.actor, which), self.rank)
+        shards = local_shards(_policy_items(self.actor), self.rank)
         return [tensor_to_wire(piece.name, _to_wire_dtype(read_rows(shards, piece).tensor, self._wire_dtype()))
                 for piece in slices]
 
@@ -130,7 +132,7 @@ class TrainWorker:
         engine keeps in float32 as peft does, and which is megabytes anyway."""
         from pcsd_core.models import DTYPES
 
-        return None if self.actor.cfg.model.uses_lora else DTYPES[self.actor.cfg.model.dtype]
+        return None if self.actor.model_config.uses_lora else DTYPES[self.actor.model_config.dtype]
 
     def training_state(self) -> dict[str, Any]:
         return self.actor.training_state()
@@ -153,14 +155,6 @@ class TrainWorker:
             dist.destroy_process_group()
 
 
-def _module(actor: Actor, which: str):
-    module = actor.student if which == "student" else actor.teacher
-    if module is None:
-        raise ValueError(f"no {which!r} weights: train.teacher_mode {actor.cfg.train.teacher_mode!r} keeps no "
-                         "teacher copy; ask for 'student'.")
-    return module
-
-
 def _to_wire_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Floating tensors cast to `dtype` (a copy only when the dtype differs); integer ones, or `dtype` None, as is."""
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
@@ -173,11 +167,12 @@ def optimizer_state_bytes(state: dict[str, Any]) -> int:
                if isinstance(value, torch.Tensor))
 
 
-def _sync_items(actor: Actor, which: str):
-    """What weight sync sends: with LoRA the adapter alone (the engine holds the same base), else every weight."""
-    if actor.cfg.model.uses_lora:
-        return actor.adapter_items(which)
-    return unique_state_items(_module(actor, which).lm)
+def _policy_items(actor: Actor):
+    """What weight sync sends, the policy's masters: with LoRA the adapter alone (the engine holds the same base),
+    else every weight."""
+    if actor.model_config.uses_lora:
+        return actor.adapter_items("student")
+    return unique_state_items(actor.student.lm)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -198,10 +193,11 @@ class TrainWorkers(Protocol):
 
     def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]: ...
 
-    def iter_state_dict_buckets(self, which: str, bucket_bytes: int) -> Iterator[list[WeightPiece]]:
-        """The full weights (HF names, tied tensors once) as row pieces, in lists of at most `bucket_bytes` each
-        (a tensor bigger than a bucket is cut by rows), produced one at a time: the weight sync's extra memory
-        is about one bucket. Each tensor's pieces come one after another."""
+    def iter_state_dict_buckets(self, bucket_bytes: int) -> Iterator[list[WeightPiece]]:
+        """The policy's full weights for the weight sync (HF names, tied tensors once; with LoRA its adapter) as
+        pieces in lists of at most `bucket_bytes` each, produced one at a time, each tensor's pieces one after
+        another. Ray workers cut a tensor bigger than a bucket by rows, so that the sync's extra memory is about
+        one bucket; in this process they are views of the live tensors, whole (no copy to bound)."""
         ...
 
     def training_state(self) -> dict[str, Any]: ...
@@ -237,14 +233,16 @@ class InProcessWorkers:
     def full_state_dict(self, which: str = "student") -> dict[str, torch.Tensor]:
         return self.actor.full_state_dict(which)
 
-    def iter_state_dict_buckets(self, which: str, bucket_bytes: int) -> Iterator[list[WeightPiece]]:
-        if self.actor.cfg.model.uses_lora:  # the adapter's master tensors (float32, as the engine's adapter)
-            shards = local_shards_of(_sync_items(self.actor, which), rank=0)
-        else:  # views of the live compute-dtype parameters (the rollout's dtype), no copy: the engine copies them
-            _module(self.actor, which)  # refuses a teacher that this teacher_mode does not keep
-            shards = local_shards(self.actor.forward_module(which).lm, rank=0)
-        for bucket in plan_row_buckets([shard_layout(shards)], bucket_bytes):
-            yield [read_rows(shards, piece) for piece in bucket]
+    def iter_state_dict_buckets(self, bucket_bytes: int) -> Iterator[list[WeightPiece]]:
+        # Whole tensors, never cut by rows: they are views, so a bucket costs no memory, and SGLang would have to
+        # reassemble the rows into a copy. The buckets only bound how much one engine call takes (a tensor bigger
+        # than a bucket goes alone).
+        if self.actor.model_config.uses_lora:  # the adapter's master tensors (float32, as the engine's adapter)
+            items = _policy_items(self.actor)
+        else:  # the live compute-dtype parameters (the rollout's dtype)
+            items = unique_state_items(self.actor.forward_module("student").lm)
+        for bucket in bucketed(items, tensor_bytes, bucket_bytes):
+            yield [WeightPiece(name, tensor) for name, tensor in bucket]
 
     def training_state(self) -> dict[str, Any]:
         return self.actor.training_state()
@@ -300,13 +298,13 @@ class RayWorkers:
         wire = self._get([w.full_state_dict.remote(which) for w in self.workers], "full_state_dict")[0]  # rank 0
         return dict(wire_to_tensor(item) for item in wire)
 
-    def iter_state_dict_buckets(self, which: str, bucket_bytes: int) -> Iterator[list[WeightPiece]]:
+    def iter_state_dict_buckets(self, bucket_bytes: int) -> Iterator[list[WeightPiece]]:
         # One Ray round trip per bucket: each rank reads the bucket's rows of its own shards (no collective) and
         # ships them through the object store; the next bucket is read only when the consumer asks for it.
-        layouts = self._get([w.shard_layout.remote(which) for w in self.workers], "weight sync layout")
+        layouts = self._get([w.shard_layout.remote() for w in self.workers], "weight sync layout")
         for bucket in plan_row_buckets(layouts, bucket_bytes):
             # Every rank is called, those with nothing in this bucket with [], so results stay in rank order.
-            parts = self._get([w.read_rows.remote(which, [piece for piece in bucket if piece.rank == rank])
+            parts = self._get([w.read_rows.remote([piece for piece in bucket if piece.rank == rank])
                                for rank, w in enumerate(self.workers)], "weight sync")
             arrays = [iter(part) for part in parts]
             pieces = [WeightPiece(piece.name, wire_to_tensor(next(arrays[piece.rank]))[1], piece.row_start,
@@ -382,24 +380,25 @@ def wait_for_ranks(refs: list[Any], what: str, *, nodes: list[str], timeout_s: f
     return ray.get(list(refs))
 
 
-def build_train_workers(cfg: PCSDConfig, model_path: str, *, device: str, teacher_path: str) -> TrainWorkers:
+def build_train_workers(model: ModelConfig, train: TrainConfig, loss: LossSpec, model_path: str, *, device: str,
+                        teacher_path: str) -> TrainWorkers:
     """Ray workers with `train.use_ray`, else the actor in this process on `device`."""
-    if cfg.train.use_ray:
+    if train.use_ray:
         device_type = "cuda" if device.startswith("cuda") else "cpu"
-        return launch_train_workers(cfg, model_path, device_type=device_type, teacher_path=teacher_path)
-    return InProcessWorkers(Actor(cfg, model_path, device=device, teacher_path=teacher_path))
+        return launch_train_workers(model, train, loss, model_path, device_type=device_type, teacher_path=teacher_path)
+    return InProcessWorkers(Actor(model, train, loss, model_path, device=device, teacher_path=teacher_path))
 
 
-def launch_train_workers(cfg: PCSDConfig, model_path: str, *, device_type: str,
-                         teacher_path: str | None = None) -> RayWorkers:
+def launch_train_workers(model: ModelConfig, train: TrainConfig, loss: LossSpec, model_path: str, *,
+                         device_type: str, teacher_path: str | None = None) -> RayWorkers:
     """Placement group over `train.num_nodes` nodes, one `TrainWorker` per rank, one process group at rank 0's node."""
     import ray
     from ray.exceptions import GetTimeoutError
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    owns_ray = ensure_ray(cfg.train.ray_address)
-    world_size, num_nodes = cfg.train.num_workers, cfg.train.num_nodes
+    owns_ray = ensure_ray(train.ray_address)
+    world_size, num_nodes = train.num_workers, train.num_nodes
     bundles, strategy = placement_bundles(world_size, num_nodes, device_type)
     group = placement_group(bundles, strategy=strategy)
     try:
@@ -425,9 +424,9 @@ def launch_train_workers(cfg: PCSDConfig, model_path: str, *, device_type: str,
     try:
         # The rendezvous is rank 0's own node, at a port free there: other nodes reach it, 127.0.0.1 they would not.
         master_addr, master_port = group_workers._get([workers[0].rendezvous_address.remote()], "rendezvous")[0]
-        group_workers._get([w.start.remote(cfg, model_path, master_addr=master_addr, master_port=master_port,
-                                           device_type=device_type, teacher_path=teacher_path) for w in workers],
-                           "start")
+        group_workers._get([w.start.remote(model, train, loss, model_path, master_addr=master_addr,
+                                           master_port=master_port, device_type=device_type, teacher_path=teacher_path)
+                            for w in workers], "start")
     except BaseException:
         group_workers.shutdown()
         raise

@@ -33,7 +33,7 @@ from pcsd_core.loss import distillation as losses
 from pcsd_core.loss.spec import LossSpec
 from pcsd_core.engine.batch import (ModelInputs, RolloutBatch, TeacherOutputs, UpdateStats, flat_response_weights,
                              micro_batches, pack_prompt_groups, pad_rows, worker_rows)
-from pcsd_core.config.schema import PCSDConfig
+from pcsd_core.config.schema import ModelConfig, TrainConfig
 from pcsd_core.engine import lora
 from pcsd_core.engine.precision import ComputeCopy, mixed_precision_policy
 from pcsd_core.models import DTYPES, load_model
@@ -99,42 +99,45 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 class Actor:
     """Policy (+ optional frozen/EMA teacher copy), optimizer and lr schedule of one train worker."""
 
-    def __init__(self, cfg: PCSDConfig, model_path: str, *, device: str = "cpu", rank: int = 0, world_size: int = 1,
-                 teacher_path: str | None = None, mesh=None):
-        self.cfg, self.device, self.rank, self.world_size = cfg, torch.device(device), rank, world_size
+    def __init__(self, model: ModelConfig, train: TrainConfig, loss: LossSpec, model_path: str, *, device: str = "cpu",
+                 rank: int = 0, world_size: int = 1, teacher_path: str | None = None, mesh=None):
+        """The run config's three sections the actor reads: what to load (`model`), how to train it (`train`),
+        and the loss (`loss`)."""
+        self.model_config, self.train_config, self.loss_spec = model, train, loss
+        self.device, self.rank, self.world_size = torch.device(device), rank, world_size
         # Masters (what AdamW steps, EMA moves and checkpoints store) in train.master_dtype; a frozen teacher never
         # moves, so it is held in the compute dtype only.
-        master, compute = cfg.train.master_dtype, cfg.model.dtype
+        master, compute = train.master_dtype, model.dtype
         self.student = self._build_module(model_path, mesh, trainable=True, dtype=master)
         self.teacher = None
         # With LoRA the frozen teacher is the base (adapter off) and the EMA teacher a second adapter: no copy.
-        if cfg.train.teacher_mode != "live" and not cfg.model.uses_lora:
+        if train.teacher_mode != "live" and not model.uses_lora:
             self.teacher = self._build_module(teacher_path or model_path, mesh, trainable=False,
-                                              dtype=master if cfg.train.teacher_mode == "ema" else compute)
+                                              dtype=master if train.teacher_mode == "ema" else compute)
         # In this process (no FSDP to cast): forward/backward on a compute-dtype copy of the masters (precision.py).
         mixed = mesh is None and master != compute
         self._student_copy = ComputeCopy(self.student, compute) if mixed else None
         self._teacher_copy = ComputeCopy(self.teacher, compute) if mixed and self.teacher is not None \
-            and cfg.train.teacher_mode == "ema" else None
+            and train.teacher_mode == "ema" else None
         self.reference = self._reference_module(teacher_path or model_path, mesh)
         self._reference_weight: torch.Tensor | None = None
         trainable = [parameter for parameter in self.student.parameters() if parameter.requires_grad]  # LoRA: the adapter
-        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
-            step, warmup_steps=cfg.train.warmup_steps, total_steps=cfg.train.total_training_steps,
-            schedule=cfg.train.lr_schedule))
+            step, warmup_steps=train.warmup_steps, total_steps=train.total_training_steps,
+            schedule=train.lr_schedule))
         self.pad_id = self.student.lm.config.pad_token_id or self.student.lm.config.eos_token_id or 0
-        self.build_inputs = pack_prompt_groups if cfg.train.share_prompt_prefix else pad_rows
+        self.build_inputs = pack_prompt_groups if train.share_prompt_prefix else pad_rows
         self._teacher_weight: torch.Tensor | None = None
 
     def _build_module(self, model_path: str, mesh, *, trainable: bool, dtype: str) -> DistillationModule:
-        mcfg = self.cfg.model
+        model = self.model_config
         # With FSDP every rank loads the model into host memory and `fully_shard` moves one layer at a time to the
         # GPU and keeps its shard: the whole model never sits on a rank's GPU (at 7B in float32, 28 GB a rank).
         load_device = "cpu" if mesh is not None else self.device
-        lm = load_model(model_path, dtype=dtype, device=load_device, attn_implementation=mcfg.attn_implementation,
-                        trust_remote_code=mcfg.trust_remote_code)
-        if trainable and mcfg.gradient_checkpointing:
+        lm = load_model(model_path, dtype=dtype, device=load_device, attn_implementation=model.attn_implementation,
+                        trust_remote_code=model.trust_remote_code)
+        if trainable and model.gradient_checkpointing:
             # Non-reentrant checkpointing, said explicitly as verl does: the reentrant form leaks memory under FSDP2,
             # and transformers' default differs across versions. 5.2x renamed the method (the old name goes in v6).
             kwargs = {"use_reentrant": False}
@@ -143,17 +146,17 @@ class Actor:
             else:
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         lm.train(trainable)
-        if mcfg.uses_lora:  # the base frozen, the adapter trains (and an EMA adapter beside it when asked)
-            lm = lora.add_lora(lm, mcfg, ema_adapter=self.cfg.train.teacher_mode == "ema", base_model_path=model_path,
-                               seed=self.cfg.train.seed)
+        if model.uses_lora:  # the base frozen, the adapter trains (and an EMA adapter beside it when asked)
+            lm = lora.add_lora(lm, model, ema_adapter=self.train_config.teacher_mode == "ema",
+                               base_model_path=model_path, seed=self.train_config.seed)
         else:
             lm.requires_grad_(trainable)
-        module = DistillationModule(lm, self.cfg.loss, compute_dtype=DTYPES[mcfg.dtype])
+        module = DistillationModule(lm, self.loss_spec, compute_dtype=DTYPES[model.dtype])
         if mesh is not None:
             from torch.distributed.fsdp import fully_shard
 
             # Shards hold the masters; each forward gathers them cast to model.dtype, gradients reduce in float32.
-            policy = mixed_precision_policy(mcfg.dtype)
+            policy = mixed_precision_policy(model.dtype)
             for layer in module.decoder_layers:
                 fully_shard(layer, mesh=mesh, mp_policy=policy)
             fully_shard(module, mesh=mesh, mp_policy=policy)  # root: embeddings, final norm, (tied) lm_head
@@ -165,13 +168,13 @@ class Actor:
         The LoRA base (the student's forward module with its adapters off) or the frozen teacher when there is
         one; else one more frozen module of the initial weights in the compute dtype, sharded as the teacher is.
         """
-        if self.cfg.loss.ref_kl_coef == 0:
+        if self.loss_spec.ref_kl_coef == 0:
             return None
-        if self.cfg.model.uses_lora:
+        if self.model_config.uses_lora:
             return self.forward_module("student")
-        if self.cfg.train.teacher_mode == "frozen":
+        if self.train_config.teacher_mode == "frozen":
             return self.teacher
-        return self._build_module(initial_path, mesh, trainable=False, dtype=self.cfg.model.dtype)
+        return self._build_module(initial_path, mesh, trainable=False, dtype=self.model_config.dtype)
 
     def forward_module(self, which: str = "student") -> DistillationModule | None:
         """The module whose forward runs: the compute-dtype copy in this process, else the (FSDP) module itself."""
@@ -188,13 +191,14 @@ class Actor:
         teacher = self.forward_module("teacher" if self.teacher is not None else "student")
         hidden: list[torch.Tensor] = []
         reference_hidden: list[torch.Tensor] | None = None if self.reference is None else []
-        for rows in micro_batches(worker_rows(0, len(batch), self.rank, self.world_size), self.cfg.train.micro_batch_size):
+        rows_of_this_rank = worker_rows(0, len(batch), self.rank, self.world_size)
+        for rows in micro_batches(rows_of_this_rank, self.train_config.micro_batch_size):
             part = batch.select(rows)
             hidden.extend(self._response_states(teacher, self._teacher_view(), part.teacher_prompt_ids, part))
             if reference_hidden is not None:  # the same responses after the student prompt
                 reference_hidden.extend(self._response_states(self.reference, self._reference_view(),
                                                               part.student_prompt_ids, part))
-        self._teacher_weight = self._snapshot_teacher_weight()
+        self._teacher_weight = self._snapshot_teacher_weight(len(batch))
         self._reference_weight = self._reference_lm_head()
         return TeacherOutputs(hidden=hidden, reference_hidden=reference_hidden)
 
@@ -208,47 +212,48 @@ class Actor:
 
     def _teacher_view(self):
         """LoRA: the frozen teacher is the base (adapter off), the EMA teacher its adapter; else nothing to switch."""
-        if not self.cfg.model.uses_lora or self.cfg.train.teacher_mode == "live":
+        if not self.model_config.uses_lora or self.train_config.teacher_mode == "live":
             return contextlib.nullcontext()
-        adapter = lora.EMA if self.cfg.train.teacher_mode == "ema" else None
+        adapter = lora.EMA if self.train_config.teacher_mode == "ema" else None
         # On the module the forward runs on: in this process with mixed precision that is the compute copy, whose
         # adapter switches are its own (switching the masters' would leave the copy's student adapter on).
         return lora.adapter_view(self.forward_module("student").lm, adapter)
 
     def _reference_view(self):
         """LoRA: the reference is the base, so the adapters are off (on the module the forward runs on)."""
-        return lora.adapter_view(self.reference.lm, None) if self.cfg.model.uses_lora else contextlib.nullcontext()
+        return lora.adapter_view(self.reference.lm, None) if self.model_config.uses_lora else contextlib.nullcontext()
 
     def _reference_lm_head(self) -> torch.Tensor | None:
         """The reference's lm_head (compute dtype) for the anchor's logits; None = the student's, detached: with
         LoRA the lm_head never trains, so it is the initial one."""
-        if self.reference is None or self.cfg.model.uses_lora:
+        if self.reference is None or self.model_config.uses_lora:
             return None
         if self.reference is self.teacher:  # the frozen teacher's, snapshotted for this step: no second copy
             return self._teacher_weight
         if self._reference_weight is None:  # it never changes: gathered once (collective: every rank is here)
             self._reference_weight = full_tensor(self.reference.lm_head_weight().detach()).to(
-                DTYPES[self.cfg.model.dtype])
+                DTYPES[self.model_config.dtype])
         return self._reference_weight
 
-    def _snapshot_teacher_weight(self) -> torch.Tensor | None:
+    def _snapshot_teacher_weight(self, responses: int) -> torch.Tensor | None:
         """The teacher lm_head as it was when the hidden states were computed.
 
         A live teacher with one optimizer step per batch needs no copy: the loss uses the (unchanged) student
         weight, detached. With more steps, or a separate teacher that EMA moves, keep the weights of this pass.
         """
-        optimizer_steps = self.cfg.train.ppo_epochs * (self.cfg.responses_per_step // self.cfg.train.mini_batch_size)
-        if (self.teacher is None and optimizer_steps == 1) or self.cfg.model.uses_lora:  # LoRA: lm_head is frozen
+        if self.model_config.uses_lora:  # the lm_head is frozen
+            return None
+        if self.teacher is None and self.train_config.optimizer_steps(responses) == 1:
             return None
         source = self.forward_module("teacher" if self.teacher is not None else "student")
         # FSDP shards hold masters; the loss computes with the compute-dtype weights, as the teacher pass did.
-        return full_tensor(source.lm_head_weight().detach()).to(DTYPES[self.cfg.model.dtype], copy=True)
+        return full_tensor(source.lm_head_weight().detach()).to(DTYPES[self.model_config.dtype], copy=True)
 
     # ---- the student pass and update ----------------------------------------------------------------
 
     def update_policy_with_distillation(self, batch: RolloutBatch, teacher_outputs: TeacherOutputs) -> UpdateStats:
         """ppo_epochs x mini-batches of AdamW steps; this rank handles its share of every mini-batch."""
-        train = self.cfg.train
+        train = self.train_config
         stats = UpdateStats()
         for epoch in range(train.ppo_epochs):
             for start in range(0, len(batch), train.mini_batch_size):
@@ -276,8 +281,8 @@ class Actor:
         """(M, R) weights over the WHOLE mini-batch, so summed micro-batch (and rank) losses are its loss."""
         lengths = [len(batch.response_ids[i]) for i in minibatch]
         mask = torch.arange(max(max(lengths), 1))[None, :] < torch.tensor(lengths)[:, None]
-        return losses.token_weights(mask, aggregation=self.cfg.loss.aggregation,
-                                    skip_first_tokens=self.cfg.loss.skip_first_tokens)
+        return losses.token_weights(mask, aggregation=self.loss_spec.aggregation,
+                                    skip_first_tokens=self.loss_spec.skip_first_tokens)
 
     def _accumulate_micro_batch(self, batch, teacher_outputs, rows, minibatch_weights, minibatch_start, stats,
                                 record_tokens) -> None:
@@ -315,12 +320,12 @@ class Actor:
                 inputs.response_positions.to(self.device))
 
     def _clip_and_step(self) -> float:
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        max_norm = self.train_config.grad_clip if self.train_config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
         self.optimizer.step()
-        if self.cfg.train.teacher_mode == "ema" and self.cfg.model.uses_lora:
-            lora.ema_update(self.student.lm, self.cfg.train.ema_rate)
-        elif self.cfg.train.teacher_mode == "ema":
+        if self.train_config.teacher_mode == "ema" and self.model_config.uses_lora:
+            lora.ema_update(self.student.lm, self.train_config.ema_rate)
+        elif self.train_config.teacher_mode == "ema":
             self._update_ema_teacher()
         if self._student_copy is not None:  # after the EMA too: the copy holds the EMA adapter beside the student's
             self._student_copy.copy_from_masters()
@@ -330,7 +335,7 @@ class Actor:
     def _update_ema_teacher(self) -> None:
         """teacher <- (1 - rate) * teacher + rate * student, shard by shard (same FSDP layout on both)."""
         for teacher_param, student_param in zip(self.teacher.parameters(), self.student.parameters()):
-            teacher_param.lerp_(student_param.detach(), self.cfg.train.ema_rate)  # masters: the small moves survive
+            teacher_param.lerp_(student_param.detach(), self.train_config.ema_rate)  # masters: the small moves survive
         if self._teacher_copy is not None:
             self._teacher_copy.copy_from_masters()
 
@@ -340,7 +345,7 @@ class Actor:
         """Unsharded weights by Hugging Face name on rank 0 (CPU); {} on other ranks. Collective with FSDP."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        if self.cfg.model.uses_lora:  # the adapter alone (peft's file names): the base is the run's base model
+        if self.model_config.uses_lora:  # the adapter alone (peft's file names): the base is the run's base model
             state = {name: full_tensor(tensor).cpu().clone() for name, tensor in self.adapter_items(which)}
             return state if self.rank == 0 else {}
         module = self.student if which == "student" else self.teacher
@@ -367,7 +372,7 @@ class Actor:
         set_optimizer_state_dict(self.student, self.optimizer, optim_state_dict=state.get("optimizer") or {},
                                  options=options)
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.cfg.model.uses_lora:  # the checkpoint's adapters onto the base this actor loaded
+        if self.model_config.uses_lora:  # the checkpoint's adapters onto the base this actor loaded
             self._load_adapter(state.get("adapter"), lora.STUDENT)
             self._load_adapter(teacher_state, lora.EMA)
             if self._student_copy is not None:
@@ -383,10 +388,10 @@ class Actor:
 
     def adapter_items(self, which: str = "student") -> list[tuple[str, torch.Tensor]]:
         """The student's (or the EMA teacher's) adapter tensors by peft file name; this rank's shards under FSDP2."""
-        if not self.cfg.model.uses_lora:
+        if not self.model_config.uses_lora:
             raise ValueError("adapter_items needs model.lora_rank >= 1; full fine-tuning has no adapter.")
-        if which == "teacher" and self.cfg.train.teacher_mode != "ema":
-            raise ValueError(f"train.teacher_mode {self.cfg.train.teacher_mode!r} keeps no teacher adapter.")
+        if which == "teacher" and self.train_config.teacher_mode != "ema":
+            raise ValueError(f"train.teacher_mode {self.train_config.teacher_mode!r} keeps no teacher adapter.")
         return lora.adapter_items(self.student.lm, lora.STUDENT if which == "student" else lora.EMA)
 
     def _load_adapter(self, adapter_state: dict[str, torch.Tensor] | None, adapter: str) -> None:

@@ -124,8 +124,10 @@ class Distiller:
         if cfg.model.uses_lora:
             self.base_reference = ckpt.base_model_reference(cfg.model.name, self.base_model_path)
         # Frozen and EMA teachers start from the run's initial weights, not from a resumed checkpoint.
-        self.workers = build_train_workers(cfg, model_path, device=self.device, teacher_path=self.base_model_path)
-        self.engine = create_rollout_engine(self.cfg, model_path, gpus_in_use=self.workers.local_gpu_ids(),
+        self.workers = build_train_workers(cfg.model, cfg.train, cfg.loss, model_path, device=self.device,
+                                           teacher_path=self.base_model_path)
+        self.engine = create_rollout_engine(cfg.rollout, cfg.model, model_path, device=cfg.train.device,
+                                            seed=cfg.train.seed, gpus_in_use=self.workers.local_gpu_ids(),
                                             adapter_sync=True)
         if resume:
             self._resume(resume)
@@ -295,7 +297,7 @@ class Distiller:
     def _sync_weights(self) -> None:
         """Stream the actor's weights (LoRA: the adapter) into the engine one bucket at a time (extra memory: about
         one bucket). The engine wakes itself for it."""
-        buckets = self.workers.iter_state_dict_buckets("student", self.cfg.train.weight_sync_bucket_mb * 2**20)
+        buckets = self.workers.iter_state_dict_buckets(self.cfg.train.weight_sync_bucket_mb * 2**20)
         self.engine.update_weights(drain(buckets))
 
     # ---- metrics and samples -----------------------------------------------------------------------
@@ -306,7 +308,7 @@ class Distiller:
 
         cfg = self.cfg
         lengths = batch.response_lengths
-        optimizer_steps = cfg.train.ppo_epochs * (len(batch) // cfg.train.mini_batch_size)
+        optimizer_steps = cfg.train.optimizer_steps(len(batch))
         tokens = max(stats.num_tokens, 1)
         texts = [self._decode(ids) for ids in batch.response_ids]
         correct = [is_correct(text, self.records[index].ground_truth)

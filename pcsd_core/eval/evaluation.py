@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pcsd_core import metric_names as names
-from pcsd_core.config.schema import EvalConfig, PCSDConfig
+from pcsd_core.config.schema import EvalConfig, ModelConfig, PCSDConfig
 from pcsd_core.data.prepare import load_prompt_records, load_solutions
 from pcsd_core.data.prompts import render_prompt_ids
 from pcsd_core.errors import DataValidationError
@@ -56,7 +56,10 @@ def evaluate_model(model_path: str, test_path: str | Path, cfg: PCSDConfig, engi
 
     Questions go through the engine a batch at a time (longest first, so padding stays small and the ETA errs
     high), each batch printing questions done, tokens/s and ETA, and calling `progress(metrics, questions_done)`
-    (the steps pass one that logs to MLflow)."""
+    (the steps pass one that logs to MLflow).
+
+    Like the trainer, evaluation reads several sections of the run config (`eval`, `model`, `rollout` for the
+    engine, `data.teacher_template` and `train.device`/`seed`); the parts it builds get only theirs."""
     records = load_prompt_records(test_path)
     if cfg.eval.num_examples:
         records = records[: cfg.eval.num_examples]
@@ -71,7 +74,8 @@ def evaluate_model(model_path: str, test_path: str | Path, cfg: PCSDConfig, engi
         # The teacher sees each question's TRUE solution, whatever context this run trained with (control arms).
         kl_rows = min(cfg.eval.heldout_kl_questions or len(records), len(records))
         kl = _heldout_kl(source, tokenizer, records[:kl_rows], load_solutions(test_path)[:kl_rows],
-                         answers.response_ids[:kl_rows], cfg)
+                         answers.response_ids[:kl_rows], model=cfg.model, device=cfg.train.device,
+                         teacher_template=cfg.data.teacher_template, batch_size=cfg.eval.batch_size)
     finally:
         if own_engine:
             engine.close()
@@ -134,7 +138,8 @@ def _generate_with_progress(engine: RolloutEngine, prompt_ids: list[list[int]], 
             for i in range(len(prompt_ids))]
 
 
-def _heldout_kl(model_path: str, tokenizer, records, solutions, response_ids, cfg: PCSDConfig):
+def _heldout_kl(model_path: str, tokenizer, records, solutions, response_ids, *, model: ModelConfig, device: str,
+                teacher_template: str, batch_size: int):
     """KL(teacher || student) per token on the greedy answers, scored by the model as the trainer holds it.
 
     A transformers model of `model_path` in model.dtype on the training device (what the actor's forward runs),
@@ -143,11 +148,11 @@ def _heldout_kl(model_path: str, tokenizer, records, solutions, response_ids, cf
     """
     from pcsd_core.models import load_model, resolve_device
 
-    model = load_model(model_path, dtype=cfg.model.dtype, device=resolve_device(cfg.train.device),
-                       attn_implementation=cfg.model.attn_implementation, trust_remote_code=cfg.model.trust_remote_code)
-    model.eval()
-    return heldout_kl(model, tokenizer, [r.student_messages for r in records], solutions, response_ids,
-                      teacher_template=cfg.data.teacher_template, batch_size=cfg.eval.batch_size)
+    lm = load_model(model_path, dtype=model.dtype, device=resolve_device(device),
+                    attn_implementation=model.attn_implementation, trust_remote_code=model.trust_remote_code)
+    lm.eval()
+    return heldout_kl(lm, tokenizer, [r.student_messages for r in records], solutions, response_ids,
+                      teacher_template=teacher_template, batch_size=batch_size)
 
 
 def _example_row(record: Any, response: str) -> dict[str, Any]:
@@ -166,4 +171,5 @@ def _make_engine(cfg: PCSDConfig, model_path: str) -> RolloutEngine:
     """The configured rollout engine, with the HF engine's batches sized by eval.batch_size."""
     from pcsd_core.rollout import create_rollout_engine
 
-    return create_rollout_engine(cfg, model_path, batch_size=cfg.eval.batch_size, syncs_weights=False)
+    return create_rollout_engine(cfg.rollout, cfg.model, model_path, device=cfg.train.device, seed=cfg.train.seed,
+                                 batch_size=cfg.eval.batch_size, syncs_weights=False)

@@ -5,43 +5,43 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pcsd_core.errors import ConfigError, HardwareError
-from pcsd_core.config.schema import PCSDConfig
+from pcsd_core.config.schema import ModelConfig, RolloutConfig
 from pcsd_core.models import resolve_device
 from pcsd_core.rollout.base import Generation, RolloutEngine, SamplingParams
 
 __all__ = ["Generation", "RolloutEngine", "SamplingParams", "create_rollout_engine", "weight_sync_sender_gpu"]
 
 
-def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | None = None, *,
-                          gpus_in_use: Sequence[int] = (), syncs_weights: bool = True,
+def create_rollout_engine(rollout: RolloutConfig, model: ModelConfig, model_path: str, *, device: str, seed: int,
+                          batch_size: int | None = None, gpus_in_use: Sequence[int] = (), syncs_weights: bool = True,
                           adapter_sync: bool = False) -> RolloutEngine:
-    """Build the engine named by `cfg.rollout.engine` for the model at `model_path`.
+    """Build the engine named by `rollout.engine` for the model at `model_path` (`model`: its dtype, attention and
+    LoRA settings; `device` and `seed`: the run's `train.device` and `train.seed`).
 
     `batch_size` overrides `rollout.batch_size` for the HF engine (evaluation uses `eval.batch_size`).
     `adapter_sync` (training with `model.lora_rank >= 1`): the engine holds `model_path` as the base plus a LoRA
     adapter, and weight sync ships the adapter alone. Evaluation loads a model (or a merged adapter) as is.
 
-    `hf` runs on `cfg.train.device` ("auto" = cuda when available). `sglang` placement follows
-    `cfg.rollout.placement`: colocated shares the actor's first GPU (tp = rollout.num_gpus or 1). With placement
-    split on CUDA, either engine takes the first rollout.num_gpus GPUs of this machine that `gpus_in_use` (the
-    train workers' GPUs here, from `TrainWorkers.local_gpu_ids`; none in evaluation) leaves free, and its weight
-    sync is sent from the actor's own GPU (`weight_sync_sender_gpu`) unless `syncs_weights` is false (evaluation).
+    `hf` runs on `device` ("auto" = cuda when available). `sglang` placement follows `rollout.placement`: colocated
+    shares the actor's first GPU (tp = rollout.num_gpus or 1). With placement split on CUDA, either engine takes the
+    first rollout.num_gpus GPUs of this machine that `gpus_in_use` (the train workers' GPUs here, from
+    `TrainWorkers.local_gpu_ids`; none in evaluation) leaves free, and its weight sync is sent from the actor's own
+    GPU (`weight_sync_sender_gpu`) unless `syncs_weights` is false (evaluation).
     """
-    rollout = cfg.rollout
     if rollout.engine == "hf":
         from pcsd_core.rollout.hf import HFRolloutEngine
 
-        device = resolve_device(cfg.train.device)
+        device = resolve_device(device)
         if device == "cuda" and rollout.placement == "split":
             device = f"cuda:{first_free_gpus(gpus_in_use, 1)}"
         return HFRolloutEngine(
             model_path,
-            dtype=cfg.model.dtype,
+            dtype=model.dtype,
             device=device,
             batch_size=batch_size or rollout.batch_size,
-            attn_implementation=cfg.model.attn_implementation,
-            trust_remote_code=cfg.model.trust_remote_code,
-            lora=cfg.model if adapter_sync and cfg.model.uses_lora else None,
+            attn_implementation=model.attn_implementation,
+            trust_remote_code=model.trust_remote_code,
+            lora=model if adapter_sync and model.uses_lora else None,
         )
     if rollout.engine == "sglang":
         from pcsd_core.rollout.sglang import NcclWeightBroadcaster, SGLangRolloutEngine
@@ -50,7 +50,7 @@ def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | No
         base_gpu_id, broadcaster = 0, None
         if rollout.placement == "split":
             base_gpu_id = first_free_gpus(gpus_in_use, tp_size)
-        lora_sync = adapter_sync and cfg.model.uses_lora  # the adapter goes in one API call: no NCCL group
+        lora_sync = adapter_sync and model.uses_lora  # the adapter goes in one API call: no NCCL group
         if rollout.placement == "split" and syncs_weights and not lora_sync:
             sender = weight_sync_sender_gpu(gpus_in_use, base_gpu_id, tp_size)
             broadcaster = NcclWeightBroadcaster(device=f"cuda:{sender}")
@@ -60,10 +60,10 @@ def create_rollout_engine(cfg: PCSDConfig, model_path: str, batch_size: int | No
             tp_size=tp_size,
             base_gpu_id=base_gpu_id,
             mem_fraction_static=rollout.gpu_memory_utilization,
-            dtype=cfg.model.dtype,
-            seed=cfg.train.seed,
+            dtype=model.dtype,
+            seed=seed,
             broadcaster=broadcaster,
-            lora=cfg.model if adapter_sync and cfg.model.uses_lora else None,
+            lora=model if lora_sync else None,
         )
     raise ConfigError(f"rollout.engine ({rollout.engine!r}) must be 'hf' or 'sglang'.")
 

@@ -91,6 +91,6 @@ def test_split_sglang_engine_gets_the_actors_gpu_as_sender(monkeypatch):
     cfg = config_from_dict({}, {"model.dtype": "bfloat16", "train.device": "cuda", "train.use_ray": True,
                                 "train.num_workers": 4, "train.micro_batch_size": 1, "rollout.engine": "sglang",
                                 "rollout.placement": "split", "rollout.num_gpus": 4})
-    create_rollout_engine(cfg, "unused", gpus_in_use=[4, 5, 6, 7])
+    create_rollout_engine(cfg.rollout, cfg.model, "unused", device="cuda", seed=0, gpus_in_use=[4, 5, 6, 7])
     assert made["base_gpu_id"] == 0 and made["tp_size"] == 4
     assert made["broadcaster"].device == torch.device("cuda:4")

@@ -12,7 +12,7 @@ from pcsd_core.config.schema import PCSDConfig
 from pcsd_core.distributed.weight_sync import drain, whole_tensors
 from pcsd_core.engine import lora
 from pcsd_core.engine.actor import Actor, full_tensor
-from test_workers import assert_buckets_bounded, random_batch, ray_session  # noqa: F401 (a fixture)
+from test_workers import actor_of, assert_buckets_bounded, random_batch, ray_session  # noqa: F401 (a fixture)
 
 ray = pytest.importorskip("ray")
 
@@ -29,7 +29,7 @@ def test_two_fsdp_workers_give_one_process_adapter_gradients(tiny_model_dir, ray
     from pcsd_core.rollout.hf import HFRolloutEngine
 
     batch = random_batch(8)
-    single = Actor(config(), str(tiny_model_dir))
+    single = actor_of(config(), str(tiny_model_dir))
     single_stats = single.update_policy_with_distillation(batch, single.compute_distributions(batch))
     expected_grads = {wire: p.grad.clone() for wire, p in lora.adapter_items(single.student.lm, detach=False)}
 
@@ -39,7 +39,8 @@ def test_two_fsdp_workers_give_one_process_adapter_gradients(tiny_model_dir, ray
         return {wire: full_tensor(p.grad).clone() for wire, p in lora.adapter_items(worker_self.actor.student.lm,
                                                                                    detach=False)}
 
-    group = launch_train_workers(config(use_ray=True, num_workers=2), str(tiny_model_dir), device_type="cpu")
+    cfg = config(use_ray=True, num_workers=2)
+    group = launch_train_workers(cfg.model, cfg.train, cfg.loss, str(tiny_model_dir), device_type="cpu")
     try:
         stats = group.update_policy_with_distillation(batch, group.compute_distributions(batch))
         grads = ray.get([w.__ray_call__.remote(adapter_gradients) for w in group.workers])
@@ -47,7 +48,7 @@ def test_two_fsdp_workers_give_one_process_adapter_gradients(tiny_model_dir, ray
         ema = group.full_state_dict("teacher")
         optimizer = group.training_state()["optimizer"]
         bucket_bytes = 2**10  # 1 KiB: each rank's shard of an adapter matrix cut into rows
-        buckets = list(group.iter_state_dict_buckets("student", bucket_bytes))
+        buckets = list(group.iter_state_dict_buckets(bucket_bytes))
     finally:
         group.shutdown()
 

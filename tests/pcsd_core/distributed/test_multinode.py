@@ -58,7 +58,7 @@ def test_two_fsdp_workers_on_two_nodes_match_one_process(tiny_model_dir, two_nod
     assert raylets >= 2
     assert ensure_ray(two_node_cluster.address) is False  # joined, not started: nothing of ours to shut down
     cfg = config(use_ray=True, num_workers=2, num_nodes=2, ray_address=two_node_cluster.address)
-    group = launch_train_workers(cfg, str(tiny_model_dir), device_type="cpu")
+    group = launch_train_workers(cfg.model, cfg.train, cfg.loss, str(tiny_model_dir), device_type="cpu")
     try:
         assert group.owns_ray is False
         assert raylet_count() == raylets  # joining started no Ray instance of its own
@@ -70,7 +70,7 @@ def test_two_fsdp_workers_on_two_nodes_match_one_process(tiny_model_dir, two_nod
         for got, want in zip(teacher.hidden, single_teacher.hidden, strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         stats = group.update_policy_with_distillation(batch, teacher)
-        streamed = dict(whole_tensors(drain(group.iter_state_dict_buckets("student", 2**18))))
+        streamed = dict(whole_tensors(drain(group.iter_state_dict_buckets(2**18))))
 
         ray.kill(group.workers[1])  # a rank dies: the next call fails naming it and its node, without hanging
         with pytest.raises(RuntimeError, match=rf"train worker rank 1 on node .*{node_ids[1]}.* died"):

@@ -37,6 +37,11 @@ def assert_buckets_bounded(buckets, bucket_bytes: int) -> None:
         assert size <= bucket_bytes or one_row, [(piece.name, piece.row_start) for piece in bucket]
 
 
+def actor_of(cfg: PCSDConfig, model_path: str, **options) -> Actor:
+    """The actor of a run config, built from the sections it reads."""
+    return Actor(cfg.model, cfg.train, cfg.loss, model_path, **options)
+
+
 def config(**train) -> PCSDConfig:
     # 8 responses, 2 mini-batches of 4 -> 2 optimizer steps; per worker: 2 rows = 1 micro-batch holding the
     # two responses of one prompt in one packed row.
@@ -56,7 +61,7 @@ def ray_session():
 
 def single_process_reference(model_dir, batch):
     """(teacher outputs, update stats, updated weights) of one in-process actor: what FSDP ranks must reproduce."""
-    single = Actor(config(), str(model_dir))
+    single = actor_of(config(), str(model_dir))
     teacher = single.compute_distributions(batch)
     stats = single.update_policy_with_distillation(batch, teacher)
     return teacher, stats, single.full_state_dict(), single
@@ -70,7 +75,8 @@ def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session
     batch = random_batch(8)
     single_teacher, single_stats, expected, single = single_process_reference(tiny_model_dir, batch)
 
-    group = launch_train_workers(config(use_ray=True, num_workers=2), str(tiny_model_dir), device_type="cpu")
+    cfg = config(use_ray=True, num_workers=2)
+    group = launch_train_workers(cfg.model, cfg.train, cfg.loss, str(tiny_model_dir), device_type="cpu")
     try:
         teacher = group.compute_distributions(batch)  # the trainer's calls: rows gathered in rank order
         for got, want in zip(teacher.hidden, single_teacher.hidden, strict=True):
@@ -79,7 +85,7 @@ def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session
         wires = ray.get([w.full_state_dict.remote() for w in group.workers])  # (name, numpy array, dtype) lists
         optimizer_states = ray.get([w.training_state.remote() for w in group.workers])
         bucket_bytes = 2**17  # 128 KiB: several buckets on the tiny model, the embedding cut into rows
-        buckets = list(group.iter_state_dict_buckets("student", bucket_bytes))
+        buckets = list(group.iter_state_dict_buckets(bucket_bytes))
         assert group.local_gpu_ids() == []  # CPU workers hold no GPU a split rollout would have to avoid
     finally:
         group.shutdown()
@@ -90,7 +96,7 @@ def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session
     assert wires[1] == []  # only rank 0 receives the gathered weights
     gathered = dict(wire_to_tensor(item) for item in wires[0])
     assert set(gathered) == set(expected)
-    initial = Actor(config(), str(tiny_model_dir)).full_state_dict()
+    initial = actor_of(config(), str(tiny_model_dir)).full_state_dict()
     for name, tensor in expected.items():
         torch.testing.assert_close(gathered[name], tensor, rtol=0, atol=2e-5, msg=name)
         assert not torch.equal(tensor, initial[name]), f"{name} did not move"
@@ -115,31 +121,34 @@ def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session
         torch.testing.assert_close(engine.model(ids).logits, single.student.lm(ids).logits, rtol=0, atol=1e-4)
 
 
-def test_in_process_buckets_are_the_live_weights_within_the_bound(tiny_model_dir):
-    """No copy: every piece is a view of the actor's parameter at its rows; together they are the state dict."""
+def test_in_process_buckets_are_the_live_weights_whole_within_the_bound(tiny_model_dir):
+    """No copy and no row planning: every piece is a whole live parameter (the same storage), each tied tensor
+    once; buckets stay within the bound, except that a tensor bigger than a bucket goes alone."""
     from pcsd_core.distributed.workers import InProcessWorkers
 
-    actor = Actor(config(), str(tiny_model_dir))
+    actor = actor_of(config(), str(tiny_model_dir))
     workers = InProcessWorkers(actor)
     assert workers.local_gpu_ids() == []
     full = actor.full_state_dict()
+    live = dict(actor.student.lm.state_dict(keep_vars=True))
     for bucket_bytes in (2**12, 2**16, 2**40):
-        buckets = list(workers.iter_state_dict_buckets("student", bucket_bytes))
-        assert_buckets_bounded(buckets, bucket_bytes)
+        buckets = list(workers.iter_state_dict_buckets(bucket_bytes))
+        for bucket in buckets:
+            size = sum(piece.tensor.numel() * piece.tensor.element_size() for piece in bucket)
+            assert size <= bucket_bytes or len(bucket) == 1, [piece.name for piece in bucket]
         pieces = [piece for bucket in buckets for piece in bucket]
-        names = {piece.name for piece in pieces}
-        assert set(full) - names <= {"lm_head.weight"} and names <= set(full)
+        assert all(piece.is_whole for piece in pieces)
+        names = [piece.name for piece in pieces]
+        assert len(names) == len(set(names)) and set(names) <= set(full)
+        assert set(full) - set(names) <= {"lm_head.weight"}  # tied to the embedding: sent once
         for piece in pieces:
-            row_bytes = full[piece.name][0].numel() * full[piece.name].element_size()
-            assert piece.tensor.data_ptr() == full[piece.name].data_ptr() + piece.row_start * row_bytes, piece.name
-        for name, tensor in whole_tensors(pieces):
-            assert torch.equal(tensor, full[name]), name
-    # one row per bucket when a row fills it: the 64-float (256-byte) rows of the embedding, 49152 of them
-    one_row = list(workers.iter_state_dict_buckets("student", 256))
-    assert sum(piece.name == "model.embed_tokens.weight" for bucket in one_row for piece in bucket) == 49152
-    assert len(list(workers.iter_state_dict_buckets("student", 2**40))) == 1
-    with pytest.raises(ValueError, match="teacher_mode 'live' keeps no teacher"):
-        list(workers.iter_state_dict_buckets("teacher", 2**20))
+            assert piece.tensor.data_ptr() == live[piece.name].data_ptr(), piece.name
+            assert torch.equal(piece.tensor, full[piece.name]), piece.name
+    # A 256-byte bound: every tensor alone, the embedding (49152 rows of 64 floats) among them, whole.
+    alone = list(workers.iter_state_dict_buckets(256))
+    (everything,) = list(workers.iter_state_dict_buckets(2**40))
+    assert [bucket[0].name for bucket in alone] == [piece.name for piece in everything]
+    assert "model.embed_tokens.weight" in names
 
 
 def test_distiller_runs_with_ray_workers(tiny_model_dir, gsm8k_dir, tmp_path, ray_session):
@@ -183,15 +192,15 @@ def test_two_fsdp_workers_train_float32_masters_in_bf16_and_resume_through_rank_
     single_cfg = config_from_dict({"train": {**cfg.to_dict()["train"], "use_ray": False, "num_workers": 1},
                                    "rollout": {"n": 2}, "model": {"dtype": "bfloat16"}})
     batch = random_batch(8)
-    single = Actor(single_cfg, str(tiny_model_dir))
+    single = actor_of(single_cfg, str(tiny_model_dir))
     initial = {name: tensor.clone() for name, tensor in single.full_state_dict().items()}
     single_stats = single.update_policy_with_distillation(batch, single.compute_distributions(batch))
 
-    group = launch_train_workers(cfg, str(tiny_model_dir), device_type="cpu")
+    group = launch_train_workers(cfg.model, cfg.train, cfg.loss, str(tiny_model_dir), device_type="cpu")
     try:
         stats = group.update_policy_with_distillation(batch, group.compute_distributions(batch))
         gathered = group.full_state_dict()
-        pieces = [piece for bucket in group.iter_state_dict_buckets("student", 2**20) for piece in bucket]
+        pieces = [piece for bucket in group.iter_state_dict_buckets(2**20) for piece in bucket]
         state = group.training_state()
         sent = group.load_training_state(state, None)
         reloaded = group.training_state()
@@ -228,11 +237,12 @@ def test_two_fsdp_workers_anchor_to_a_sharded_reference_as_one_actor(tiny_model_
         return config_from_dict({**config(**train).to_dict(), "loss": {"ref_kl_coef": 0.5}})
 
     batch = random_batch(8)
-    single = Actor(anchored(), str(moved_model_dir), teacher_path=str(tiny_model_dir))
+    single = actor_of(anchored(), str(moved_model_dir), teacher_path=str(tiny_model_dir))
     single_outputs = single.compute_distributions(batch)
     single_stats = single.update_policy_with_distillation(batch, single_outputs)
 
-    group = launch_train_workers(anchored(use_ray=True, num_workers=2), str(moved_model_dir), device_type="cpu",
+    cfg = anchored(use_ray=True, num_workers=2)
+    group = launch_train_workers(cfg.model, cfg.train, cfg.loss, str(moved_model_dir), device_type="cpu",
                                  teacher_path=str(tiny_model_dir))
     try:
         outputs = group.compute_distributions(batch)
@@ -262,7 +272,7 @@ _fsdp_param_group.foreach_reduce = lambda *args, **kwargs: calls.append(1) or or
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=0, world_size=1)
 cfg = config_from_dict({"train": {"prompts_per_step": 4, "mini_batch_size": 4, "micro_batch_size": 1,
                                   "device": "cpu", "use_ray": True}, "rollout": {"n": 2}})
-actor = Actor(cfg, sys.argv[1], mesh=init_device_mesh("cpu", (1,)))
+actor = Actor(cfg.model, cfg.train, cfg.loss, sys.argv[1], mesh=init_device_mesh("cpu", (1,)))
 ids = [[11 + i, 12, 13, 14] for i in range(8)]
 batch = RolloutBatch(ids, ids, [[20, 21 + i] for i in range(8)], [True] * 8, [i // 2 for i in range(8)])
 actor.update_policy_with_distillation(batch, actor.compute_distributions(batch))

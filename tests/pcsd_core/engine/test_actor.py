@@ -29,6 +29,11 @@ def random_batch(rows: int, seed: int = 1) -> RolloutBatch:
                         record_indices=[i // 2 for i in range(rows)])
 
 
+def actor_of(cfg: PCSDConfig, model_path: str, **options) -> Actor:
+    """The actor of a run config, built from the sections it reads."""
+    return Actor(cfg.model, cfg.train, cfg.loss, model_path, **options)
+
+
 def actor_config(model: dict | None = None, **train) -> PCSDConfig:
     base = {"prompts_per_step": 2, "mini_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "device": "cpu"}
     return config_from_dict({"train": {**base, **train}, "rollout": {"n": 2}, "model": model or {}})
@@ -55,7 +60,7 @@ def test_update_matches_full_logits_reference(tiny_model_dir, share_prompt_prefi
     prompt into one row (share_prompt_prefix) or pads one row per response, with or without recomputing
     activations in the backward pass (gradient_checkpointing, the GPU preset's setting)."""
     batch = random_batch(4)
-    actor = Actor(actor_config({"gradient_checkpointing": gradient_checkpointing}, grad_clip=0.0,
+    actor = actor_of(actor_config({"gradient_checkpointing": gradient_checkpointing}, grad_clip=0.0,
                                share_prompt_prefix=share_prompt_prefix), str(tiny_model_dir))
     reference_model = copy.deepcopy(actor.student.lm)
     reference_optimizer = torch.optim.AdamW(reference_model.parameters(), lr=1e-3, weight_decay=0.0)
@@ -73,7 +78,7 @@ def test_update_matches_full_logits_reference(tiny_model_dir, share_prompt_prefi
 
 
 def test_frozen_teacher_keeps_initial_weights(tiny_model_dir):
-    actor = Actor(actor_config(teacher_mode="frozen"), str(tiny_model_dir))
+    actor = actor_of(actor_config(teacher_mode="frozen"), str(tiny_model_dir))
     initial = {name: p.detach().clone() for name, p in actor.teacher.lm.named_parameters()}
     for seed in (1, 2):
         batch = random_batch(4, seed)
@@ -86,7 +91,7 @@ def test_frozen_teacher_keeps_initial_weights(tiny_model_dir):
 
 def test_ema_teacher_moves_by_the_rate(tiny_model_dir):
     rate = 0.25
-    actor = Actor(actor_config(teacher_mode="ema", ema_rate=rate), str(tiny_model_dir))
+    actor = actor_of(actor_config(teacher_mode="ema", ema_rate=rate), str(tiny_model_dir))
     before = {name: p.detach().clone() for name, p in actor.teacher.lm.named_parameters()}
     batch = random_batch(4)
     actor.update_policy_with_distillation(batch, actor.compute_distributions(batch))  # one optimizer step
@@ -100,7 +105,7 @@ def test_ema_teacher_moves_by_the_rate(tiny_model_dir):
 def test_several_updates_per_batch_use_the_teacher_of_the_teacher_pass(tiny_model_dir):
     """With 2 mini-batches a live teacher's lm_head is snapshotted: the second step's teacher is unchanged."""
     cfg = actor_config(mini_batch_size=2, micro_batch_size=1, prompts_per_step=2)
-    actor = Actor(cfg, str(tiny_model_dir))
+    actor = actor_of(cfg, str(tiny_model_dir))
     batch = random_batch(4)
     head_before = actor.student.lm_head_weight().detach().clone()
     teacher = actor.compute_distributions(batch)

@@ -13,7 +13,7 @@ from pcsd_core.config.loader import config_from_dict
 from pcsd_core.engine.actor import Actor
 from pcsd_core.engine.batch import RolloutBatch
 from pcsd_core.models import load_model
-from test_actor import random_batch
+from test_actor import actor_of, random_batch
 
 COEF = 0.5
 
@@ -51,7 +51,7 @@ def anchored_reference_loss(student, initial, batch: RolloutBatch) -> tuple[torc
 def test_anchored_update_matches_full_logits_reference(tiny_model_dir, moved_model_dir):
     """Live teacher, full fine-tuning: the reference is an extra frozen module loaded from the initial weights
     (teacher_path); loss, ref_kl and every parameter's gradient equal float64 full-logits math."""
-    actor = Actor(anchor_config(grad_clip=0.0), str(moved_model_dir), teacher_path=str(tiny_model_dir))
+    actor = actor_of(anchor_config(grad_clip=0.0), str(moved_model_dir), teacher_path=str(tiny_model_dir))
     initial = load_model(str(tiny_model_dir))
     student = copy.deepcopy(actor.student.lm)
     batch = random_batch(4)
@@ -79,7 +79,7 @@ def test_anchored_update_matches_full_logits_reference(tiny_model_dir, moved_mod
 
 def test_the_reference_reuses_the_frozen_teacher_and_is_off_at_zero(tiny_model_dir):
     path = str(tiny_model_dir)
-    frozen = Actor(anchor_config(teacher_mode="frozen"), path)
+    frozen = actor_of(anchor_config(teacher_mode="frozen"), path)
     assert frozen.reference is frozen.teacher  # no second copy of the initial weights
     batch = random_batch(4)
     outputs = frozen.compute_distributions(batch)
@@ -87,15 +87,15 @@ def test_the_reference_reuses_the_frozen_teacher_and_is_off_at_zero(tiny_model_d
     for got, want in zip(outputs.reference_hidden, initial_states(load_model(path), batch), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
-    live = Actor(anchor_config(), path)
+    live = actor_of(anchor_config(), path)
     assert live.reference is not None and live.reference is not live.student and live.teacher is None
-    off = Actor(anchor_config(coef=0.0), path)
+    off = actor_of(anchor_config(coef=0.0), path)
     assert off.reference is None and off.compute_distributions(batch).reference_hidden is None
     assert off.update_policy_with_distillation(batch, off.compute_distributions(batch)).ref_kl_sum == 0.0
 
 
 def test_lora_reference_is_the_base_with_the_adapter_off(tiny_model_dir):
-    actor = Actor(anchor_config(model={"lora_rank": 4, "lora_alpha": 8.0}, lr=1e-2), str(tiny_model_dir))
+    actor = actor_of(anchor_config(model={"lora_rank": 4, "lora_alpha": 8.0}, lr=1e-2), str(tiny_model_dir))
     assert actor.reference is actor.forward_module("student") and actor.teacher is None  # no copy
     for seed in (1, 2):  # the adapter moves (B starts at 0, so two steps)
         batch = random_batch(4, seed)
@@ -107,5 +107,5 @@ def test_lora_reference_is_the_base_with_the_adapter_off(tiny_model_dir):
                          strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # The adapter is back on afterwards: the live teacher (the student) differs from the base.
-    base = Actor(anchor_config(coef=0.0), str(tiny_model_dir)).compute_distributions(batch)
+    base = actor_of(anchor_config(coef=0.0), str(tiny_model_dir)).compute_distributions(batch)
     assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(outputs.hidden, base.hidden))

@@ -11,7 +11,7 @@ from pcsd_core.engine import lora
 from pcsd_core.engine.actor import Actor
 from pcsd_core.errors import ConfigError
 from pcsd_core.models import load_model
-from test_actor import random_batch
+from test_actor import actor_of, random_batch
 
 LORA = {"lora_rank": 4, "lora_alpha": 8.0}
 
@@ -34,7 +34,7 @@ def base_name(peft_name: str) -> str:
 
 
 def test_a_step_changes_only_the_adapter(tiny_model_dir):
-    actor = Actor(lora_config(), str(tiny_model_dir))
+    actor = actor_of(lora_config(), str(tiny_model_dir))
     base = dict(load_model(str(tiny_model_dir)).named_parameters())  # the checkpoint, loaded on its own
     initial = {name: p.detach().clone() for name, p in actor.student.lm.named_parameters()}
     optimized = {id(p) for group in actor.optimizer.param_groups for p in group["params"]}
@@ -53,19 +53,19 @@ def test_a_step_changes_only_the_adapter(tiny_model_dir):
 
 
 def test_frozen_teacher_is_the_base_model_without_a_copy(tiny_model_dir):
-    actor = Actor(lora_config("frozen"), str(tiny_model_dir))
+    actor = actor_of(lora_config("frozen"), str(tiny_model_dir))
     train_steps(actor, 2)
     assert actor.teacher is None  # no second model: the base with the adapter off
     batch = random_batch(4, seed=7)
     teacher = actor.compute_distributions(batch)
 
-    plain = Actor(config_from_dict({"train": {"prompts_per_step": 2, "mini_batch_size": 4, "micro_batch_size": 2,
+    plain = actor_of(config_from_dict({"train": {"prompts_per_step": 2, "mini_batch_size": 4, "micro_batch_size": 2,
                                               "device": "cpu"}, "rollout": {"n": 2}}), str(tiny_model_dir))
     expected = plain.compute_distributions(batch)  # the untouched checkpoint, live teacher = itself
     for got, want in zip(teacher.hidden, expected.hidden, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # The adapter is back on afterwards, and it moved the student away from the base.
-    live = Actor(lora_config(), str(tiny_model_dir))
+    live = actor_of(lora_config(), str(tiny_model_dir))
     live._load_adapter(dict(actor.adapter_items()), lora.STUDENT)
     moved = live.compute_distributions(batch)
     assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(moved.hidden, expected.hidden))
@@ -76,7 +76,7 @@ def test_ema_adapter_arithmetic_by_hand(tiny_model_dir):
     """ema_1 = (1 - r) ema_0 + r student_1 per adapter tensor, ema_0 = the initial student; the teacher pass
     runs the EMA adapter (equal to a student whose adapter holds the EMA weights)."""
     rate = 0.25
-    actor = Actor(lora_config("ema"), str(tiny_model_dir))
+    actor = actor_of(lora_config("ema"), str(tiny_model_dir))
     assert actor.teacher is None
     ema = {name: t.clone() for name, t in actor.adapter_items("teacher")}
     student = {name: t.clone() for name, t in actor.adapter_items("student")}
@@ -94,7 +94,7 @@ def test_ema_adapter_arithmetic_by_hand(tiny_model_dir):
 
     batch = random_batch(4, seed=9)
     teacher = actor.compute_distributions(batch)
-    reference = Actor(lora_config(), str(tiny_model_dir))
+    reference = actor_of(lora_config(), str(tiny_model_dir))
     reference._load_adapter(ema, lora.STUDENT)
     for got, want in zip(teacher.hidden, reference.compute_distributions(batch).hidden, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -108,13 +108,13 @@ def test_in_process_bfloat16_teachers_switch_the_adapter_of_the_copy_the_forward
     def bf16(cfg):
         return config_from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "dtype": "bfloat16"}})
 
-    actor = Actor(bf16(lora_config(teacher_mode)), str(tiny_model_dir))
+    actor = actor_of(bf16(lora_config(teacher_mode)), str(tiny_model_dir))
     assert actor._student_copy is not None  # masters float32, forward bf16
     train_steps(actor, 2)
     batch = random_batch(4, seed=7)
     teacher = actor.compute_distributions(batch)
     if teacher_mode == "frozen":
-        plain = Actor(config_from_dict({"model": {"dtype": "bfloat16"}, "train": {
+        plain = actor_of(config_from_dict({"model": {"dtype": "bfloat16"}, "train": {
             "prompts_per_step": 2, "mini_batch_size": 4, "micro_batch_size": 2, "device": "cpu",
             "master_dtype": "bfloat16"}, "rollout": {"n": 2}}), str(tiny_model_dir))
         expected = plain.compute_distributions(batch).hidden
@@ -122,7 +122,7 @@ def test_in_process_bfloat16_teachers_switch_the_adapter_of_the_copy_the_forward
         copy_ema = dict(lora.adapter_items(actor.forward_module("student").lm, lora.EMA))
         for name, master in actor.adapter_items("teacher"):
             torch.testing.assert_close(copy_ema[name], master.to(torch.bfloat16), rtol=0, atol=0, msg=name)
-        student_view = Actor(bf16(lora_config()), str(tiny_model_dir))  # live: its teacher pass is its student
+        student_view = actor_of(bf16(lora_config()), str(tiny_model_dir))  # live: its teacher pass is its student
         student_view._load_adapter(dict(actor.adapter_items("teacher")), lora.STUDENT)  # a student holding the EMA
         student_view._student_copy.copy_from_masters()
         expected = student_view.compute_distributions(batch).hidden

@@ -12,7 +12,7 @@ import torch
 from pcsd_core.config.loader import config_from_dict
 from pcsd_core.engine.actor import Actor
 from pcsd_core.errors import ConfigError
-from test_actor import random_batch
+from test_actor import actor_of, random_batch
 
 
 def bf16_config(**train):
@@ -26,7 +26,7 @@ def moved_fraction(before: dict[str, torch.Tensor], after: dict[str, torch.Tenso
 
 
 def test_one_bf16_step_at_lr_1e6_moves_the_float32_masters(tiny_model_dir):
-    actor = Actor(bf16_config(), str(tiny_model_dir))
+    actor = actor_of(bf16_config(), str(tiny_model_dir))
     before = {name: tensor.clone() for name, tensor in actor.full_state_dict().items()}
     assert {tensor.dtype for tensor in before.values()} == {torch.float32}  # masters, as checkpoints store them
     batch = random_batch(4)
@@ -47,7 +47,7 @@ def test_one_bf16_step_at_lr_1e6_moves_the_float32_masters(tiny_model_dir):
 
 def test_pure_bf16_masters_barely_move(tiny_model_dir):
     """The control: train.master_dtype bfloat16 (the old behaviour) moves a few percent at lr 1e-6."""
-    actor = Actor(bf16_config(master_dtype="bfloat16"), str(tiny_model_dir))
+    actor = actor_of(bf16_config(master_dtype="bfloat16"), str(tiny_model_dir))
     before = {name: tensor.clone() for name, tensor in actor.full_state_dict().items()}
     batch = random_batch(4)
     actor.update_policy_with_distillation(batch, actor.compute_distributions(batch))
@@ -60,7 +60,7 @@ def test_bf16_gradients_accumulate_in_float32_over_micro_batches(tiny_model_dir)
     batch = random_batch(4)
     grads = []
     for micro in (1, 2):
-        actor = Actor(bf16_config(micro_batch_size=micro, share_prompt_prefix=False, grad_clip=0.0),
+        actor = actor_of(bf16_config(micro_batch_size=micro, share_prompt_prefix=False, grad_clip=0.0),
                       str(tiny_model_dir))
         actor.update_policy_with_distillation(batch, actor.compute_distributions(batch))
         grads.append({name: param.grad for name, param in actor.student.lm.named_parameters()})
@@ -72,7 +72,7 @@ def test_bf16_gradients_accumulate_in_float32_over_micro_batches(tiny_model_dir)
 
 
 def test_ema_teacher_masters_move_by_the_rate_in_float32(tiny_model_dir):
-    actor = Actor(bf16_config(teacher_mode="ema", ema_rate=0.05), str(tiny_model_dir))
+    actor = actor_of(bf16_config(teacher_mode="ema", ema_rate=0.05), str(tiny_model_dir))
     before = {name: tensor.clone() for name, tensor in actor.full_state_dict("teacher").items()}
     batch = random_batch(4)
     actor.update_policy_with_distillation(batch, actor.compute_distributions(batch))

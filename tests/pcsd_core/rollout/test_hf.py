@@ -221,7 +221,7 @@ def test_sleep_is_a_no_op_on_cpu_and_bad_arguments_fail_early(tiny_model_dir):
 
 def test_create_rollout_engine_builds_hf_from_config(tiny_model_dir):
     cfg = config_from_dict({"rollout": {"engine": "hf", "batch_size": 3}, "train": {"device": "cpu"}})
-    engine = create_rollout_engine(cfg, str(tiny_model_dir))
+    engine = create_rollout_engine(cfg.rollout, cfg.model, str(tiny_model_dir), device=cfg.train.device, seed=0)
     assert isinstance(engine, HFRolloutEngine)
     assert engine.batch_size == 3 and engine.device.type == "cpu"
 

@@ -315,7 +315,7 @@ def test_missing_sglang_gives_install_hint(monkeypatch, tmp_path):
     cfg = config_from_dict({"model": {"dtype": "bfloat16"}, "rollout": {"engine": "sglang"},
                                 "train": {"device": "cuda"}})
     with pytest.raises(ImportError, match="rollout.engine 'sglang' needs the `sglang` package"):
-        create_rollout_engine(cfg, str(tmp_path))
+        create_rollout_engine(cfg.rollout, cfg.model, str(tmp_path), device=cfg.train.device, seed=cfg.train.seed)
 
 
 def test_bad_placement_fails_before_launch():
