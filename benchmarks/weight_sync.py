@@ -97,7 +97,8 @@ def run_case(path: str, workers: str, bucket_mb: int) -> dict:
     from pcsd_core.rollout.hf import HFRolloutEngine
     from pcsd_core.distributed.weight_sync import drain, unique_state_items
     from pcsd_core.distributed.ray_cluster import ensure_ray
-    from pcsd_core.distributed.workers import InProcessWorkers, launch_train_workers
+    from pcsd_core.distributed.ray_workers import launch_train_workers
+    from pcsd_core.distributed.workers import InProcessWorkers
 
     torch.set_num_threads(1)
     train = {"device": "cpu", "prompts_per_step": 2, "mini_batch_size": 4, "micro_batch_size": 2}

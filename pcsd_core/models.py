@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pcsd_core.config.schema import DTYPE_NAMES
+from pcsd_core.config.fields import DTYPE_NAMES
 from pcsd_core.errors import ConfigError, HardwareError, ModelNotFoundError
 
 HUB_ALIASES = {
@@ -44,6 +44,15 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch on CUDA; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def cache_dir() -> Path:

@@ -1,5 +1,8 @@
 """The one typed, validated configuration of a PCSD run: frozen sections, each field documented where declared.
 
+`PCSDConfig` holds the sections `model`, `data`, `rollout`, `loss` (`pcsd_core.loss.spec`), `train`
+(`pcsd_core.config.train`, the largest), `eval` and `register`, and checks the rules that span sections.
+
 Each section checks its ranges and cross-field rules in `__post_init__`, also when built directly in Python; a
 broken rule raises `ConfigError` naming the field (`error.field == "train.lr"`). Reading YAML presets and
 `key=value` overrides, and turning their text into typed values, is `pcsd_core.config.loader`'s job, done once
@@ -14,65 +17,26 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal
 
 import yaml
 
 from pcsd_core.data.privileged import parse_privileged_context
 from pcsd_core.data.prompts import DEFAULT_TEACHER_TEMPLATE_NAME, resolve_teacher_template
 from pcsd_core.data.synthetic import MAX_DIFFICULTY, TASKS as SYNTHETIC_TASKS
+from pcsd_core.config.fields import DTYPE_NAMES, check_field_types, require_text
+from pcsd_core.config.train import TrainConfig
 from pcsd_core.errors import require
 from pcsd_core.loss.spec import LossSpec
 
 GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
-DTYPE_NAMES = ("float32", "bfloat16", "float16")  # parameter/compute dtypes; pcsd_core.models maps them to torch
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
-MAX_SEED = 2**32 - 1  # numpy's legacy seeding (and libraries built on it) take 32-bit seeds
-LARGE_LR = 1e-2  # above this, full fine-tuning of a pretrained LM usually diverges
 # The attention and MLP projections of Llama/Qwen/Mistral-shaped decoders (also deepseek-math-7b, SmolLM2).
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # The loss reads the lm_head weight directly (chunked logits) and the embeddings are the tied lm_head in small
 # models, so an adapter there would be silently bypassed: refused.
 LORA_UNTARGETABLE = ("lm_head", "embed_tokens")
-
-
-def _check_field_types(section: Any, section_name: str) -> None:
-    """A section built directly in Python holds values of its fields' types (the loader already made them so).
-
-    Text is never converted here (that happens once, in the loader); the one widening is an int for a float
-    field (`grad_clip=1`), stored as the float it equals, as YAML's `1` would be.
-    """
-    hints = get_type_hints(type(section))
-    for item in dataclasses.fields(section):
-        value, annotation = getattr(section, item.name), hints[item.name]
-        name = f"{section_name}.{item.name}"
-        choices = get_args(annotation) if getattr(annotation, "__origin__", None) is Literal else None
-        if choices:
-            require(value in choices, f"{name} ({value!r}) must be one of {list(choices)}.")
-        elif annotation is bool:
-            require(isinstance(value, bool), f"{name} ({value!r}) must be true or false.")
-        elif annotation is int:
-            require(isinstance(value, int) and not isinstance(value, bool), f"{name} ({value!r}) must be a whole number.")
-        elif annotation is float:
-            require(isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-                     and abs(value) != float("inf"), f"{name} ({value!r}) must be a finite number (inf and nan are "
-                     "not allowed).")
-            object.__setattr__(section, item.name, float(value))
-        elif annotation is str:
-            require(isinstance(value, str), f"{name} ({value!r}) must be a string.")
-
-
-def _require_text(name: str, value: str, *, allow_empty: bool = False) -> None:
-    """A path, id or column name: not blank (unless empty is allowed), no surrounding spaces, no NUL byte."""
-    if allow_empty and value == "":
-        return
-    require(value.strip() != "", f"{name} ({value!r}) must not be empty.")
-    require(
-        value == value.strip() and "\x00" not in value,
-        f"{name} ({value!r}) has surrounding whitespace or a NUL byte; remove it (a stray space from copy-paste?).",
-    )
 
 
 @dataclass(frozen=True)
@@ -103,8 +67,8 @@ class ModelConfig:
     lora_target_modules: str = DEFAULT_LORA_TARGETS
 
     def __post_init__(self) -> None:
-        _check_field_types(self, "model")
-        _require_text("model.name", self.name)
+        check_field_types(self, "model")
+        require_text("model.name", self.name)
         require(self.lora_rank >= 0, f"model.lora_rank ({self.lora_rank}) must be >= 0 (0 = full fine-tuning, "
                  "e.g. 16 for a rank-16 LoRA adapter).")
         require(self.lora_alpha > 0, f"model.lora_alpha ({self.lora_alpha}) must be > 0 (e.g. 2 * lora_rank).")
@@ -183,14 +147,14 @@ class DataConfig:
         return f"synthetic-{self.synthetic}" if self.synthetic else self.hub_name
 
     def __post_init__(self) -> None:
-        _check_field_types(self, "data")
-        _require_text("data.path", self.path, allow_empty=True)
-        _require_text("data.hub_name", self.hub_name)
-        _require_text("data.hub_config", self.hub_config, allow_empty=True)
-        _require_text("data.question_column", self.question_column)
-        _require_text("data.answer_column", self.answer_column)
-        _require_text("data.id_column", self.id_column, allow_empty=True)
-        _require_text("data.data_source", self.data_source)
+        check_field_types(self, "data")
+        require_text("data.path", self.path, allow_empty=True)
+        require_text("data.hub_name", self.hub_name)
+        require_text("data.hub_config", self.hub_config, allow_empty=True)
+        require_text("data.question_column", self.question_column)
+        require_text("data.answer_column", self.answer_column)
+        require_text("data.id_column", self.id_column, allow_empty=True)
+        require_text("data.data_source", self.data_source)
         parse_privileged_context(self.privileged_context)
         require(1 <= self.synthetic_difficulty <= MAX_DIFFICULTY,
                  f"data.synthetic_difficulty ({self.synthetic_difficulty}) must be in 1..{MAX_DIFFICULTY}.")
@@ -229,7 +193,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
 
     def __post_init__(self) -> None:
-        _check_field_types(self, "rollout")  # also refuses inf/nan, e.g. temperature .inf
+        check_field_types(self, "rollout")  # also refuses inf/nan, e.g. temperature .inf
         require(self.n >= 1, f"rollout.n ({self.n}) must be >= 1.")
         require(self.temperature > 0, f"rollout.temperature ({self.temperature}) must be > 0.")
         require(0 < self.top_p <= 1, f"rollout.top_p ({self.top_p}) must be in (0, 1].")
@@ -249,147 +213,6 @@ class RolloutConfig:
 
 # The loss section is the loss module's own option set, validated there (pcsd_core.loss.spec).
 LossConfig = LossSpec
-
-
-# What train.keep_best_by may rank validations by ("" keeps the last checkpoint): `summarize_scores` names.
-KEEP_BEST_METRICS = ("", "accuracy_strict", "accuracy_flexible")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    total_training_steps: int = 4
-    # Student prompts sampled per step; each gets `rollout.n` responses.
-    prompts_per_step: int = 4
-    # Passes over each rollout batch (the reference's PPO epochs).
-    ppo_epochs: int = 1
-    # Responses per optimizer step; (prompts_per_step * rollout.n) must be divisible by it.
-    mini_batch_size: int = 8
-    # Responses per forward/backward (gradient accumulation inside a mini-batch).
-    micro_batch_size: int = 4
-    # Score the responses of one prompt in one packed row holding the prompt once (a 4D attention mask keeps
-    # them apart), instead of one padded row each: the prompt pass is shared by the rollout.n responses in a
-    # micro-batch (make micro_batch_size a multiple of rollout.n). Same result; needs attn_implementation
-    # sdpa or eager. With very long responses and large n the packed row's attention (quadratic) can cost
-    # more than it saves: set false, as for flash_attention_2.
-    share_prompt_prefix: bool = True
-    lr: float = 1e-6
-    # dtype of the master weights and the optimizer state (one of DTYPE_NAMES): what AdamW updates and what
-    # checkpoints store. float32 (verl's choice): an Adam step of lr 1e-6 survives on every weight, where
-    # bfloat16 masters (8 mantissa bits) keep it only for |w| < ~5e-4 and move ~1% of a model. Must be float32 or
-    # model.dtype: masters narrower than the compute dtype would round every update away.
-    master_dtype: Literal[DTYPE_NAMES] = "float32"
-    warmup_steps: int = 0
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    weight_decay: float = 0.0
-    # Max global gradient norm (0 = no clipping).
-    grad_clip: float = 1.0
-    seed: int = 0
-    # Teacher weights: "live" (current policy, the reference), "frozen" (initial weights), "ema".
-    teacher_mode: Literal["live", "frozen", "ema"] = "live"
-    ema_rate: float = 0.05
-    # Train workers (FSDP2 shards). 1 with `use_ray=False` runs in-process.
-    num_workers: int = 1
-    use_ray: bool = False
-    # Nodes the workers spread over: num_workers / num_nodes workers on each of num_nodes distinct Ray nodes
-    # (a placement group of one bundle per node, STRICT_SPREAD). 1 keeps every worker on one node.
-    num_nodes: int = 1
-    # Ray cluster to join, "host:port", "ray://host:port" or "auto" (KubeRay, `ray up`, a Metaflow-launched
-    # cluster); empty: RAY_ADDRESS if set, else a local Ray started for this run. A joined cluster is never
-    # shut down by the run.
-    ray_address: str = ""
-    # Weight sync streams the actor's weights to the rollout engine in buckets of at most this many MiB, each
-    # rank sending rows of its own shard (a bigger tensor is cut by rows): the sync's extra memory is about one
-    # bucket, not the whole model (SGLang, which loads whole tensors, adds the largest tensor).
-    weight_sync_bucket_mb: int = 256
-    # "cpu", "cuda" or "auto" (cuda when available).
-    device: str = "auto"
-    # Save a checkpoint every K steps (0 = only at the end).
-    checkpoint_every: int = 0
-    # Validation during training (`pcsd_core.eval.validation`), every K steps, before the first and after the last
-    # (0 = off): greedy answers to eval.validation_questions held-out questions, taken off the END of the train
-    # split and never trained on, scored like the final evaluation and logged under `val/`.
-    validate_every: int = 0
-    # Keep the checkpoint of the best validation instead of the last: "" (the last), "accuracy_strict" or
-    # "accuracy_flexible"; ties go to the higher answer-format rate, then the lower repetition rate, then the earlier
-    # step. The final evaluation and the registry then use that checkpoint. Needs validate_every.
-    keep_best_by: Literal[KEEP_BEST_METRICS] = ""
-    # End the branch when a validation's repetition rate (share of degenerate answers) is above this (0 = never).
-    # Needs validate_every.
-    stop_if_repetition_above: float = 0.0
-    # A local folder, or (flow only) a storage URI that every step's machine reaches: s3://, gs://, file://
-    output_dir: str = "outputs/run"
-    # Checkpoint folder to continue from (same step, same data order).
-    resume_from: str = ""
-
-    def __post_init__(self) -> None:
-        _check_field_types(self, "train")  # also refuses inf/nan, e.g. lr inf
-        require(self.total_training_steps >= 1, f"train.total_training_steps ({self.total_training_steps}) must be >= 1.")
-        require(self.prompts_per_step >= 1, f"train.prompts_per_step ({self.prompts_per_step}) must be >= 1.")
-        require(self.ppo_epochs >= 1, f"train.ppo_epochs ({self.ppo_epochs}) must be >= 1.")
-        require(self.mini_batch_size >= 1, f"train.mini_batch_size ({self.mini_batch_size}) must be >= 1.")
-        require(self.micro_batch_size >= 1, f"train.micro_batch_size ({self.micro_batch_size}) must be >= 1.")
-        require(self.lr > 0, f"train.lr ({self.lr}) must be > 0.")
-        if self.lr > LARGE_LR:
-            warnings.warn(
-                f"train.lr ({self.lr}) is above {LARGE_LR}; fine-tuning a pretrained model at this rate usually "
-                "diverges (the presets use 1e-6 to 1e-5). Check the exponent.",
-                stacklevel=2,
-            )
-        require(self.warmup_steps >= 0, f"train.warmup_steps ({self.warmup_steps}) must be >= 0.")
-        require(self.weight_decay >= 0, f"train.weight_decay ({self.weight_decay}) must be >= 0 (0 disables it).")
-        require(self.grad_clip >= 0, f"train.grad_clip ({self.grad_clip}) must be >= 0 (0 disables it).")
-        require(0 <= self.seed <= MAX_SEED, f"train.seed ({self.seed}) must be in [0, {MAX_SEED}].")
-        require(0 < self.ema_rate <= 1, f"train.ema_rate ({self.ema_rate}) must be in (0, 1].")
-        require(self.num_workers >= 1, f"train.num_workers ({self.num_workers}) must be >= 1.")
-        require(
-            self.use_ray or self.num_workers == 1,
-            f"train.num_workers ({self.num_workers}) > 1 needs train.use_ray: true.",
-        )
-        require(
-            self.mini_batch_size % self.micro_batch_size == 0,
-            f"train.mini_batch_size ({self.mini_batch_size}) must be a multiple of train.micro_batch_size "
-            f"({self.micro_batch_size}); change one of them.",
-        )
-        require(self.num_nodes >= 1, f"train.num_nodes ({self.num_nodes}) must be >= 1.")
-        require(
-            self.num_workers % self.num_nodes == 0,
-            f"train.num_nodes ({self.num_nodes}) must divide train.num_workers ({self.num_workers}) evenly (the same "
-            "number of workers on every node); change one of them.",
-        )
-        _require_text("train.ray_address", self.ray_address, allow_empty=True)
-        require(
-            self.ray_address == "" or re.fullmatch(r"auto|(ray://)?[^\s:/]+:\d{1,5}", self.ray_address) is not None,
-            f"train.ray_address ({self.ray_address!r}) must be 'host:port', 'ray://host:port' or 'auto' (or empty "
-            "for RAY_ADDRESS / a local Ray).",
-        )
-        require(
-            self.use_ray or self.ray_address == "",
-            f"train.ray_address ({self.ray_address!r}) needs train.use_ray: true (the in-process actor uses no Ray).",
-        )
-        require(
-            self.weight_sync_bucket_mb >= 1,
-            f"train.weight_sync_bucket_mb ({self.weight_sync_bucket_mb}) must be >= 1 (MiB per weight-sync bucket).",
-        )
-        require(self.device in ("auto", "cpu", "cuda"), f"train.device ({self.device!r}) must be auto, cpu or cuda.")
-        require(
-            self.checkpoint_every >= 0,
-            f"train.checkpoint_every ({self.checkpoint_every}) must be >= 0 (0 = only at the end).",
-        )
-        require(self.validate_every >= 0, f"train.validate_every ({self.validate_every}) must be >= 0 (0 = off).")
-        require(0 <= self.stop_if_repetition_above < 1,
-                f"train.stop_if_repetition_above ({self.stop_if_repetition_above}) must be in [0, 1): a share of "
-                "answers (0 = never stop).")
-        for name, value in (("keep_best_by", self.keep_best_by), ("stop_if_repetition_above", self.stop_if_repetition_above)):
-            require(not value or self.validate_every > 0,
-                    f"train.{name} ({value!r}) acts on validations, which train.validate_every: 0 turns off; set "
-                    f"train.validate_every (e.g. 4) or unset train.{name}.")
-        _require_text("train.output_dir", self.output_dir)
-        # Whether resume_from holds a complete checkpoint is checked at setup (pcsd_core.engine.checkpoint), not here.
-        _require_text("train.resume_from", self.resume_from, allow_empty=True)
-
-    def optimizer_steps(self, responses: int) -> int:
-        """AdamW steps that one rollout batch of `responses` responses takes: ppo_epochs x its mini-batches."""
-        return self.ppo_epochs * (responses // self.mini_batch_size)
 
 
 @dataclass(frozen=True)
@@ -412,7 +235,7 @@ class EvalConfig:
     validation_questions: int = 16
 
     def __post_init__(self) -> None:
-        _check_field_types(self, "eval")
+        check_field_types(self, "eval")
         require(self.validation_questions >= 1, f"eval.validation_questions ({self.validation_questions}) must be >= 1.")
         require(self.heldout_kl_questions >= 0,
                  f"eval.heldout_kl_questions ({self.heldout_kl_questions}) must be >= 0 (0 = every scored question).")
@@ -442,7 +265,7 @@ class RegisterConfig:
     merge_adapter: bool = False
 
     def __post_init__(self) -> None:
-        _check_field_types(self, "register")
+        check_field_types(self, "register")
         require(0 < self.alpha < 1, f"register.alpha ({self.alpha}) must be in (0, 1); 0.05 is the usual level.")
 
 

@@ -10,9 +10,9 @@
   from `losses.hidden_state_distillation_loss` (which builds logits chunk by chunk from hidden states and the
   lm_head weight), gradient accumulation with weights normalised over the whole mini-batch, clipping, AdamW.
 
-The same class runs in-process (one device, plain module) and inside a Ray train worker (`workers.py`),
+The same class runs in-process (one device, plain module) and inside a Ray train worker (`ray_workers.py`),
 where the model is sharded with FSDP2 `fully_shard`. With FSDP the backbone *and* the loss run inside one
-forward of the sharded root module (`DistillationModule`), so FSDP's hooks unshard the root's parameters
+forward of the sharded root module (`distillation_module.py`), so FSDP's hooks unshard the root's parameters
 (embeddings and the tied lm_head) for the loss and reduce-scatter their gradients afterwards.
 
 Precision (`precision.py`): the modules the optimizer steps hold the masters in `train.master_dtype`; forward and
@@ -27,56 +27,18 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from pcsd_core.loss import distillation as losses
 from pcsd_core.loss.spec import LossSpec
 from pcsd_core.engine.batch import (ModelInputs, RolloutBatch, TeacherOutputs, UpdateStats, flat_response_weights,
                              micro_batches, pack_prompt_groups, pad_rows, worker_rows)
-from pcsd_core.config.schema import ModelConfig, TrainConfig
+from pcsd_core.config.schema import ModelConfig
+from pcsd_core.config.train import TrainConfig
+from pcsd_core.distributed.weight_sync import unique_state_items
 from pcsd_core.engine import lora
+from pcsd_core.engine.distillation_module import DistillationModule
 from pcsd_core.engine.precision import ComputeCopy, mixed_precision_policy
 from pcsd_core.models import DTYPES, load_model
-
-
-class DistillationModule(nn.Module):
-    """Wraps a causal LM: forward gives response hidden states (teacher) or the distillation loss (student)."""
-
-    def __init__(self, causal_lm: nn.Module, loss_spec: LossSpec, compute_dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.lm = causal_lm
-        self.loss_spec = loss_spec
-        self.compute_dtype = compute_dtype  # what the forward runs in (FSDP's param_dtype), not the masters' dtype
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        layers = getattr(lora.backbone(self.lm), "layers", None)
-        if layers is None:
-            raise TypeError(f"{type(self.lm).__name__} has no `base_model.layers`; FSDP sharding needs decoder layers.")
-        return layers
-
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.lm.get_output_embeddings().weight  # (V, H); tied to the input embeddings in SmolLM2
-
-    def forward(self, input_ids, attention_mask, position_ids, response_positions, teacher_hidden=None, weights=None,
-                response_tokens=None, teacher_weight=None, reference_hidden=None, reference_weight=None):
-        if attention_mask.dim() == 4 and self.lm.config._attn_implementation == "eager":
-            # Eager attention adds the mask to the scores; sdpa takes the boolean mask as is.
-            blocked = torch.finfo(self.compute_dtype).min
-            attention_mask = torch.zeros(attention_mask.shape, dtype=self.compute_dtype,
-                                         device=attention_mask.device).masked_fill(~attention_mask, blocked)
-        hidden = lora.backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    use_cache=False).last_hidden_state
-        response_hidden = hidden.reshape(-1, hidden.shape[-1])[response_positions]  # (N, H)
-        if teacher_hidden is None:
-            return response_hidden
-        output = losses.hidden_state_distillation_loss(
-            response_hidden, teacher_hidden, self.lm_head_weight(), weights,
-            teacher_weight=teacher_weight, response_ids=response_tokens, spec=self.loss_spec,
-            reference_hidden=reference_hidden, reference_weight=reference_weight,
-        )
-        # A tuple, not the dataclass: FSDP finds the tensors of a forward's output to hook its backward.
-        return output.loss, output.per_token, output.metrics
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -385,6 +347,13 @@ class Actor:
                 self._teacher_copy.copy_from_masters()
 
     # ---- LoRA adapters ------------------------------------------------------------------------------
+
+    def policy_sync_items(self) -> list[tuple[str, torch.Tensor]]:
+        """What the weight sync sends, the policy's masters: with LoRA the adapter alone (the engine holds the same
+        base), else every weight (tied ones once)."""
+        if self.model_config.uses_lora:
+            return self.adapter_items("student")
+        return list(unique_state_items(self.student.lm))
 
     def adapter_items(self, which: str = "student") -> list[tuple[str, torch.Tensor]]:
         """The student's (or the EMA teacher's) adapter tensors by peft file name; this rank's shards under FSDP2."""

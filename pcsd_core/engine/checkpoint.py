@@ -296,3 +296,10 @@ def load_checkpoint(path: str | Path) -> CheckpointState:
     return CheckpointState(path=path, step=int(trainer_state["step"]), trainer_state=trainer_state,
                            training_state=training_state, teacher_state=teacher_state, adapter_state=adapter_state,
                            base_model=base_model)
+
+
+def optimizer_state_bytes(state: dict[str, Any]) -> int:
+    """Bytes of the tensors in a training state's optimizer state (0 when it carries none)."""
+    per_param = (state.get("optimizer") or {}).get("state", {}).values()
+    return sum(value.numel() * value.element_size() for values in per_param for value in values.values()
+               if isinstance(value, torch.Tensor))

@@ -41,12 +41,12 @@ from pcsd_core import metric_names as names
 from pcsd_core.engine.batch import RolloutBatch, UpdateStats
 from pcsd_core.engine.lora import check_lora_targets, lora_config
 from pcsd_core.config.schema import PCSDConfig
-from pcsd_core.models import check_context_length, load_tokenizer, resolve_device, resolve_model
+from pcsd_core.models import check_context_length, load_tokenizer, peak_memory_mb, resolve_device, resolve_model
 from pcsd_core.data.prompts import build_prompt_pair
 from pcsd_core.rollout import create_rollout_engine
 from pcsd_core.rollout.base import SamplingParams
 from pcsd_core.distributed.weight_sync import drain
-from pcsd_core.distributed.workers import TrainWorkers, build_train_workers, peak_memory_mb
+from pcsd_core.distributed.workers import TrainWorkers, build_train_workers
 from pcsd_core.eval.validation import Validation, best_validation, split_validation_records, validate
 
 SAMPLES_PER_STEP = 4  # responses written to samples/step_*.jsonl

@@ -23,7 +23,7 @@ from pcsd_core.config.schema import EvalConfig, ModelConfig, PCSDConfig
 from pcsd_core.data.prepare import load_prompt_records, load_solutions
 from pcsd_core.data.prompts import render_prompt_ids
 from pcsd_core.errors import DataValidationError
-from pcsd_core.eval.metrics import HeldoutKL, ResponseScore, heldout_kl, score_responses, summarize_scores
+from pcsd_core.eval.metrics import ResponseScore, heldout_kl, score_responses, summarize_scores
 from pcsd_core.eval.scoring import extract_answer
 from pcsd_core.models import load_tokenizer, resolve_model
 from pcsd_core.rollout.base import Generation, RolloutEngine, SamplingParams

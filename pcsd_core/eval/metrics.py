@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from pcsd_core.eval import stats
-from pcsd_core.engine.actor import DistillationModule
+from pcsd_core.engine.distillation_module import DistillationModule
 from pcsd_core.engine.batch import pad_rows
 from pcsd_core.loss.distillation import hidden_state_distillation_loss
 from pcsd_core.loss.spec import LossSpec

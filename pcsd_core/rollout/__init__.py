@@ -44,7 +44,8 @@ def create_rollout_engine(rollout: RolloutConfig, model: ModelConfig, model_path
             lora=model if adapter_sync and model.uses_lora else None,
         )
     if rollout.engine == "sglang":
-        from pcsd_core.rollout.sglang import NcclWeightBroadcaster, SGLangRolloutEngine
+        from pcsd_core.rollout.sglang import SGLangRolloutEngine
+        from pcsd_core.rollout.sglang_api import NcclWeightBroadcaster
 
         tp_size = max(1, rollout.num_gpus)
         base_gpu_id, broadcaster = 0, None

@@ -17,8 +17,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import torch
-
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -28,9 +28,9 @@ Placement decides how weights move and whether the engine sleeps:
   so the engine call runs in a helper thread while this thread broadcasts (SGLang's own tests and
   verl do the same). `close()` destroys the group on both sides.
 
-The rank-0 side is a `WeightBroadcaster`; the default one joins the group in this process with
-SGLang's `init_custom_process_group`, sending from the GPU it is given: `create_rollout_engine` gives it the
-actor's own GPU (`weight_sync_sender_gpu`), never one of the rollout's.
+The rank-0 side is a `WeightBroadcaster` (`sglang_api.py`, with the rest of what we send SGLang); the default
+one joins the group in this process with SGLang's `init_custom_process_group`, sending from the GPU it is given:
+`create_rollout_engine` gives it the actor's own GPU (`weight_sync_sender_gpu`), never one of the rollout's.
 
 LoRA (`lora=`, a `ModelConfig` with `lora_rank >= 1`): the engine launches with `enable_lora`, `max_lora_rank`
 and `lora_target_modules`, holds the base for the whole run, and `update_weights` replaces the adapter
@@ -46,78 +46,23 @@ import itertools
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from pcsd_core.rollout.answer_stop import TokenTexts, cut_at_answer_line
 from pcsd_core.rollout.base import Generation, SamplingParams, load_eos_token_ids
+from pcsd_core.rollout.sglang_api import (WeightBroadcaster, check_result, engine_kwargs, import_sglang,
+                                         lora_engine_kwargs, parse_output, sglang_lora_config, to_sglang_sampling_params)
 from pcsd_core.distributed.weight_sync import bucketed, tensor_bytes, whole_tensors
 
-SGLANG_INSTALL_HINT = (
-    "rollout.engine 'sglang' needs the `sglang` package with its CUDA dependencies ({error}). Run "
-    "`pip install -e '.[sglang]'` on a CUDA machine (README, GPU hosts), or use rollout.engine 'hf'."
-)
 PLACEMENTS = ("colocated", "split")
 DEFAULT_BUCKET_BYTES = 512 << 20  # tensors per weight-sync call; bounds the staging memory SGLang needs
 ADAPTER_NAME = "pcsd_policy"  # the one LoRA adapter the engine serves (LoRA runs), replaced at each sync
 # SGLang's memory tags (sglang/srt/constants.py GPU_MEMORY_TYPE_*), in the order they come back on wake.
 WEIGHTS_TAGS = ["weights"]
 CACHE_TAGS = ["kv_cache", "cuda_graph"]
-# Sent with every request so neither SGLang's defaults nor a checkpoint's generation_config shape the
-# distribution: the HF engine samples from temperature and top_p alone (values = "off" in SamplingParams).
-NEUTRAL_SAMPLING = {
-    "top_k": -1,
-    "min_p": 0.0,
-    "repetition_penalty": 1.0,
-    "frequency_penalty": 0.0,
-    "presence_penalty": 0.0,
-    "min_new_tokens": 0,
-    "ignore_eos": False,
-    "skip_special_tokens": False,  # keep special tokens so response ids round-trip
-}
 _GROUP_NUMBERS = itertools.count()  # unique weight-sync group names within this process
-
-
-class WeightBroadcaster(Protocol):
-    """Rank 0 of the weight-sync group: joins it, broadcasts full tensors to the rollout ranks, leaves it."""
-
-    def connect(
-        self, *, master_address: str, master_port: int, world_size: int, group_name: str, backend: str
-    ) -> None: ...
-
-    def broadcast(self, tensor: torch.Tensor) -> None: ...
-
-    def disconnect(self) -> None: ...
-
-
-class NcclWeightBroadcaster:
-    """Joins the weight-sync group from this process as rank 0 and broadcasts over it (NCCL, GPU)."""
-
-    def __init__(self, device: str | torch.device) -> None:
-        self.device = torch.device(device)  # the sender's GPU: outside the rollout's (weight_sync_sender_gpu)
-        self.group = None
-
-    def connect(self, *, master_address: str, master_port: int, world_size: int, group_name: str, backend: str) -> None:
-        _import_sglang()
-        # A separate group, not the default one: the actor's own process group (FSDP) stays untouched.
-        from sglang.srt.utils import init_custom_process_group
-
-        self.group = init_custom_process_group(
-            backend=backend,
-            init_method=f"tcp://{master_address}:{master_port}",
-            world_size=world_size,
-            rank=0,
-            group_name=group_name,
-        )
-
-    def broadcast(self, tensor: torch.Tensor) -> None:
-        torch.distributed.broadcast(tensor.to(self.device).contiguous(), src=0, group=self.group)
-
-    def disconnect(self) -> None:
-        if self.group is not None:
-            torch.distributed.destroy_process_group(self.group)
-            self.group = None
 
 
 class SGLangRolloutEngine:
@@ -158,7 +103,7 @@ class SGLangRolloutEngine:
         self._probe = gpu_memory_probe if gpu_memory_probe is not None else _cuda_memory_probe(base_gpu_id)
         # One helper thread runs the blocking engine side of every rendezvous / broadcast.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang-weight-sync")
-        sglang = _import_sglang() if engine is None else None  # the install hint before any file is read
+        sglang = import_sglang() if engine is None else None  # the install hint before any file is read
         self.eos_token_ids = set(eos_token_ids) if eos_token_ids is not None else set(load_eos_token_ids(model_path))
         self.model_path = model_path
         self._token_texts: TokenTexts | None = None  # the tokenizer, loaded on the first stop_at_answer
@@ -237,7 +182,7 @@ class SGLangRolloutEngine:
                 result = self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=flush_cache)
             else:
                 result = self._broadcast_bucket(bucket, flush_cache)
-            _check_result("update_weights", result)
+            check_result("update_weights", result)
             bucket = following
         if self._memory == "weights_only":  # last wake phase: the KV cache and CUDA graphs come back
             self._resume(CACHE_TAGS, self._released_bytes["cache"], "its KV cache and CUDA graphs")
@@ -249,10 +194,10 @@ class SGLangRolloutEngine:
         if not tensors:
             raise ValueError("update_weights got no adapter tensors; with LoRA pass the adapter's (name, tensor) pairs.")
         if self._adapter_loaded:
-            _check_result("unload_lora_adapter", self.engine.unload_lora_adapter(lora_name=ADAPTER_NAME))
+            check_result("unload_lora_adapter", self.engine.unload_lora_adapter(lora_name=ADAPTER_NAME))
         result = self.engine.load_lora_adapter_from_tensors(lora_name=ADAPTER_NAME, tensors=tensors,
                                                             config_dict=sglang_lora_config(self.lora))
-        _check_result("load_lora_adapter_from_tensors", result)
+        check_result("load_lora_adapter_from_tensors", result)
         self._adapter_loaded = True
         if self._memory == "weights_only":  # the KV cache and CUDA graphs come back (the base never left)
             self._resume(CACHE_TAGS, self._released_bytes["cache"], "its KV cache and CUDA graphs")
@@ -299,13 +244,13 @@ class SGLangRolloutEngine:
     def _release(self, tags: list[str]) -> int:
         """Release `tags`; returns the bytes that came free on the first GPU (0 without a probe)."""
         free_before = self._probe()[0] if self._probe else 0
-        _check_result("release_memory_occupation", self.engine.release_memory_occupation(tags=tags))
+        check_result("release_memory_occupation", self.engine.release_memory_occupation(tags=tags))
         return max(0, self._probe()[0] - free_before) if self._probe else 0
 
     def _resume(self, tags: list[str], needed_bytes: int, what: str) -> None:
         if self._probe is not None and needed_bytes > 0:
             _check_memory_budget(self._probe(), needed_bytes, what, self.mem_fraction_static)
-        _check_result("resume_memory_occupation", self.engine.resume_memory_occupation(tags=tags))
+        check_result("resume_memory_occupation", self.engine.resume_memory_occupation(tags=tags))
 
     # ---- split placement: the NCCL path -------------------------------------------------------
 
@@ -335,7 +280,7 @@ class SGLangRolloutEngine:
             group_name=self.group_name,
             backend="nccl",
         )
-        _check_result("init_weights_update_group", engine_side.result(timeout=self.rendezvous_timeout_s))
+        check_result("init_weights_update_group", engine_side.result(timeout=self.rendezvous_timeout_s))
         self._group_connected = True
 
     def _broadcast_bucket(self, bucket: list[tuple[str, torch.Tensor]], flush_cache: bool) -> Any:
@@ -352,89 +297,7 @@ class SGLangRolloutEngine:
         return engine_side.result(timeout=self.rendezvous_timeout_s)
 
 
-# ---- translation to and from SGLang's formats ------------------------------------------------
-
-
-def engine_kwargs(model_path, placement, tp_size, base_gpu_id, mem_fraction_static, dtype, seed) -> dict:
-    """The keyword arguments of `sglang.Engine(...)` (each a `ServerArgs` field of the pinned release)."""
-    from pcsd_core.models import resolve_model
-
-    return {
-        "model_path": resolve_model(model_path),
-        "dtype": dtype,
-        "tp_size": tp_size,
-        "base_gpu_id": base_gpu_id,
-        "mem_fraction_static": mem_fraction_static,
-        # torch_memory_saver makes release/resume_memory_occupation possible (colocated sleep/wake).
-        "enable_memory_saver": placement == "colocated",
-        # We send and receive token ids only; the engine needs no tokenizer of its own.
-        "skip_tokenizer_init": True,
-        "random_seed": seed,
-    }
-
-
-def lora_engine_kwargs(lora: Any) -> dict:
-    """`sglang.Engine` keyword arguments (ServerArgs fields) that enable LoRA for `lora` (a ModelConfig), or {}."""
-    if lora is None:
-        return {}
-    return {"enable_lora": True, "max_lora_rank": lora.lora_rank, "lora_target_modules": list(lora.lora_targets),
-            "max_loras_per_batch": 1}
-
-
-def sglang_lora_config(lora: Any) -> dict:
-    """The adapter config SGLang's `LoRAConfig(config_dict=...)` reads: peft's adapter_config.json keys."""
-    return {"peft_type": "LORA", "r": lora.lora_rank, "lora_alpha": lora.lora_alpha,
-            "target_modules": list(lora.lora_targets), "lora_dropout": 0.0, "bias": "none"}
-
-
-def to_sglang_sampling_params(sampling: SamplingParams, num_requests: int) -> dict | list[dict]:
-    """Our SamplingParams -> SGLang's sampling_params (keys of `sglang.srt.sampling.SamplingParams`).
-
-    temperature 0 is SGLang's greedy (it maps to top_k=1). With a seed, each request gets its own
-    `sampling_seed` (seed + row); SGLang honours it only with deterministic inference enabled, so
-    SGLang rollouts are not bit-reproducible the way the HF engine's are.
-    """
-    params = {
-        **NEUTRAL_SAMPLING,
-        "temperature": float(sampling.temperature),
-        "top_p": 1.0 if sampling.temperature == 0 else float(sampling.top_p),
-        "max_new_tokens": int(sampling.max_new_tokens),
-    }
-    if sampling.seed is None:
-        return params
-    return [{**params, "sampling_seed": sampling.seed + row} for row in range(num_requests)]
-
-
-def parse_output(output: dict, prompt_index: int, eos_token_ids: set[int]) -> Generation:
-    """One SGLang output dict -> Generation.
-
-    finish_reason {"type": "stop", "matched": id} = EOS, "length" = cut at max_new_tokens. SGLang checks
-    the length limit before EOS, so an EOS sampled as the last allowed token reports "length"; the
-    response still ended with EOS and counts as finished, as in the HF engine.
-    """
-    response_ids = [int(token) for token in output["output_ids"]]
-    finish_reason = output.get("meta_info", {}).get("finish_reason") or {}
-    kind = finish_reason.get("type")
-    if kind == "abort":
-        raise RuntimeError(f"sglang aborted a request: {finish_reason.get('message', finish_reason)}")
-    if kind not in ("stop", "length"):
-        raise RuntimeError(f"sglang returned an unexpected finish_reason {finish_reason!r}.")
-    matched = finish_reason.get("matched")
-    if kind == "stop" and isinstance(matched, int) and (not response_ids or response_ids[-1] != matched):
-        response_ids.append(matched)  # the contract: a finished response ends with its EOS token
-    finished = kind == "stop" or (bool(response_ids) and response_ids[-1] in eos_token_ids)
-    return Generation(prompt_index=prompt_index, response_ids=response_ids, finished=finished)
-
-
 # ---- helpers ----------------------------------------------------------------------------------
-
-
-def _import_sglang():
-    try:
-        import sglang
-    except ImportError as error:
-        raise ImportError(SGLANG_INSTALL_HINT.format(error=error)) from error
-    return sglang
 
 
 def _cuda_memory_probe(device_index: int) -> Callable[[], tuple[int, int]] | None:
@@ -471,11 +334,3 @@ def _check_options(placement, tp_size, base_gpu_id, mem_fraction_static, bucket_
         raise ValueError(f"SGLang bucket_bytes ({bucket_bytes}) must be >= 1.")
 
 
-def _check_result(operation: str, result: Any) -> None:
-    """SGLang's control calls answer (success, message), its LoRA calls a `LoRAUpdateOutput` (success,
-    error_message); raise with the message on failure."""
-    if isinstance(result, tuple) and len(result) >= 1 and result[0] is False:
-        message = result[1] if len(result) > 1 else ""
-        raise RuntimeError(f"sglang {operation} failed: {message}")
-    if getattr(result, "success", None) is False:
-        raise RuntimeError(f"sglang {operation} failed: {getattr(result, 'error_message', '')}")

@@ -25,7 +25,7 @@ def config(**train) -> PCSDConfig:
 
 
 def test_two_fsdp_workers_give_one_process_adapter_gradients(tiny_model_dir, ray_session):
-    from pcsd_core.distributed.workers import launch_train_workers
+    from pcsd_core.distributed.ray_workers import launch_train_workers
     from pcsd_core.rollout.hf import HFRolloutEngine
 
     batch = random_batch(8)

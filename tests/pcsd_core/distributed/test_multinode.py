@@ -49,7 +49,7 @@ def two_node_cluster():
 
 def test_two_fsdp_workers_on_two_nodes_match_one_process(tiny_model_dir, two_node_cluster):
     from pcsd_core.distributed.ray_cluster import ensure_ray
-    from pcsd_core.distributed.workers import launch_train_workers
+    from pcsd_core.distributed.ray_workers import launch_train_workers
 
     batch = random_batch(8)
     single_teacher, single_stats, expected, _ = single_process_reference(tiny_model_dir, batch)

@@ -70,7 +70,7 @@ def single_process_reference(model_dir, batch):
 def test_two_fsdp_workers_match_one_in_process_actor(tiny_model_dir, ray_session):
     """Same batch, same loss (rel 1e-5) and same updated weights (atol 2e-5 after Adam steps of ~1e-3)."""
     from pcsd_core.rollout.hf import HFRolloutEngine
-    from pcsd_core.distributed.workers import launch_train_workers
+    from pcsd_core.distributed.ray_workers import launch_train_workers
 
     batch = random_batch(8)
     single_teacher, single_stats, expected, single = single_process_reference(tiny_model_dir, batch)
@@ -184,7 +184,7 @@ def test_two_fsdp_workers_train_float32_masters_in_bf16_and_resume_through_rank_
     """model.dtype bfloat16 at lr 1e-6 on two FSDP2 ranks: one step moves >= 90% of the float32 masters (a bf16
     weight keeps a 1e-6 step only for |w| < ~5e-4), as the in-process actor does; the weight sync sends the masters
     cast to bf16. A resume hands the optimizer state to rank 0 alone, and rank 1 gets its shards by broadcast."""
-    from pcsd_core.distributed.workers import launch_train_workers
+    from pcsd_core.distributed.ray_workers import launch_train_workers
 
     bf16 = {"lr": 1e-6, "use_ray": True, "num_workers": 2}
     cfg = config_from_dict({"train": {"prompts_per_step": 4, "mini_batch_size": 4, "micro_batch_size": 2,
@@ -231,7 +231,7 @@ def test_two_fsdp_workers_anchor_to_a_sharded_reference_as_one_actor(tiny_model_
     """loss.ref_kl_coef > 0 with a live teacher: each rank holds an extra FSDP-sharded frozen reference (the initial
     weights, teacher_path) and gathers its lm_head; the reference states arrive in row order, and loss and ref_kl
     equal one in-process actor's."""
-    from pcsd_core.distributed.workers import launch_train_workers
+    from pcsd_core.distributed.ray_workers import launch_train_workers
 
     def anchored(**train) -> PCSDConfig:  # config() with the anchor on: 2 mini-batches, 2 optimizer steps
         return config_from_dict({**config(**train).to_dict(), "loss": {"ref_kl_coef": 0.5}})

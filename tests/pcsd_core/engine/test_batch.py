@@ -71,7 +71,7 @@ def response_states(model, inputs):
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_packed_states_and_gradients_equal_padded(tiny_model_dir, attn_implementation):
     """Same response states and the same parameter gradients as one padded row per response (float64)."""
-    from pcsd_core.engine.actor import DistillationModule
+    from pcsd_core.engine.distillation_module import DistillationModule
     from pcsd_core.loss.distillation import LossSpec
     from pcsd_core.models import load_model
 

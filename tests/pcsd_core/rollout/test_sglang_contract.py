@@ -27,6 +27,7 @@ import torch
 
 from pcsd_core.config.loader import config_from_dict
 from pcsd_core.rollout import sglang as adapter
+from pcsd_core.rollout import sglang_api
 from pcsd_core.rollout.base import SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -117,7 +118,7 @@ def recorded_calls(tmp_path_factory) -> list[tuple[str, tuple, dict]]:
     sampling = SamplingParams(temperature=0.7, max_new_tokens=4, seed=3)
     calls = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(adapter, "_import_sglang", lambda: types.SimpleNamespace(Engine=RecordingEngine))
+        patch.setattr(adapter, "import_sglang", lambda: types.SimpleNamespace(Engine=RecordingEngine))
         for placement in adapter.PLACEMENTS:
             engine = adapter.SGLangRolloutEngine(str(model_dir), placement=placement, broadcaster=NullBroadcaster(),
                                                  bucket_bytes=8)
@@ -231,7 +232,7 @@ def test_lora_adapter_config_has_every_key_sglang_reads(sglang_dir, recorded_cal
     assert len(unloads) == len(loads) - len(adapter.PLACEMENTS)  # each sync after the first replaces the adapter
     named = [kwargs["lora_path"] for method, _, kwargs in recorded_calls if method == "generate" and "lora_path" in kwargs]
     assert named and all(set(paths) == {adapter.ADAPTER_NAME} for paths in named)
-    # The LoRA calls answer a LoRAUpdateOutput, whose fields `_check_result` reads.
+    # The LoRA calls answer a LoRAUpdateOutput, whose fields `check_result` reads.
     output = _class(_parse(sglang_dir / "srt" / "managers" / "io_struct.py"), "LoRAUpdateOutput")
     assert {"success", "error_message"} <= {node.target.id for node in output.body if isinstance(node, ast.AnnAssign)}
 
@@ -255,7 +256,7 @@ def test_sampling_dicts_construct_and_verify_in_the_pinned_sampling_params(sglan
             assert sglang_params.top_k == 1  # SGLang's greedy, as to_sglang_sampling_params documents
     # "Neutral" means this release's own defaults: nothing but temperature/top_p/max_new_tokens shapes sampling.
     defaults = {name: p.default for name, p in inspect.signature(module.SamplingParams.__init__).parameters.items()}
-    for name, value in adapter.NEUTRAL_SAMPLING.items():
+    for name, value in sglang_api.NEUTRAL_SAMPLING.items():
         if name != "skip_special_tokens":  # deliberately off: special tokens must round-trip as ids
             assert defaults[name] == value, f"{name}: sglang {PIN} default {defaults[name]!r}, we send {value!r}"
 
@@ -303,8 +304,8 @@ def test_weight_sync_group_call_binds_to_init_custom_process_group(sglang_dir, m
     for name in ("sglang", "sglang.srt"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "sglang.srt.utils", fake_utils)
-    monkeypatch.setattr(adapter, "_import_sglang", lambda: None)
-    adapter.NcclWeightBroadcaster(device="cpu").connect(
+    monkeypatch.setattr(sglang_api, "import_sglang", lambda: None)
+    sglang_api.NcclWeightBroadcaster(device="cpu").connect(
         master_address="127.0.0.1", master_port=1234, world_size=3, group_name="g", backend="nccl")
     _signature(function).bind(*recorded["args"], **recorded["kwargs"])
     assert recorded["kwargs"]["rank"] == 0 and recorded["kwargs"]["group_name"] == "g"

@@ -92,7 +92,7 @@ def test_greedy_matches_hf_then_sleep_update_and_a_second_engine(tiny_llama_dir)
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="split placement needs a second GPU for the engine")
 def test_two_split_engines_sync_weights_in_one_process(tiny_llama_dir):
-    from pcsd_core.rollout.sglang import NcclWeightBroadcaster
+    from pcsd_core.rollout.sglang_api import NcclWeightBroadcaster
 
     path, state = tiny_llama_dir
     torch.manual_seed(2)

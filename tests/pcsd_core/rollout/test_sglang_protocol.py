@@ -17,7 +17,8 @@ from pcsd_core.config.schema import PCSDConfig
 from pcsd_core.rollout import create_rollout_engine
 from pcsd_core.rollout.base import SamplingParams, load_eos_token_ids
 from pcsd_core.rollout.hf import HFRolloutEngine
-from pcsd_core.rollout.sglang import SGLangRolloutEngine, parse_output, to_sglang_sampling_params
+from pcsd_core.rollout.sglang import SGLangRolloutEngine
+from pcsd_core.rollout.sglang_api import parse_output, to_sglang_sampling_params
 from pcsd_core.distributed.weight_sync import WeightPiece
 
 from fake_sglang import FakeBroadcaster, FakeSGLangEngine, ProtocolError, registered_group_names
