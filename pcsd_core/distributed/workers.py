@@ -56,6 +56,7 @@ class TrainWorkers(Protocol):
 
     def shutdown(self) -> None: ...
 
+
 class InProcessWorkers:
     """The actor in this process, on one device."""
 
