@@ -28,8 +28,8 @@ import torch
 from pcsd_core.config.schema import ModelConfig
 from pcsd_core.config.train import TrainConfig
 from pcsd_core.distributed.ray_cluster import ensure_ray, free_port, local_gpu_indexes, placement_bundles
-from pcsd_core.distributed.weight_sync import (RowSlice, WeightPiece, local_shards, plan_row_buckets, read_rows,
-                                               tensor_to_wire, wire_to_tensor)
+from pcsd_core.distributed.weight_sync import (RowSlice, WeightPiece, cast_for_wire, local_shards, plan_row_buckets,
+                                               read_rows, shard_layout, tensor_to_wire, wire_to_tensor)
 from pcsd_core.engine.actor import Actor
 from pcsd_core.engine.batch import RolloutBatch, TeacherOutputs, UpdateStats
 from pcsd_core.engine.checkpoint import optimizer_state_bytes
@@ -42,6 +42,7 @@ from pcsd_core.models import peak_memory_mb
 COLLECTIVE_TIMEOUT_S = 600
 CALL_TIMEOUT_S = 3600
 PLACEMENT_TIMEOUT_S = 120
+
 
 class TrainWorker:
     """One FSDP2 rank. Wrapped with `ray.remote` by `launch_train_workers`; plain Python otherwise.
@@ -107,9 +108,7 @@ class TrainWorker:
 
     def shard_layout(self) -> list[tuple[str, int, tuple[int, ...], int]]:
         """(name, rows this rank sends, global shape, element bytes on the wire) per tensor, for `plan_row_buckets`."""
-        shards = local_shards(self.actor.policy_sync_items(), self.rank)
-        return [(name, shard.rows_sent, shard.shape, _to_wire_dtype(shard.local.reshape(-1)[:1], self._wire_dtype())
-                 .element_size()) for name, shard in shards.items()]
+        return shard_layout(local_shards(self.actor.policy_sync_items(), self.rank), self._wire_dtype())
 
     def read_rows(self, slices: list[RowSlice]) -> list[tuple[str, Any, str]]:
         """The rows `slices` (this rank's) name, from this rank's own shards: no collective.
@@ -120,7 +119,7 @@ class TrainWorker:
         pickled); `wire_to_tensor` turns them back.
         """
         shards = local_shards(self.actor.policy_sync_items(), self.rank)
-        return [tensor_to_wire(piece.name, _to_wire_dtype(read_rows(shards, piece).tensor, self._wire_dtype()))
+        return [tensor_to_wire(piece.name, cast_for_wire(read_rows(shards, piece).tensor, self._wire_dtype()))
                 for piece in slices]
 
     def _wire_dtype(self) -> torch.dtype | None:
@@ -150,9 +149,6 @@ class TrainWorker:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-def _to_wire_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """Floating tensors cast to `dtype` (a copy only when the dtype differs); integer ones, or `dtype` None, as is."""
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 @dataclass
 class RayWorkers:
@@ -249,6 +245,7 @@ class RayWorkers:
         if self.owns_ray:
             ray.shutdown()
 
+
 def wait_for_ranks(refs: list[Any], what: str, *, nodes: list[str], timeout_s: float) -> list[Any]:
     """ray.get of one call per rank, failing as soon as any rank's worker died (not when all have answered)."""
     import ray
@@ -269,6 +266,7 @@ def wait_for_ranks(refs: list[Any], what: str, *, nodes: list[str], timeout_s: f
             node = nodes[rank] if rank < len(nodes) else "unknown"
             raise RuntimeError(f"train worker rank {rank} on node {node} died during {what}: {error}") from error
     return ray.get(list(refs))
+
 
 def launch_train_workers(model: ModelConfig, train: TrainConfig, loss: LossSpec, model_path: str, *,
                          device_type: str, teacher_path: str | None = None) -> RayWorkers:

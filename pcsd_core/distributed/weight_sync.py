@@ -82,12 +82,11 @@ def unique_state_items(lm: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
 @dataclass(frozen=True)
 class LocalShard:
     """One tensor as one rank holds it: `local` (its FSDP shard, or the whole tensor), of which this rank sends
-    the first `rows_sent` rows; the tensor's global shape and element size."""
+    the first `rows_sent` rows; the tensor's global shape."""
 
     local: torch.Tensor
     rows_sent: int
     shape: tuple[int, ...]
-    element_bytes: int
 
 
 def local_shards(items: Iterable[tuple[str, torch.Tensor]], rank: int) -> dict[str, LocalShard]:
@@ -99,8 +98,7 @@ def local_shards(items: Iterable[tuple[str, torch.Tensor]], rank: int) -> dict[s
         # A dim-0 shard holds rows [offset, offset + len), offset = the lower ranks' rows; a DTensor reports its
         # global shape.
         local = tensor.to_local() if placements is not None else tensor
-        shards[name] = LocalShard(local, rows_sent(name, placements, rows_of(local), rank), tuple(tensor.shape),
-                                  tensor.element_size())
+        shards[name] = LocalShard(local, rows_sent(name, placements, rows_of(local), rank), tuple(tensor.shape))
     return shards
 
 
@@ -115,9 +113,17 @@ def rows_sent(name: str, placements: tuple | None, local_rows: int, rank: int) -
                      "(FSDP2 fully_shard) or replication can be sent shard by shard.")
 
 
-def shard_layout(shards: dict[str, LocalShard]) -> list[tuple[str, int, tuple[int, ...], int]]:
-    """What `plan_row_buckets` needs of one rank: (name, rows sent, global shape, element bytes), small to ship."""
-    return [(name, shard.rows_sent, shard.shape, shard.element_bytes) for name, shard in shards.items()]
+def shard_layout(shards: dict[str, LocalShard], wire_dtype: torch.dtype | None = None,
+                 ) -> list[tuple[str, int, tuple[int, ...], int]]:
+    """What `plan_row_buckets` needs of one rank: (name, rows sent, global shape, element bytes on the wire), small
+    to ship. With `wire_dtype`, floating tensors travel cast to it (`cast_for_wire`), and are sized so."""
+    return [(name, shard.rows_sent, shard.shape,
+             cast_for_wire(shard.local.reshape(-1)[:1], wire_dtype).element_size()) for name, shard in shards.items()]
+
+
+def cast_for_wire(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Floating tensors cast to `dtype` (a copy only when the dtype differs); integer ones, or `dtype` None, as is."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 @dataclass(frozen=True)

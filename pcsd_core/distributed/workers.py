@@ -100,6 +100,7 @@ class InProcessWorkers:
     def shutdown(self) -> None:
         self.actor = None
 
+
 def build_train_workers(model: ModelConfig, train: TrainConfig, loss: LossSpec, model_path: str, *, device: str,
                         teacher_path: str) -> TrainWorkers:
     """Ray workers with `train.use_ray`, else the actor in this process on `device`."""

@@ -11,7 +11,7 @@ from pcsd_core.config.loader import config_from_dict
 from pcsd_core.config.schema import PCSDConfig
 from pcsd_core.distributed.weight_sync import drain, whole_tensors
 from pcsd_core.engine import lora
-from pcsd_core.engine.actor import Actor, full_tensor
+from pcsd_core.engine.actor import full_tensor
 from test_workers import actor_of, assert_buckets_bounded, random_batch, ray_session  # noqa: F401 (a fixture)
 
 ray = pytest.importorskip("ray")

@@ -21,7 +21,7 @@ def fsdp_chunks(state: dict[str, torch.Tensor], world: int) -> list[dict[str, Lo
         for name, tensor in state.items():
             chunks = torch.chunk(tensor, world, dim=0)
             local = chunks[rank] if rank < len(chunks) else tensor[:0]
-            shards[name] = LocalShard(local, len(local), tuple(tensor.shape), tensor.element_size())
+            shards[name] = LocalShard(local, len(local), tuple(tensor.shape))
         ranks.append(shards)
     return ranks
 

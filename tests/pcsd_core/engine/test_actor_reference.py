@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from pcsd_core.config.loader import config_from_dict
-from pcsd_core.engine.actor import Actor
 from pcsd_core.engine.batch import RolloutBatch
 from pcsd_core.models import load_model
 from test_actor import actor_of, random_batch

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from pcsd_core.config.loader import config_from_dict
-from pcsd_core.engine.actor import Actor
 from pcsd_core.errors import ConfigError
 from test_actor import actor_of, random_batch
 
